@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (README): `make demo` and `make test`.
+# Both create ./.venv and install what they need. The test setup pins a CPU build of torch; an
+# unpinned torch would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_CPU)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+test: $(STAMP)
+	$(BIN)/ruff check tolcli tests scripts benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check tolcli tests scripts benchmarks
+	$(BIN)/ruff format --check tolcli tests scripts benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .demo-out

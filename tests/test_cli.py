@@ -1,0 +1,42 @@
+"""CLI conventions shared by every command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tolcli import __version__
+
+
+def test_version(cli) -> None:
+    r = cli("--version")
+    assert r.code == 0 and r.out.strip() == f"tolcli {__version__}"
+
+
+def test_help_lists_exit_codes_and_examples(cli) -> None:
+    r = cli("--help")
+    assert r.code == 0 and "info" in r.out and "Exit codes" in r.out
+    r = cli("info", "--help")
+    assert r.code == 0 and "tolcli info demo" in r.out
+
+
+def test_usage_error_exit_2(cli) -> None:
+    r = cli("info", "--no-such-option")
+    assert r.code == 2 and "No such option" in r.err
+    assert cli("no-such-command").code == 2
+
+
+def test_json_is_the_only_stdout(cli) -> None:
+    r = cli("info", "demo", "--json")
+    assert r.code == 0
+    json.loads(r.out)  # exactly one document
+
+
+def test_console_script_and_module_entry_points() -> None:
+    r = subprocess.run([sys.executable, "-m", "tolcli", "info", "/nonexistent"], capture_output=True, text=True)
+    assert r.returncode == 4
+    assert (
+        r.stderr.strip() == "tolcli: error: checkpoint not found (/nonexistent)" or "checkpoint not found" in r.stderr
+    )
+    assert r.stdout == "" and r.stderr.count("\n") == 1

@@ -1,0 +1,37 @@
+"""tolcli: precompute, compress, verify and evaluate token-wise lookups (ToLs) of MemoryLLM models.
+
+The public API (the CLI is a thin layer over it):
+
+- :func:`open_checkpoint` / :class:`Checkpoint`: read and validate a checkpoint, lazily;
+- :class:`ModelConfig`: the architecture;
+- :func:`load_model` / :class:`Transformer`: the reference model, with pluggable context-free sources;
+- :func:`describe_checkpoint`: what ``tolcli info`` reports;
+- :class:`TolcliError`: the one error type (subclasses carry the CLI exit code).
+"""
+
+__version__ = "0.1.0"
+
+from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
+from tolcli.config import ModelConfig
+from tolcli.demo import demo_checkpoint_path, demo_heldout_path
+from tolcli.errors import ExitCode, TolcliError
+from tolcli.info import describe_checkpoint
+from tolcli.model import FFNSource, TableSource, Transformer, ZeroSource, load_model
+
+__all__ = [
+    "Checkpoint",
+    "ExitCode",
+    "FFNSource",
+    "ModelConfig",
+    "TableSource",
+    "TensorMap",
+    "TolcliError",
+    "Transformer",
+    "ZeroSource",
+    "__version__",
+    "demo_checkpoint_path",
+    "demo_heldout_path",
+    "describe_checkpoint",
+    "load_model",
+    "open_checkpoint",
+]

@@ -1,0 +1,3 @@
+from tolcli.cli import run
+
+run()

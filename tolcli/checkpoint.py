@@ -1,0 +1,357 @@
+"""Read model checkpoints lazily and strictly.
+
+Accepted forms (``docs/checkpoint-format.md``):
+
+- a directory with ``config.json`` and one of ``model.safetensors``,
+  ``model.safetensors.index.json`` (+ shards), ``pytorch_model.bin``, ``pytorch_model.bin.index.json``
+  (+ shards), or a single ``*.safetensors`` / ``*.pt`` / ``*.bin`` file;
+- a weights file directly, with ``config.json`` beside it.
+
+Nothing is loaded when a checkpoint is opened: only headers are read, every tensor's name, shape and
+dtype are checked against the layout, and a tensor is read when a command asks for it. Torch pickles are
+read with ``weights_only=True`` (and ``mmap=True``), so a pickle that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from tolcli.config import ModelConfig
+from tolcli.errors import CheckpointError
+from tolcli.layout import IGNORED_SUFFIXES, LM_HEAD, TensorSpec, expected_tensors
+
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.json"
+ST_SINGLE = "model.safetensors"
+ST_INDEX = "model.safetensors.index.json"
+PT_SINGLE = "pytorch_model.bin"
+PT_INDEX = "pytorch_model.bin.index.json"
+MAX_INDEX_BYTES = 64 << 20
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a canonical tensor lives: file, name inside the file, shape and dtype."""
+
+    file: Path
+    source_name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class TensorMap:
+    """Renames foreign tensor names to canonical ones (``--tensor-map FILE.json``).
+
+    JSON form::
+
+        {"names": {"transformer.wte.weight": "model.embed_tokens.weight"},
+         "patterns": [{"match": "^transformer\\\\.h\\\\.(\\\\d+)\\\\.ln_1\\\\.weight$",
+                       "replace": "model.layers.\\\\1.input_layernorm.weight"}],
+         "ignore": ["^transformer\\\\.h\\\\.\\\\d+\\\\.attn\\\\.masked_bias$"]}
+
+    ``names`` is tried first, then the first ``patterns`` entry whose regex matches the whole name;
+    names matching ``ignore`` are skipped; anything else keeps its name.
+    """
+
+    def __init__(
+        self, names: dict[str, str], patterns: list[tuple[re.Pattern[str], str]], ignore: list[re.Pattern[str]]
+    ):
+        self.names, self.patterns, self.ignore = names, patterns, ignore
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TensorMap:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError("tensor map not found", path=path) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read tensor map: {e}", path=path) from None
+        if not isinstance(data, dict) or set(data) - {"names", "patterns", "ignore"}:
+            raise CheckpointError('tensor map must be an object with keys "names", "patterns", "ignore"', path=path)
+        names = data.get("names", {})
+        if not isinstance(names, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in names.items()):
+            raise CheckpointError('"names" must map strings to strings', path=path)
+        patterns: list[tuple[re.Pattern[str], str]] = []
+        for j, item in enumerate(data.get("patterns", [])):
+            if (
+                not isinstance(item, dict)
+                or not isinstance(item.get("match"), str)
+                or not isinstance(item.get("replace"), str)
+            ):
+                raise CheckpointError(f'patterns[{j}] must be {{"match": regex, "replace": template}}', path=path)
+            patterns.append((_compile(item["match"], path), item["replace"]))
+        ignore = [_compile(r, path) for r in data.get("ignore", []) if isinstance(r, str)]
+        return cls(names, patterns, ignore)
+
+    def apply(self, name: str) -> str | None:
+        """Canonical name for ``name``, or None when it is ignored."""
+        if name in self.names:
+            return self.names[name]
+        if any(r.fullmatch(name) for r in self.ignore):
+            return None
+        for regex, template in self.patterns:
+            m = regex.fullmatch(name)
+            if m:
+                return m.expand(template)
+        return name
+
+
+def _compile(regex: str, path: Path) -> re.Pattern[str]:
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise CheckpointError(f"invalid regex {regex!r}: {e}", path=path) from None
+
+
+class _SafetensorsFile:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.handle = safe_open(str(path), framework="pt", device="cpu")
+        except FileNotFoundError:
+            raise CheckpointError("weights file not found", path=path) from None
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(
+                f"not a readable safetensors file ({e})", path=path, hint="check that the download completed"
+            ) from None
+
+    def entries(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        out = {}
+        for name in self.handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict
+            sl = self.handle.get_slice(name)
+            out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handle.get_tensor(name)
+
+
+class _TorchFile:
+    def __init__(self, path: Path):
+        self.path = path
+        self.state = _torch_load(path)
+
+    def entries(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {k: (tuple(v.shape), v.dtype) for k, v in self.state.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except FileNotFoundError:
+        raise CheckpointError("weights file not found", path=path) from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise CheckpointError(
+            f"refused to load: the pickle holds more than tensors ({first})",
+            path=path,
+            hint="tolcli loads torch files with weights_only=True; convert the checkpoint to safetensors",
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"not a readable torch file ({type(e).__name__}: {e})", path=path) from None
+    if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError("expected a state dict (a mapping of names to tensors)", path=path)
+    return obj
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"index is larger than {MAX_INDEX_BYTES >> 20} MiB", path=path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read index: {e}", path=path) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"malformed index: invalid JSON at line {e.lineno} column {e.colno}", path=path) from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError('malformed index: missing or empty "weight_map" object', path=path)
+    for name, file in wm.items():
+        if not isinstance(file, str) or not file or Path(file).name != file:
+            raise CheckpointError(
+                f"malformed index: tensor {name!r} maps to {file!r}, expected a file name in the same directory",
+                path=path,
+            )
+    return wm
+
+
+def _find_weights(directory: Path) -> tuple[list[Path], Path | None]:
+    """The weight files of a checkpoint directory, and the index that lists them (if sharded)."""
+    for index_name in (ST_INDEX, PT_INDEX):
+        index = directory / index_name
+        if index.is_file():
+            files = sorted({directory / f for f in _read_index(index).values()})
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"shard {f.name} listed in {index_name} is missing", path=index)
+            return files, index
+    for single in (ST_SINGLE, PT_SINGLE):
+        if (directory / single).is_file():
+            return [directory / single], None
+    candidates = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file())
+    if len(candidates) == 1:
+        return candidates, None
+    if not candidates:
+        raise CheckpointError(
+            "no weights found",
+            path=directory,
+            hint=f"expected {ST_SINGLE}, {ST_INDEX} with shards, {PT_SINGLE}, or one *.safetensors/*.pt file",
+        )
+    raise CheckpointError(
+        f"several weight files ({', '.join(p.name for p in candidates[:4])}) and no index",
+        path=directory,
+        hint=f"add {ST_INDEX} or keep one weights file",
+    )
+
+
+class Checkpoint:
+    """A validated, lazily read checkpoint.
+
+    Opening reads ``config.json`` and the weight headers, maps names (``tensor_map``), and checks every
+    tensor's shape and dtype against the canonical layout. Tensors are read by :meth:`load`;
+    :attr:`loaded` records which names were read.
+    """
+
+    def __init__(self, path: str | Path, *, tensor_map: TensorMap | None = None, config: ModelConfig | None = None):
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError("checkpoint not found", path=path)
+        self.path = path
+        self.directory = path if path.is_dir() else path.parent
+        self.config = config or ModelConfig.from_file(self.directory / CONFIG_NAME)
+        tok = self.directory / TOKENIZER_NAME
+        self.tokenizer_path: Path | None = tok if tok.is_file() else None
+        if path.is_dir():
+            self.files, self.index_path = _find_weights(path)
+        else:
+            self.files, self.index_path = [path], None
+        self.loaded: list[str] = []
+        self._handles: dict[Path, _SafetensorsFile | _TorchFile] = {}
+        self.tensors: dict[str, StoredTensor] = {}
+        self.specs: dict[str, TensorSpec] = expected_tensors(self.config)
+        self._scan(tensor_map)
+
+    # ---- opening ---------------------------------------------------------------------------------
+    def _handle(self, f: Path) -> _SafetensorsFile | _TorchFile:
+        if f not in self._handles:
+            self._handles[f] = _SafetensorsFile(f) if f.suffix == ".safetensors" else _TorchFile(f)
+        return self._handles[f]
+
+    def _scan(self, tensor_map: TensorMap | None) -> None:
+        index = _read_index(self.index_path) if self.index_path else None
+        for f in self.files:
+            for src, (shape, dt) in self._handle(f).entries().items():
+                dtype = SAFETENSORS_DTYPES.get(dt) if isinstance(dt, str) else dt
+                if src.endswith(IGNORED_SUFFIXES):
+                    continue
+                name = tensor_map.apply(src) if tensor_map else src
+                if name is None:
+                    continue
+                if index is not None and index.get(src) != f.name:
+                    raise CheckpointError(
+                        f"tensor {src!r} is in {f.name} but the index says {index.get(src)!r}", path=self.index_path
+                    )
+                if name in self.tensors:
+                    other = self.tensors[name]
+                    raise CheckpointError(
+                        f"tensor {name!r} appears twice ({other.file.name}:{other.source_name} and {f.name}:{src})",
+                        path=f,
+                    )
+                if dtype not in FLOAT_DTYPES:
+                    raise CheckpointError(f"tensor {src!r} has dtype {dt}; expected fp32, fp16 or bf16", path=f)
+                spec = self.specs.get(name)
+                if spec is None:
+                    raise CheckpointError(
+                        f"unexpected tensor {src!r}"
+                        + (f" (mapped to {name!r})" if name != src else "")
+                        + f" for model_type {self.config.model_type}",
+                        path=f,
+                        hint="rename it with --tensor-map FILE.json (see docs/checkpoint-format.md)",
+                    )
+                if shape != spec.shape:
+                    raise CheckpointError(
+                        f"tensor {src!r} has shape {list(shape)}, expected {list(spec.shape)} from config.json",
+                        path=f,
+                    )
+                self.tensors[name] = StoredTensor(f, src, shape, dtype)  # type: ignore[arg-type]
+        if index is not None:
+            found = {t.source_name for t in self.tensors.values()}
+            lost = [n for n in index if n not in found and not n.endswith(IGNORED_SUFFIXES)]
+            if lost and tensor_map is None:
+                raise CheckpointError(f"index lists {lost[0]!r} but no shard holds it", path=self.index_path)
+        for spec in self.specs.values():
+            if not spec.optional and spec.name not in self.tensors:
+                raise CheckpointError(
+                    f"missing tensor {spec.name!r} (shape {list(spec.shape)})",
+                    path=self.files[0] if len(self.files) == 1 else self.directory,
+                    hint="is model_type right, and are all shards present?",
+                )
+
+    # ---- access ------------------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self.tensors and not (name == LM_HEAD and self.config.tie_word_embeddings)
+
+    def load(
+        self, name: str, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
+        """Read one tensor by canonical name, cast to ``dtype`` (None keeps the stored dtype)."""
+        st = self.tensors.get(name)
+        if st is None:
+            raise CheckpointError(f"missing tensor {name!r}", path=self.directory)
+        t = self._handle(st.file).get(st.source_name)
+        self.loaded.append(name)
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def total_bytes(self) -> int:
+        return sum(t.dtype.itemsize * _numel(t.shape) for t in self.tensors.values())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def open_checkpoint(path: str | Path, *, tensor_map: str | Path | TensorMap | None = None) -> Checkpoint:
+    """Open and validate a checkpoint (directory or weights file); see :class:`Checkpoint`.
+
+    Example:
+        >>> from tolcli import open_checkpoint, demo_checkpoint_path
+        >>> ckpt = open_checkpoint(demo_checkpoint_path("memoryllm"))
+        >>> ckpt.config.model_type, ckpt.config.num_hidden_layers
+        ('memoryllm', 6)
+    """
+    tm = TensorMap.from_file(tensor_map) if isinstance(tensor_map, (str, Path)) else tensor_map
+    return Checkpoint(path, tensor_map=tm)

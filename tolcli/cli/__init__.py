@@ -1,0 +1,92 @@
+"""The ``tolcli`` command line: a thin typer layer over the library.
+
+Each command parses options, makes library calls, and formats the result. Library errors
+(:class:`tolcli.errors.TolcliError`) become one line on stderr and a documented exit code in
+:func:`main`, the single place where that happens.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+
+from tolcli import __version__
+from tolcli.cli.info import info
+from tolcli.errors import ExitCode, TolcliError
+
+try:  # typer >= 0.2x vendors its own click; older releases use click itself
+    from typer._click import exceptions as click_exc  # type: ignore[import-not-found]
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc
+
+app = typer.Typer(
+    name="tolcli",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tolcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    """Precompute, compress, verify and evaluate token-wise lookups (ToLs) of MemoryLLM-style models.
+
+    Exit codes: 0 ok, 1 internal error, 2 usage, 3 quality gate failed, 4 bad input,
+    5 verification failed, 6 cannot write output, 130 interrupted (docs/cli.md).
+    """
+
+
+app.command()(info)
+
+
+def _error(text: str) -> None:
+    sys.stderr.write(f"tolcli: error: {text}\n")
+    sys.stderr.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (never raises unless --debug)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("TOLCLI_DEBUG"))
+    try:
+        rv = app(args=args, prog_name="tolcli", standalone_mode=False)
+        return int(rv) if isinstance(rv, int) else ExitCode.OK
+    except TolcliError as e:
+        if debug:
+            traceback.print_exc()
+        _error(e.one_line())
+        return int(e.exit_code)
+    except click_exc.ClickException as e:  # bad usage: click's own message
+        e.show()
+        return int(e.exit_code)
+    except (KeyboardInterrupt, click_exc.Abort, typer.Abort):
+        _error("interrupted")
+        return ExitCode.INTERRUPTED
+    except (click_exc.Exit, typer.Exit) as e:
+        return int(e.exit_code)
+    except Exception as e:  # a bug: keep it to one line unless asked
+        if debug:
+            traceback.print_exc()
+        _error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, and please report it)")
+        return ExitCode.INTERNAL
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""One error type for everything a user can get wrong, with documented exit codes.
+
+Every user-facing failure raises a :class:`TolcliError` (or a subclass). The CLI turns it into one line
+on stderr and the exit code below; ``--debug`` shows the traceback instead. The codes are part of the
+public contract (``docs/cli.md``) and are never reused for another meaning.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from pathlib import Path
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL = 1  # a bug in tolcli: please report it (rerun with --debug for the traceback)
+    USAGE = 2  # bad command-line usage (unknown option, invalid value)
+    QUALITY_GATE = 3  # eval-ppl --max-increase was exceeded
+    BAD_INPUT = 4  # an input file is missing, unreadable, malformed or inconsistent
+    VERIFY_FAILED = 5  # a checksum, shape or dtype does not match the manifest
+    OUTPUT = 6  # the output cannot be written (exists without --force, unwritable, disk full)
+    INTERRUPTED = 130  # Ctrl-C
+
+
+EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
+    ExitCode.OK: "success",
+    ExitCode.INTERNAL: "internal error: a bug in tolcli (rerun with --debug and report the traceback)",
+    ExitCode.USAGE: "bad command-line usage: unknown option, invalid or contradictory values",
+    ExitCode.QUALITY_GATE: "quality gate failed: a variant exceeded eval-ppl --max-increase",
+    ExitCode.BAD_INPUT: "bad input: a file is missing, unreadable, malformed or inconsistent",
+    ExitCode.VERIFY_FAILED: "verification failed: a checksum, shape or dtype differs from the manifest",
+    ExitCode.OUTPUT: "cannot write the output: it exists (use --force), the directory is unwritable, or disk is full",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); no partial output is left at the output path",
+}
+
+
+class TolcliError(Exception):
+    """Base class of every error tolcli reports to a user.
+
+    Args:
+        message: what is wrong, naming the file/tensor/key concerned.
+        hint: how to fix it (optional); printed after the message.
+        path: the file concerned, if any (prefixed to the message when it is not already named).
+    """
+
+    exit_code: ExitCode = ExitCode.BAD_INPUT
+
+    def __init__(self, message: str, *, hint: str | None = None, path: str | Path | None = None):
+        self.message = message
+        self.hint = hint
+        self.path = None if path is None else Path(path)
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = self.message
+        if self.path is not None and str(self.path) not in text:
+            text = f"{self.path}: {text}"
+        if self.hint:
+            text = f"{text} (hint: {self.hint})"
+        return text
+
+
+class InputError(TolcliError):
+    """An input file or value is missing, unreadable, malformed or inconsistent."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class CheckpointError(InputError):
+    """A model checkpoint (config, weights, index) is unusable."""
+
+
+class UsageError(TolcliError):
+    """Options that contradict each other or cannot apply to this input."""
+
+    exit_code = ExitCode.USAGE
+
+
+class OutputError(TolcliError):
+    """The output cannot be written."""
+
+    exit_code = ExitCode.OUTPUT
+
+
+class VerifyError(TolcliError):
+    """Stored data does not match what its manifest declares."""
+
+    exit_code = ExitCode.VERIFY_FAILED
+
+
+class QualityGateError(TolcliError):
+    """A measured quality figure exceeded the limit the user set."""
+
+    exit_code = ExitCode.QUALITY_GATE

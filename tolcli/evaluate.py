@@ -1,0 +1,89 @@
+"""Perplexity with one audited scoring rule.
+
+Scoring rule (``docs/evaluation.md``): the token stream ``t_0 .. t_{N-1}`` is cut into windows of
+``L = min(ctx, N - 1)`` input tokens whose starts advance by ``stride`` (``1 <= stride <= ctx``); the
+last window is moved back so that it is full length. Window ``[s, s+L)`` predicts targets
+``t_{s+1} .. t_{s+L}``, and only targets not scored by an earlier window count. So every token after
+the first is scored exactly once, with at least ``L - stride + 1`` tokens of context (the common
+Hugging Face snippet, which labels ``input_ids`` itself, drops one token per window instead).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tolcli.errors import InputError, UsageError
+from tolcli.model import ContextFreeSource, Transformer
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # first input position
+    first_scored: int  # index (within the window's L targets) of the first target this window scores
+
+
+def plan_windows(n_tokens: int, ctx: int, stride: int) -> tuple[int, list[Window]]:
+    """Window length ``L`` and the windows covering ``n_tokens`` tokens (see module docstring)."""
+    if n_tokens < 2:
+        raise InputError(f"need at least 2 tokens to score, got {n_tokens}")
+    if ctx < 1 or not 1 <= stride <= ctx:
+        raise UsageError(f"need ctx >= 1 and 1 <= stride <= ctx, got ctx={ctx} stride={stride}")
+    length = min(ctx, n_tokens - 1)
+    windows: list[Window] = []
+    last = 0  # highest target position scored so far
+    s = 0
+    while last < n_tokens - 1:
+        s = min(s, n_tokens - 1 - length)
+        windows.append(Window(s, last + 1 - (s + 1)))
+        last = s + length
+        s += stride
+    return length, windows
+
+
+@dataclass(frozen=True)
+class Score:
+    nll_sum: float
+    tokens: int
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+
+@torch.no_grad()
+def score(
+    model: Transformer,
+    tokens: Tensor,
+    *,
+    ctx: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    source: ContextFreeSource | None = None,
+) -> Score:
+    """Sum of negative log-likelihoods (nats) over every scored token, and the token count."""
+    stride = ctx if stride is None else stride
+    tokens = tokens.to(torch.long).flatten()
+    length, windows = plan_windows(tokens.numel(), ctx, stride)
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    for b in range(0, len(windows), batch_size):
+        batch = windows[b : b + batch_size]
+        idx = torch.stack([tokens[w.start : w.start + length + 1] for w in batch]).to(device)  # (B, L+1)
+        logits = model(idx[:, :-1], source).float()  # (B, L, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")  # (B, L)
+        keep = (
+            torch.arange(length, device=device)[None, :]
+            >= torch.tensor([w.first_scored for w in batch], device=device)[:, None]
+        )
+        nll_sum += nll[keep].double().sum().item()
+        count += int(keep.sum().item())
+    return Score(nll_sum, count)

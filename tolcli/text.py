@@ -1,0 +1,76 @@
+"""Tokenizers and token streams: text (.txt, .jsonl) and token ids (.npy) in, 1-D int64 tensors out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from tolcli.errors import InputError
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise InputError(
+            f"cannot load tokenizer ({e})", path=path, hint="expected a tokenizers tokenizer.json"
+        ) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_tokens(path: str | Path, tokenizer: Tokenizer | None, vocab_size: int) -> torch.Tensor:
+    """Token ids from ``.txt`` (whole file), ``.jsonl`` (a ``text`` field per line, joined by blank
+    lines) or ``.npy`` (1-D integer ids). Ids are checked against ``vocab_size``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("data file not found", path=path)
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise InputError(f"not a readable .npy file ({e})", path=path) from None
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise InputError(f"expected 1-D integer token ids, got {arr.dtype} of shape {arr.shape}", path=path)
+        ids = torch.from_numpy(np.asarray(arr, dtype=np.int64))
+    else:
+        if tokenizer is None:
+            raise InputError("no tokenizer to encode this text", path=path, hint="pass --tokenizer tokenizer.json")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path) from None
+        if path.suffix == ".jsonl":
+            texts = []
+            for n, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"line {n}: invalid JSON ({e.msg})", path=path) from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise InputError(f'line {n}: expected an object with a "text" string', path=path)
+                texts.append(obj["text"])
+            raw = "\n\n".join(texts)
+        ids = torch.tensor(tokenizer.encode(raw).ids, dtype=torch.long)
+    if ids.numel() == 0:
+        raise InputError("no tokens (empty file)", path=path)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise InputError(
+            f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary [0, {vocab_size})", path=path
+        )
+    return ids
