@@ -5,10 +5,15 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 OUT=${DEMO_OUT:-.demo-out}
 mkdir -p "$OUT"
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
+run() { echo; echo "\$ $*"; "$@"; }
 
-echo "== tolcli info demo"
-"$BIN/tolcli" info demo
+run "$BIN/tolcli" info demo
+run "$BIN/tolcli" precompute demo -o "$OUT/demo.safetensors" --dtype bf16 --force
+run "$BIN/tolcli" inspect "$OUT/demo.safetensors"
+run "$BIN/tolcli" convert "$OUT/demo.safetensors" "$OUT/demo.h5" --force --sha256sums "$OUT/SHA256SUMS"
+run "$BIN/tolcli" verify "$OUT/demo.h5"
 echo
-echo "== held-out perplexity of the demo models (python -m tolcli.demo)"
+echo "\$ $BIN/python -m tolcli.demo   # held-out perplexity of the demo models"
 "$BIN/python" -m tolcli.demo
+echo
+echo "Bundles and SHA256SUMS are in $OUT/"

@@ -6,19 +6,27 @@ The public API (the CLI is a thin layer over it):
 - :class:`ModelConfig`: the architecture;
 - :func:`load_model` / :class:`Transformer`: the reference model, with pluggable context-free sources;
 - :func:`describe_checkpoint`: what ``tolcli info`` reports;
+- :func:`precompute`: compute a checkpoint's ToLs into a bundle;
+- :func:`open_bundle` / :class:`Bundle`: read and verify bundles (``.lookup(layer, ids)``);
+- :func:`convert_bundle`: safetensors <-> HDF5, losslessly;
 - :class:`TolcliError`: the one error type (subclasses carry the CLI exit code).
 """
 
 __version__ = "0.1.0"
 
+from tolcli.bundle.convert import convert_bundle
+from tolcli.bundle.reader import Bundle, BundleSource, open_bundle
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
 from tolcli.config import ModelConfig
 from tolcli.demo import demo_checkpoint_path, demo_heldout_path
 from tolcli.errors import ExitCode, TolcliError
 from tolcli.info import describe_checkpoint
 from tolcli.model import FFNSource, TableSource, Transformer, ZeroSource, load_model
+from tolcli.precompute import precompute
 
 __all__ = [
+    "Bundle",
+    "BundleSource",
     "Checkpoint",
     "ExitCode",
     "FFNSource",
@@ -29,9 +37,12 @@ __all__ = [
     "Transformer",
     "ZeroSource",
     "__version__",
+    "convert_bundle",
     "demo_checkpoint_path",
     "demo_heldout_path",
     "describe_checkpoint",
     "load_model",
+    "open_bundle",
     "open_checkpoint",
+    "precompute",
 ]

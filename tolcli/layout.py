@@ -75,6 +75,30 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
     return {s.name: s for s in specs}
 
 
+def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
+    """``"0-3,7,10-"`` -> sorted layer indices (ranges inclusive; an open end runs to the last layer)."""
+    from tolcli.errors import UsageError
+
+    out: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a) if a else 0, int(b) if b else num_layers - 1
+            else:
+                lo = hi = int(part)
+        except ValueError:
+            raise UsageError(f"bad layer spec {spec!r}: expected e.g. '0-3,7' or '12-'") from None
+        if not 0 <= lo <= hi < num_layers:
+            raise UsageError(f"layer spec {spec!r} is outside 0..{num_layers - 1}")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise UsageError(f"layer spec {spec!r} selects no layer")
+    return sorted(out)
+
+
 def memory_ffn_names(cfg: ModelConfig, layer: int) -> dict[str, str]:
     """Canonical names of one layer's context-free FFN, by role (gate, up, down, norm_w, norm_b)."""
     return {

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tolcli.checkpoint import Checkpoint
 from tolcli.config import ModelConfig
 from tolcli.errors import CheckpointError
-from tolcli.layout import EMBED, LM_HEAD, MEMORY_FFN, expected_tensors
+from tolcli.layout import EMBED, LM_HEAD, MEMORY_FFN, expected_tensors, memory_ffn_names
 
 
 class RMSNorm(nn.Module):
@@ -116,6 +116,42 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+def context_free_term(norm: nn.Module, mlp: FeedForward, alpha: float, x0: Tensor) -> Tensor:
+    """``alpha * MLP(MemNorm(x0))``: the term a memory layer adds, and exactly what a ToL row stores."""
+    return alpha * mlp(norm(x0))
+
+
+class MemoryFFN(nn.Module):
+    """One layer's context-free FFN on its own (precompute loads these one at a time)."""
+
+    def __init__(self, cfg: ModelConfig, *, memory_norm_bias: bool = False):
+        super().__init__()
+        self.alpha = cfg.ffn_alpha
+        self.memory_layernorm = memory_norm(cfg, memory_norm_bias)
+        self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x0: Tensor) -> Tensor:
+        return context_free_term(self.memory_layernorm, self.mlp, self.alpha, x0)
+
+
+def load_memory_ffn(ckpt: Checkpoint, layer: int, *, device: str | torch.device = "cpu") -> MemoryFFN:
+    """Layer ``layer``'s context-free FFN from a checkpoint, in fp32; reads only its own tensors."""
+    names = memory_ffn_names(ckpt.config, layer)
+    bias = ckpt.has(names["norm_b"])
+    with torch.device("meta"):
+        ffn = MemoryFFN(ckpt.config, memory_norm_bias=bias)
+    state = {
+        "memory_layernorm.weight": names["norm_w"],
+        "mlp.gate_proj.weight": names["gate"],
+        "mlp.up_proj.weight": names["up"],
+        "mlp.down_proj.weight": names["down"],
+    }
+    if bias:
+        state["memory_layernorm.bias"] = names["norm_b"]
+    ffn.load_state_dict({k: ckpt.load(v, device=device) for k, v in state.items()}, strict=True, assign=True)
+    return ffn.eval()
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, *, memory_ffn: bool = True, memory_norm_bias: bool = False):
         super().__init__()
@@ -137,7 +173,7 @@ class Block(nn.Module):
         """The context-free term ``alpha * MLP(MemNorm(x0))`` this layer adds (what a ToL row stores)."""
         if not self.has_memory_ffn:
             raise CheckpointError("this model was loaded without its context-free FFN weights")
-        return self.cfg.ffn_alpha * self.mlp(self.memory_layernorm(x0))
+        return context_free_term(self.memory_layernorm, self.mlp, self.cfg.ffn_alpha, x0)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, memory: Tensor | None) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin)

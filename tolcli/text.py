@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from tokenizers import Tokenizer
 
 from tolcli.errors import InputError
+from tolcli.fsutil import sha256_file
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -24,11 +24,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(Path(path))
 
 
 def read_tokens(path: str | Path, tokenizer: Tokenizer | None, vocab_size: int) -> torch.Tensor:

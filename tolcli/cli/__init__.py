@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from tolcli import __version__
+from tolcli.cli.bundles import convert_cmd, inspect_cmd, precompute_cmd, schema_cmd, verify_cmd
 from tolcli.cli.info import info
 from tolcli.errors import ExitCode, TolcliError
 
@@ -53,6 +54,11 @@ def _root(
 
 
 app.command()(info)
+app.command("precompute")(precompute_cmd)
+app.command("inspect")(inspect_cmd)
+app.command("verify")(verify_cmd)
+app.command("convert")(convert_cmd)
+app.command("schema")(schema_cmd)
 
 
 def _error(text: str) -> None:

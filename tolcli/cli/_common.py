@@ -57,3 +57,65 @@ def fmt_count(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f}{unit}"
     return str(n)
+
+
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--format", metavar="FORMAT", help="safetensors or hdf5 (default: from the output suffix)."),
+]
+CompressionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--compression", metavar="NAME", help="HDF5 only: gzip or lzf (off by default; see docs/bundle-format.md)."
+    ),
+]
+Sha256sumsOpt = Annotated[
+    str | None,
+    typer.Option("--sha256sums", metavar="FILE", help="Also write GNU sha256sum lines for the outputs (for CI)."),
+]
+
+
+class RichProgress:
+    """tolcli.progress.Progress as a rich bar with ETA; silent unless a person is watching."""
+
+    def __init__(self, out: Output):
+        self.out = out
+        self._bar = None
+        self._task = None
+
+    def start(self, description: str, total: int) -> None:
+        if not self.out.interactive or total <= 0:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.out.console,
+            transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def note_to_stderr(out: Output):
+    """Notes (resuming, warnings) go to stderr so stdout stays clean; silent under --quiet/--json."""
+
+    def note(text: str) -> None:
+        if not out.quiet and (not out.json or text.startswith("warning:")):
+            sys.stderr.write(f"tolcli: {text}\n")
+
+    return note

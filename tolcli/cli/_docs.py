@@ -39,7 +39,7 @@ def _param_rows(cmd: typer.core.TyperCommand) -> list[str]:  # type: ignore[name
             )
             continue
         names = ", ".join(f"`{o}`" for o in [*p.opts, *p.secondary_opts])
-        metavar = "" if getattr(p, "is_flag", False) else (p.metavar or p.type.name.upper())
+        metavar = "" if getattr(p, "is_flag", False) else (p.metavar or (p.name or "").upper())
         if metavar:
             names += f" `{metavar}`"
         default = p.default

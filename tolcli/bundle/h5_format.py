@@ -1,0 +1,163 @@
+"""HDF5 container: a streaming writer and a strict reader (no model knowledge here).
+
+Tensor ``layers.3.table`` is dataset ``/layers/3/table``; ``tokenizer`` is ``/tokenizer``. Datasets are
+row-chunked (about 256 KiB per chunk, so a row gather reads little more than it needs), stored in the
+element type's little-endian numpy form (bf16 as ``uint16``), each with a ``tol.dtype`` attribute; the
+manifest is the root attribute ``tol.manifest``. The writer never creates links, external storage or
+virtual datasets, and the reader refuses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from tolcli.bundle.entries import TensorEntry, data_order
+from tolcli.bundle.spec import DTYPES, H5_MANIFEST_ATTR, MAX_DIM, MAX_MANIFEST_BYTES, MAX_TENSORS
+from tolcli.errors import InputError, VerifyError
+
+CHUNK_TARGET_BYTES = 256 << 10
+CHUNK_CACHE_BYTES = 32 << 20
+COMPRESSIONS = ("gzip", "lzf")
+_NUMPY_TO_DTYPE = {"<f4": "F32", "<f2": "F16", "<u2": "BF16", "|u1": "U8", "|i1": "I8"}
+
+
+def dataset_path(name: str) -> str:
+    return "/" + name.replace(".", "/")
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
+    """Whole rows, about CHUNK_TARGET_BYTES per chunk (64 KiB - 1 MiB for any realistic width)."""
+    if not shape or 0 in shape:
+        return None
+    row = itemsize
+    for s in shape[1:]:
+        row *= s
+    if len(shape) == 1:
+        return (max(1, min(shape[0], CHUNK_TARGET_BYTES // itemsize)),)
+    rows = max(1, min(shape[0], CHUNK_TARGET_BYTES // max(1, row)))
+    return (rows, *shape[1:])
+
+
+def write(path: Path, entries: list[TensorEntry], manifest_json: str, compression: str | None = None) -> None:
+    if compression is not None and compression not in COMPRESSIONS:
+        raise InputError(f"HDF5 compression must be one of {', '.join(COMPRESSIONS)}")
+    with h5py.File(path, "w", libver="earliest", track_order=False) as f:
+        f.attrs.create(H5_MANIFEST_ATTR, manifest_json, dtype=h5py.string_dtype("utf-8"))
+        for e in data_order(entries):
+            dt = DTYPES[e.dtype]
+            chunks = chunk_shape(e.shape, dt.itemsize)
+            ds = f.create_dataset(
+                dataset_path(e.name),
+                shape=e.shape,
+                dtype=dt.numpy,
+                chunks=chunks,
+                compression=compression if chunks else None,
+                track_times=False,
+            )
+            ds.attrs.create("tol.dtype", e.dtype, dtype=h5py.string_dtype("ascii"))
+            pos = 0
+            for block in e.blocks():
+                if e.shape == ():
+                    ds[()] = block
+                    continue
+                ds[pos : pos + block.shape[0]] = block
+                pos += block.shape[0]
+
+
+class HDF5Reader:
+    container = "hdf5"
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            sig = fh.read(8)
+        if sig != b"\x89HDF\r\n\x1a\n":
+            raise InputError("not an HDF5 file (bad signature)", path=path)
+        try:
+            self.file = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=0.75)
+        except OSError as e:
+            raise VerifyError(f"corrupted or truncated HDF5 file ({e})", path=path) from None
+        try:
+            raw = self.file.attrs.get(H5_MANIFEST_ATTR)
+        except (OSError, KeyError, ValueError) as e:
+            raise VerifyError(f"cannot read the manifest attribute ({e})", path=path) from None
+        if raw is None:
+            raise InputError(f"no {H5_MANIFEST_ATTR!r} root attribute: not a tolcli bundle", path=path)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise InputError("manifest attribute is too large", path=path)
+        self.manifest_text = text
+        self.datasets: dict[str, h5py.Dataset] = {}
+        self._walk(self.file, "")
+
+    def _walk(self, group: h5py.Group, prefix: str) -> None:
+        try:
+            names = list(group.keys())
+        except (OSError, RuntimeError, KeyError) as e:
+            raise VerifyError(f"corrupted HDF5 group {group.name!r} ({e})", path=self.path) from None
+        for key in names:
+            link = group.get(key, getlink=True)
+            where = f"{group.name.rstrip('/')}/{key}"
+            if isinstance(link, h5py.ExternalLink):
+                raise InputError(f"{where} is an external link; bundles must be self-contained", path=self.path)
+            if isinstance(link, h5py.SoftLink):
+                raise InputError(f"{where} is a soft link; bundles hold no links", path=self.path)
+            try:
+                obj = group[key]
+            except (OSError, KeyError, RuntimeError) as e:
+                raise VerifyError(f"cannot open {where} ({e})", path=self.path) from None
+            name = f"{prefix}{key}"
+            if isinstance(obj, h5py.Group):
+                self._walk(obj, name + ".")
+            elif isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    raise InputError(f"{where} is a virtual dataset; bundles must be self-contained", path=self.path)
+                if obj.external:
+                    raise InputError(f"{where} uses external storage; bundles must be self-contained", path=self.path)
+                if len(self.datasets) >= MAX_TENSORS or any(s > MAX_DIM for s in obj.shape):
+                    raise InputError(f"{where}: too many tensors or a dimension out of bounds", path=self.path)
+                self.datasets[name] = obj
+
+    def stored(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        out = {}
+        for name, ds in self.datasets.items():
+            declared = ds.attrs.get("tol.dtype")
+            declared = declared.decode() if isinstance(declared, bytes) else declared
+            by_numpy = _NUMPY_TO_DTYPE.get(ds.dtype.str, ds.dtype.str)
+            dtype = declared if declared in DTYPES and DTYPES[declared].numpy == ds.dtype else by_numpy
+            out[name] = (dtype, tuple(ds.shape))
+        return out
+
+    def array(self, name: str) -> np.ndarray:
+        try:
+            return self.datasets[name][()]
+        except (OSError, RuntimeError) as e:
+            raise VerifyError(f"cannot read tensor {name!r} ({e})", path=self.path) from None
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows in any order, with repeats: h5py wants increasing unique indices, so sort, read, scatter."""
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        try:
+            got = self.datasets[name][uniq] if len(uniq) else self.datasets[name][0:0]
+        except (OSError, RuntimeError) as e:
+            raise VerifyError(f"cannot read tensor {name!r} ({e})", path=self.path) from None
+        return got[inverse]
+
+    def blocks(self, name: str, rows: int):
+        ds = self.datasets[name]
+        try:
+            if ds.ndim == 0 or ds.shape[0] == 0:
+                yield ds[()]
+                return
+            for s in range(0, ds.shape[0], rows):
+                yield ds[s : s + rows]
+        except (OSError, RuntimeError) as e:
+            raise VerifyError(f"cannot read tensor {name!r} ({e})", path=self.path) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # closing a corrupted file may fail; nothing to keep
+            self.file.close()

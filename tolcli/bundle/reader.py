@@ -1,0 +1,207 @@
+"""Read bundles: the single way anything in tolcli reads ToLs.
+
+``open_bundle(path)`` validates the container header, the manifest (schema, then against the stored
+tensors), and returns a :class:`Bundle` whose :meth:`Bundle.lookup` decodes rows on demand: through a
+memory map for safetensors, through chunked reads for HDF5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from tolcli.bundle.entries import TensorEntry, rows_per_block
+from tolcli.bundle.h5_format import HDF5Reader
+from tolcli.bundle.manifest import check_against_tensors, parse_manifest
+from tolcli.bundle.spec import DTYPES, TOKENIZER_TENSOR
+from tolcli.bundle.st_format import SafetensorsReader
+from tolcli.codecs import Codec, codec_from_manifest
+from tolcli.errors import InputError, VerifyError
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int
+    codec: Codec
+    tensors: dict[str, str]  # role -> tensor name
+    entry: dict[str, Any]  # the manifest entry
+
+
+class _Access:
+    """TensorAccess for one layer: rows/full reads of its roles' tensors."""
+
+    def __init__(self, bundle: Bundle, layer: LayerInfo):
+        self.bundle, self.layer = bundle, layer
+
+    def rows(self, role: str, ids: Tensor) -> Tensor:
+        return self.bundle._rows(self.layer.tensors[role], ids)
+
+    def full(self, role: str) -> Tensor:
+        return self.bundle.tensor(self.layer.tensors[role])
+
+
+class Bundle:
+    """An open, validated ToL bundle. Use :func:`open_bundle`."""
+
+    def __init__(self, path: Path, reader: SafetensorsReader | HDF5Reader):
+        self.path = path
+        self._reader = reader
+        self.container: str = reader.container
+        self.manifest: dict[str, Any] = parse_manifest(reader.manifest_text, where=str(path))
+        check_against_tensors(self.manifest, reader.stored(), where=str(path))
+        self.vocab_size: int = self.manifest["model"]["vocab_size"]
+        self.hidden_size: int = self.manifest["model"]["hidden_size"]
+        self.num_layers: int = self.manifest["model"]["num_layers"]
+        self.layers: dict[int, LayerInfo] = {
+            e["index"]: LayerInfo(e["index"], codec_from_manifest(e["codec"], e["params"]), dict(e["tensors"]), e)
+            for e in self.manifest["layers"]
+            if e["status"] == "present"
+        }
+        self._full_cache: dict[str, Tensor] = {}
+
+    # ---- reading -----------------------------------------------------------------------------------
+    @property
+    def tensor_names(self) -> list[str]:
+        return sorted(self.manifest["tensors"])
+
+    def tensor(self, name: str) -> Tensor:
+        """A whole stored tensor, as a torch tensor of its stored dtype (cached: codecs' small factors)."""
+        if name not in self._full_cache:
+            info = self.manifest["tensors"][name]
+            arr = np.ascontiguousarray(self._reader.array(name))
+            t = torch.from_numpy(arr.copy())
+            self._full_cache[name] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
+        return self._full_cache[name]
+
+    def _rows(self, name: str, ids: Tensor) -> Tensor:
+        info = self.manifest["tensors"][name]
+        arr = self._reader.rows(name, ids.cpu().numpy().astype(np.int64, copy=False))
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        return t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
+
+    def lookup(self, layer: int, token_ids: Tensor | list[int]) -> Tensor:
+        """Decoded ToL rows of ``layer`` for ``token_ids`` (any shape): fp32, shape (*ids.shape, hidden)."""
+        info = self.layers.get(layer)
+        if info is None:
+            status = "dropped" if 0 <= layer < self.num_layers else "out of range"
+            raise InputError(f"layer {layer} is {status} in this bundle", path=self.path)
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
+            raise InputError(f"token id outside the vocabulary [0, {self.vocab_size})", path=self.path)
+        rows = info.codec.decode_rows(_Access(self, info), flat)
+        return rows.reshape(*ids.shape, self.hidden_size)
+
+    def dense_layer(self, layer: int) -> Tensor:
+        """A whole decoded layer table [vocab, hidden] in fp32."""
+        return self.lookup(layer, torch.arange(self.vocab_size))
+
+    def tokenizer_bytes(self) -> bytes | None:
+        if TOKENIZER_TENSOR not in self.manifest["tensors"]:
+            return None
+        return bytes(np.asarray(self._reader.array(TOKENIZER_TENSOR)).tobytes())
+
+    def tokenizer(self):
+        """The embedded ``tokenizers.Tokenizer``, or None."""
+        from tokenizers import Tokenizer
+
+        raw = self.tokenizer_bytes()
+        return None if raw is None else Tokenizer.from_str(raw.decode("utf-8"))
+
+    def entry(self, name: str) -> TensorEntry:
+        """A stored tensor as a :class:`TensorEntry` streaming its exact bytes (for convert, drop, ...)."""
+        info = self.manifest["tensors"][name]
+        shape = tuple(info["shape"])
+        row = info["bytes"] // shape[0] if shape and shape[0] else info["bytes"]
+        return TensorEntry(
+            name, info["dtype"], shape, info["sha256"], lambda: self._reader.blocks(name, rows_per_block(row))
+        )
+
+    # ---- integrity ---------------------------------------------------------------------------------
+    def verify(self, progress=None) -> int:
+        """Recompute every tensor's sha256; raise VerifyError naming the first bad tensor. Returns bytes read."""
+        total = 0
+        for name in self.tensor_names:
+            info = self.manifest["tensors"][name]
+            h = hashlib.sha256()
+            for block in self.entry(name).blocks():
+                buf = memoryview(np.ascontiguousarray(block, dtype=DTYPES[info["dtype"]].numpy)).cast("B")
+                h.update(buf)
+                total += buf.nbytes
+                if progress is not None:
+                    progress(buf.nbytes)
+            if h.hexdigest() != info["sha256"]:
+                raise VerifyError(
+                    f"tensor {name!r}: sha256 {h.hexdigest()[:16]}... does not match the manifest "
+                    f"({info['sha256'][:16]}...)",
+                    path=self.path,
+                )
+        return total
+
+    def as_source(self):
+        """A :class:`tolcli.model.ContextFreeSource` that reads this bundle (dropped layers give zero)."""
+        return BundleSource(self)
+
+    def close(self) -> None:
+        self._full_cache.clear()
+        self._reader.close()
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BundleSource:
+    """Feeds a model's context-free terms from a bundle's lookups."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+
+    def __call__(self, layer: int, token_ids: Tensor, x0: Tensor) -> Tensor | None:
+        if layer not in self.bundle.layers:
+            return None
+        return self.bundle.lookup(layer, token_ids.cpu()).to(device=x0.device, dtype=x0.dtype)
+
+
+def open_bundle(path: str | Path, *, verify: bool = False) -> Bundle:
+    """Open and validate a ToL bundle (``.safetensors`` or ``.h5``/``.hdf5``, told apart by content).
+
+    ``verify=True`` also recomputes every tensor's sha256 before returning.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from tolcli import open_bundle, precompute, demo_checkpoint_path
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "demo.safetensors"
+        >>> _ = precompute(demo_checkpoint_path(), out, dtype="fp16")
+        >>> b = open_bundle(out)
+        >>> b.lookup(0, [1, 2, 3]).shape
+        torch.Size([3, 128])
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("bundle not found", path=path)
+    if path.is_dir():
+        raise InputError("bundle path is a directory, expected a .safetensors or .h5 file", path=path)
+    try:
+        with open(path, "rb") as f:
+            sig = f.read(8)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror}", path=path) from None
+    reader: SafetensorsReader | HDF5Reader
+    reader = HDF5Reader(path) if sig == b"\x89HDF\r\n\x1a\n" else SafetensorsReader(path)
+    try:
+        bundle = Bundle(path, reader)
+        if verify:
+            bundle.verify()
+    except BaseException:
+        reader.close()
+        raise
+    return bundle

@@ -1,0 +1,162 @@
+"""safetensors container: a strict, bounded reader and a streaming writer (no model knowledge here).
+
+Layout (https://github.com/huggingface/safetensors): ``u64 little-endian N``, ``N`` bytes of JSON header
+(space-padded so the data starts 8-byte aligned), then the tensors' bytes, contiguous, in header offset
+order. tolcli's header holds ``__metadata__ = {"format": "pt", "tol.manifest": <canonical JSON>}``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from tolcli.bundle.entries import TensorEntry, data_order
+from tolcli.bundle.manifest import canonical_json
+from tolcli.bundle.spec import DTYPES, MAX_DIM, MAX_HEADER_BYTES, MAX_TENSORS, ST_MANIFEST_KEY
+from tolcli.errors import InputError, VerifyError
+
+
+def header_bytes(entries: list[TensorEntry], manifest_json: str) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", ST_MANIFEST_KEY: manifest_json}}
+    offset = 0
+    for e in data_order(entries):
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = canonical_json(header).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write(f: BinaryIO, entries: list[TensorEntry], manifest_json: str) -> None:
+    """Write a complete safetensors file to ``f``; tensors stream block by block."""
+    f.write(header_bytes(entries, manifest_json))
+    for e in data_order(entries):
+        written = 0
+        for block in e.blocks():
+            buf = memoryview(np.ascontiguousarray(block, dtype=DTYPES[e.dtype].numpy)).cast("B")
+            f.write(buf)
+            written += buf.nbytes
+        if written != e.nbytes:  # pragma: no cover - a bug in a block producer
+            raise AssertionError(f"{e.name}: wrote {written} bytes, expected {e.nbytes}")
+
+
+class SafetensorsReader:
+    """Validates the header before touching data; tensors are read through a read-only memory map."""
+
+    container = "safetensors"
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"not a safetensors file ({size} bytes)", path=path)
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n < 2:
+                raise InputError(self._not_st(f, f"header length {n}"), path=path)
+            if 8 + n > size:
+                raise VerifyError(f"file is truncated: header needs {8 + n} bytes, file has {size}", path=path)
+            raw = f.read(n)
+        if raw[:1] != b"{":
+            raise InputError(f"not a safetensors file (header does not start with '{{': {raw[:16]!r})", path=path)
+        try:
+            header = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"corrupted safetensors header ({e})", path=path) from None
+        if not isinstance(header, dict):
+            raise InputError("corrupted safetensors header (not an object)", path=path)
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict) or not isinstance(meta.get(ST_MANIFEST_KEY), str):
+            raise InputError(f"no {ST_MANIFEST_KEY!r} in the safetensors metadata: not a tolcli bundle", path=path)
+        self.manifest_text: str = meta[ST_MANIFEST_KEY]
+        if len(header) > MAX_TENSORS:
+            raise InputError(f"header declares {len(header)} tensors (limit {MAX_TENSORS})", path=path)
+        self.data_start = 8 + n
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        spans = []
+        for name, info in header.items():
+            dtype, shape, begin, end = self._entry(name, info)
+            self.tensors[name] = (dtype, shape, begin, end)
+            spans.append((begin, end, name))
+        spans.sort()
+        pos = 0
+        for begin, end, name in spans:
+            if begin != pos:
+                raise InputError(
+                    f"tensor {name!r} starts at {begin}, expected {pos} (overlapping or non-contiguous offsets)",
+                    path=path,
+                )
+            pos = end
+        data_size = size - self.data_start
+        if pos > data_size:
+            raise VerifyError(f"file is truncated: tensors need {pos} data bytes, file has {data_size}", path=path)
+        if pos < data_size:
+            raise InputError(f"{data_size - pos} unexpected bytes after the last tensor", path=path)
+        self._mm: np.memmap | None = None
+
+    def _not_st(self, f: BinaryIO, what: str) -> str:
+        f.seek(0)
+        start = f.read(64)
+        if start.startswith(b"version https://git-lfs"):
+            return "this is a Git LFS pointer, not the file itself (run `git lfs pull`)"
+        if start.lstrip()[:1] == b"<":
+            return "this looks like HTML (a download error page?), not a safetensors file"
+        if start.startswith(b"\x89HDF"):
+            return "this is an HDF5 file; name it .h5"
+        return f"not a safetensors file ({what})"
+
+    def _entry(self, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
+        ok = isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+        if ok:
+            dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (
+                isinstance(dtype, str)
+                and isinstance(shape, list)
+                and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
+                and isinstance(offs, list)
+                and len(offs) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
+            )
+        if not ok:
+            raise InputError(f"corrupted header entry for tensor {name!r}", path=self.path)
+        if dtype not in DTYPES:
+            raise InputError(f"tensor {name!r} has dtype {dtype}, not one tolcli bundles use", path=self.path)
+        n = DTYPES[dtype].itemsize
+        for s in shape:
+            n *= s
+        begin, end = offs
+        if end - begin != n:
+            raise InputError(
+                f"tensor {name!r}: offsets span {end - begin} bytes but {dtype}{shape} needs {n}", path=self.path
+            )
+        return dtype, tuple(shape), begin, end
+
+    def stored(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {k: (v[0], v[1]) for k, v in self.tensors.items()}
+
+    def array(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of a tensor, in its storage numpy dtype."""
+        dtype, shape, begin, end = self.tensors[name]
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._mm[self.data_start + begin : self.data_start + end]
+        return raw.view(DTYPES[dtype].numpy).reshape(shape)
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return self.array(name)[ids]
+
+    def blocks(self, name: str, rows: int):
+        arr = self.array(name)
+        if arr.ndim == 0 or arr.shape[0] == 0:
+            yield np.asarray(arr)
+            return
+        for s in range(0, arr.shape[0], rows):
+            yield np.asarray(arr[s : s + rows])
+
+    def close(self) -> None:
+        self._mm = None

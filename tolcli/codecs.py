@@ -1,0 +1,106 @@
+"""Codecs: how one layer's ToL table is stored. One small interface, one class per codec.
+
+A codec turns a [rows, width] fp32 table into named tensors (its *roles*) and decodes any set of rows
+back from them. Its parameters live in the manifest (``layers[i].params``) and in its tensors, never in
+names. Row-wise codecs (``row_wise = True``) encode each row independently, so a table can be encoded
+in row batches and streamed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from tolcli.bundle.spec import DTYPES, FLOAT_ALIASES
+from tolcli.errors import InputError, UsageError
+
+
+class TensorAccess(Protocol):
+    """What a codec may read from a stored layer: some rows of a role's tensor, or all of it."""
+
+    def rows(self, role: str, ids: Tensor) -> Tensor: ...
+
+    def full(self, role: str) -> Tensor: ...
+
+
+class Codec(ABC):
+    """Encode a layer table; decode rows. Subclasses register themselves by ``name``."""
+
+    name: ClassVar[str]
+    row_wise: ClassVar[bool] = False
+    registry: ClassVar[dict[str, type[Codec]]] = {}
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__:
+            Codec.registry[cls.name] = cls
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """Parameters recorded in the manifest; ``from_params(params())`` rebuilds the codec."""
+
+    @classmethod
+    @abstractmethod
+    def from_params(cls, params: dict[str, Any]) -> Codec: ...
+
+    @abstractmethod
+    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """role -> (shape, dtype name) of every tensor this codec stores for a [rows, width] table."""
+
+    @abstractmethod
+    def encode(self, table: Tensor) -> dict[str, Tensor]:
+        """role -> tensor, for a [rows, width] fp32 table (or a row batch, for row-wise codecs)."""
+
+    @abstractmethod
+    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the table, as fp32 [len(ids), width]."""
+
+    def stored_bytes(self, rows: int, width: int) -> int:
+        total = 0
+        for shape, dt in self.tensor_specs(rows, width).values():
+            n = DTYPES[dt].itemsize
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+
+def codec_from_manifest(name: str, params: dict[str, Any]) -> Codec:
+    cls = Codec.registry.get(name)
+    if cls is None:
+        raise InputError(
+            f"unknown codec {name!r}; this tolcli knows {', '.join(sorted(Codec.registry))}", hint="upgrade tolcli"
+        )
+    return cls.from_params(params)
+
+
+class DenseCodec(Codec):
+    """The table itself, in fp32, fp16 or bf16: role ``table`` [rows, width]."""
+
+    name = "dense"
+    row_wise = True
+
+    def __init__(self, dtype: str = "F32"):
+        dtype = FLOAT_ALIASES.get(dtype, dtype)
+        if dtype not in ("F32", "F16", "BF16"):
+            raise UsageError(f"dense dtype must be fp32, fp16 or bf16, got {dtype!r}")
+        self.dtype = dtype
+
+    def params(self) -> dict[str, Any]:
+        return {"dtype": self.dtype}
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> DenseCodec:
+        return cls(str(params.get("dtype")))
+
+    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {"table": ((rows, width), self.dtype)}
+
+    def encode(self, table: Tensor) -> dict[str, Tensor]:
+        return {"table": table.to(DTYPES[self.dtype].torch)}
+
+    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+        return access.rows("table", ids).to(torch.float32)

@@ -1,0 +1,255 @@
+"""Compute every context-free layer's ToL from a checkpoint and stream it into a bundle.
+
+``ToL_i[t] = ffn_alpha * MLP_i(MemNorm_i(E[t]))`` for every token id ``t``: exactly the term the model
+adds to its residual stream (the same function, :func:`tolcli.model.context_free_term`). Computation
+is fp32, batched over the vocabulary; one layer's FFN weights and one batch of rows are held at a time,
+and each finished layer is staged to disk, so peak memory does not grow with the number of layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tolcli import __version__
+from tolcli.bundle.manifest import created_timestamp
+from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR, layer_tensor, tensor_to_numpy
+from tolcli.bundle.writer import Staging, container_for
+from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
+from tolcli.codecs import DenseCodec
+from tolcli.errors import UsageError
+from tolcli.layout import EMBED, parse_layer_spec
+from tolcli.model import load_memory_ffn
+from tolcli.progress import NullProgress, Progress
+from tolcli.text import file_sha256
+
+FP16_MAX = 65504.0
+DEFAULT_BATCH_ROWS = 4096
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available", hint="use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def source_description(ckpt: Checkpoint) -> dict[str, Any]:
+    """The manifest's ``source``: checkpoint name, its files with sha256, and its config."""
+    files = []
+    for f in sorted({*ckpt.files, *([ckpt.index_path] if ckpt.index_path else [])}):
+        files.append({"name": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)})
+    return {"checkpoint": ckpt.path.name, "files": files, "config": ckpt.config.to_dict()}
+
+
+def vocabulary_description(vocab_size: int, tokenizer: bytes | None) -> dict[str, Any]:
+    special: list[str] = []
+    if tokenizer is not None:
+        try:
+            added = json.loads(tokenizer).get("added_tokens", [])
+            special = sorted(t["content"] for t in added if isinstance(t, dict) and t.get("special"))
+        except (ValueError, AttributeError, KeyError, TypeError):
+            special = []
+    return {
+        "size": vocab_size,
+        "embedded": tokenizer is not None,
+        "tokenizer_sha256": None if tokenizer is None else hashlib.sha256(tokenizer).hexdigest(),
+        "special_tokens": special,
+    }
+
+
+@dataclass
+class LayerStats:
+    """Streaming statistics of one layer: exact (fp32) vs stored values."""
+
+    sumsq: float = 0.0
+    errsq: float = 0.0
+    max_abs: float = 0.0
+    fp16_overflow: int = 0
+
+    def update(self, exact: torch.Tensor, stored: torch.Tensor) -> None:
+        e = exact.double()
+        self.sumsq += float((e * e).sum())
+        self.errsq += float(((stored.double() - e) ** 2).sum())
+        self.max_abs = max(self.max_abs, float(exact.abs().max())) if exact.numel() else self.max_abs
+        self.fp16_overflow += int((exact.abs() > FP16_MAX).sum())
+
+    @property
+    def rel_error(self) -> float:
+        return math.sqrt(self.errsq / self.sumsq) if self.sumsq > 0 else 0.0
+
+
+@dataclass
+class PrecomputeResult:
+    path: Path
+    manifest: dict[str, Any]
+    seconds: float
+    layers_computed: int
+
+
+def precompute(
+    checkpoint: str | Path | Checkpoint,
+    out: str | Path,
+    *,
+    container: str | None = None,
+    dtype: str = "fp32",
+    device: str = "auto",
+    layers: str | list[int] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    resume: bool = False,
+    force: bool = False,
+    compression: str | None = None,
+    tensor_map: str | Path | TensorMap | None = None,
+    progress: Progress | None = None,
+    note: Callable[[str], None] = lambda s: None,
+) -> PrecomputeResult:
+    """Compute a model's ToLs into a dense bundle.
+
+    Args:
+        checkpoint: checkpoint directory / weights file, or an opened :class:`Checkpoint`.
+        out: the bundle to write (``.safetensors`` or ``.h5``; or set ``container``).
+        dtype: stored element type, ``fp32``, ``fp16`` or ``bf16`` (computation is always fp32).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        layers: layer indices or a spec such as ``"0-3,7"``; the others are recorded as dropped.
+        batch_rows: vocabulary rows per batch.
+        resume: continue an interrupted run of the same job (bytes equal an uninterrupted run).
+        force: overwrite ``out``.
+        compression: HDF5 only, ``gzip`` or ``lzf``.
+
+    Returns:
+        A :class:`PrecomputeResult` with the path and the manifest written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from tolcli import precompute, demo_checkpoint_path
+        >>> r = precompute(demo_checkpoint_path(), pathlib.Path(tempfile.mkdtemp()) / "tol.h5", dtype="bf16")
+        >>> [e["codec"] for e in r.manifest["layers"]][:2], r.manifest["layers"][0]["params"]
+        (['dense', 'dense'], {'dtype': 'BF16'})
+    """
+    t0 = time.monotonic()
+    out = Path(out)
+    container = container_for(out, container)
+    progress = progress or NullProgress()
+    if batch_rows < 1:
+        raise UsageError(f"--batch-tokens must be >= 1, got {batch_rows}")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, tensor_map=tensor_map)
+    cfg = ckpt.config
+    if not cfg.has_memory:
+        raise UsageError(
+            f"{ckpt.path}: model_type {cfg.model_type!r} has no context-free FFN, so there is nothing to precompute",
+            hint="precompute needs a memoryllm or flex_memoryllm checkpoint",
+        )
+    L, V, h = cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size
+    selected = parse_layer_spec(layers, L) if isinstance(layers, str) else sorted(set(layers or range(L)))
+    if any(not 0 <= i < L for i in selected):
+        raise UsageError(f"layers must be within 0..{L - 1}")
+    dev = resolve_device(device)
+    codec = DenseCodec(dtype)
+    source = source_description(ckpt)
+    job = {
+        "command": "precompute",
+        "source": source,
+        "codec": codec.params(),
+        "layers": selected,
+        "batch_rows": batch_rows,
+        "device": dev.type,
+        "container": container,
+        "compression": compression,
+    }
+    staging = Staging(out, job, resume=resume, force=force, note=note)
+
+    embed = ckpt.load(EMBED, dtype=None)  # kept in its stored dtype; batches are cast to fp32
+    todo = [i for i in selected if staging.layer_done(i) is None]
+    progress.start(f"precompute {len(todo)} layer(s)", len(todo) * V)
+    for i in todo:
+        ffn = load_memory_ffn(ckpt, i, device=dev)
+        stats = LayerStats()
+
+        def blocks(ffn: torch.nn.Module = ffn, stats: LayerStats = stats) -> Iterator[np.ndarray]:
+            with torch.no_grad():
+                for b0 in range(0, V, batch_rows):
+                    x0 = embed[b0 : b0 + batch_rows].to(device=dev, dtype=torch.float32)
+                    exact = ffn(x0)  # (rows, h) fp32
+                    stored = codec.encode(exact)["table"]
+                    stats.update(exact, stored.float())
+                    progress.advance(exact.shape[0])
+                    yield tensor_to_numpy(stored.cpu())
+
+        name = layer_tensor(i, "table")
+        staging.stage(name, codec.dtype, (V, h), blocks())
+        stored_bytes = codec.stored_bytes(V, h)
+        staging.commit_layer(
+            i,
+            {
+                "index": i,
+                "status": "present",
+                "codec": codec.name,
+                "params": codec.params(),
+                "tensors": {"table": name},
+                "stored_bytes": stored_bytes,
+                "bits_per_value": 8 * stored_bytes / (V * h),
+                "rel_error": stats.rel_error if math.isfinite(stats.rel_error) else None,
+                "max_abs": stats.max_abs,
+                "fp16_overflow": stats.fp16_overflow,
+            },
+        )
+        del ffn
+    progress.finish()
+
+    tok = ckpt.tokenizer_path.read_bytes() if ckpt.tokenizer_path else None
+    if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
+        staging.stage_extra(TOKENIZER_TENSOR, tok)
+    entries = [staging.layer_done(i) or {"index": i, "status": "dropped"} for i in range(L)]
+    warnings = [
+        f"layer {e['index']}: {e['fp16_overflow']} values exceed the fp16 range (|x| > 65504) and are stored as inf;"
+        " use --dtype bf16 or fp32"
+        for e in entries
+        if e["status"] == "present" and e["fp16_overflow"] and codec.dtype == "F16"
+    ]
+    for w in warnings:
+        note(f"warning: {w}")
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tolcli_version": __version__,
+        "source": source,
+        "model": {
+            "type": cfg.model_type,
+            "vocab_size": V,
+            "hidden_size": h,
+            "num_layers": L,
+            "ffn_alpha": cfg.ffn_alpha,
+            "memory_norm_type": cfg.memory_norm_type,
+        },
+        "vocabulary": vocabulary_description(V, tok),
+        "layers": entries,
+        "tensors": {},
+        "warnings": warnings,
+        "history": [{"command": "precompute", "dtype": codec.dtype, "layers": selected}],
+    }
+    created = created_timestamp()
+    if created:
+        manifest["created"] = created
+    path = staging.finish(manifest, container=container, force=force, compression=compression)
+    from tolcli.bundle.reader import open_bundle
+
+    with open_bundle(path) as b:  # re-read what was written: the manifest as stored
+        written = b.manifest
+    return PrecomputeResult(path, written, time.monotonic() - t0, len(todo))
