@@ -40,3 +40,27 @@ def test_console_script_and_module_entry_points() -> None:
         r.stderr.strip() == "tolcli: error: checkpoint not found (/nonexistent)" or "checkpoint not found" in r.stderr
     )
     assert r.stdout == "" and r.stderr.count("\n") == 1
+
+
+def test_ctrl_c_exits_130_with_one_line() -> None:
+    import signal
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from tolcli.cli import main\n"
+        "sys.modules['tolcli.cli.info'].describe_checkpoint = lambda *a, **k: time.sleep(60)\n"
+        "raise SystemExit(main(['info', 'demo']))\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and err == "tolcli: error: interrupted\n" and out == ""
+
+
+def test_broken_pipe_is_quiet() -> None:
+    r = subprocess.run(
+        f"{sys.executable} -m tolcli compress --help | head -1", shell=True, capture_output=True, text=True
+    )
+    assert "Traceback" not in r.stderr

@@ -8,6 +8,7 @@ The public API (the CLI is a thin layer over it):
 - :func:`describe_checkpoint`: what ``tolcli info`` reports;
 - :func:`precompute`: compute a checkpoint's ToLs into a bundle;
 - :func:`open_bundle` / :class:`Bundle`: read and verify bundles (``.lookup(layer, ids)``);
+- :func:`compress` / :class:`CompressOptions`: SVD, adaptive-rank SVD, int4/nf4/int8 and combinations;
 - :func:`convert_bundle`: safetensors <-> HDF5, losslessly;
 - :class:`TolcliError`: the one error type (subclasses carry the CLI exit code).
 """
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 from tolcli.bundle.convert import convert_bundle
 from tolcli.bundle.reader import Bundle, BundleSource, open_bundle
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
+from tolcli.compress import CompressOptions, compress
 from tolcli.config import ModelConfig
 from tolcli.demo import demo_checkpoint_path, demo_heldout_path
 from tolcli.errors import ExitCode, TolcliError
@@ -28,6 +30,7 @@ __all__ = [
     "Bundle",
     "BundleSource",
     "Checkpoint",
+    "CompressOptions",
     "ExitCode",
     "FFNSource",
     "ModelConfig",
@@ -37,6 +40,7 @@ __all__ = [
     "Transformer",
     "ZeroSource",
     "__version__",
+    "compress",
     "convert_bundle",
     "demo_checkpoint_path",
     "demo_heldout_path",

@@ -70,3 +70,53 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer | None, vocab_size: int) 
             f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary [0, {vocab_size})", path=path
         )
     return ids
+
+
+def load_token_weights(
+    vocab_size: int,
+    *,
+    weights_file: str | Path | None = None,
+    calibration: str | Path | None = None,
+    tokenizer: Tokenizer | None = None,
+    floor: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
+    """Per-token weights ``counts + floor`` (fp64 [vocab_size]) and a description for the manifest.
+
+    Counts come from ``weights_file`` (a 1-D ``.npy`` of non-negative counts per token id) or from
+    ``calibration`` text tokenised with ``tokenizer``. ``floor`` keeps unseen tokens from being ignored.
+    """
+    if (weights_file is None) == (calibration is None):
+        raise InputError("give exactly one of --token-weights and --calibration")
+    if not (floor >= 0 and np.isfinite(floor)):
+        raise InputError(f"--weight-floor must be a finite number >= 0, got {floor}")
+    if weights_file is not None:
+        path = Path(weights_file)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise InputError("token weights file not found", path=path) from None
+        except (ValueError, OSError) as e:
+            raise InputError(f"not a readable .npy file ({e})", path=path) from None
+        if arr.ndim != 1 or arr.shape[0] != vocab_size or arr.dtype.kind not in "iuf":
+            raise InputError(
+                f"expected 1-D numeric counts of length {vocab_size}, got {arr.dtype} {arr.shape}", path=path
+            )
+        counts = torch.from_numpy(arr.astype(np.float64))
+        if not torch.isfinite(counts).all() or (counts < 0).any():
+            raise InputError("token weights must be finite and >= 0", path=path)
+        source = {"source": "file", "name": path.name, "sha256": sha256_file(path)}
+    else:
+        path = Path(calibration)  # type: ignore[arg-type]
+        if tokenizer is None:
+            raise InputError(
+                "the bundle has no embedded tokenizer to count calibration text with",
+                hint="pass --token-weights counts.npy instead",
+            )
+        ids = read_tokens(path, tokenizer, vocab_size)
+        counts = torch.bincount(ids, minlength=vocab_size).double()
+        source = {"source": "calibration", "name": path.name, "sha256": sha256_file(path), "tokens": ids.numel()}
+    w = counts + floor
+    if float(w.sum()) <= 0:
+        raise InputError("all token weights are zero", hint="use --weight-floor > 0")
+    source["floor"] = floor
+    return w, source

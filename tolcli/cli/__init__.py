@@ -16,6 +16,7 @@ import typer
 
 from tolcli import __version__
 from tolcli.cli.bundles import convert_cmd, inspect_cmd, precompute_cmd, schema_cmd, verify_cmd
+from tolcli.cli.compress import compress_cmd, pack_cmd, unpack_cmd
 from tolcli.cli.info import info
 from tolcli.errors import ExitCode, TolcliError
 
@@ -23,6 +24,14 @@ try:  # typer >= 0.2x vendors its own click; older releases use click itself
     from typer._click import exceptions as click_exc  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exc
+
+# Ctrl-C arrives as typer.Abort / click's Abort (older typer) or as Exit(130) (typer >= 0.2x).
+_ABORTS: tuple[type[BaseException], ...] = tuple(
+    {KeyboardInterrupt, typer.Abort, *(c for c in [getattr(click_exc, "Abort", None)] if c is not None)}
+)
+_EXITS: tuple[type[BaseException], ...] = tuple(
+    {typer.Exit, *(c for c in [getattr(click_exc, "Exit", None)] if c is not None)}
+)
 
 app = typer.Typer(
     name="tolcli",
@@ -59,6 +68,9 @@ app.command("inspect")(inspect_cmd)
 app.command("verify")(verify_cmd)
 app.command("convert")(convert_cmd)
 app.command("schema")(schema_cmd)
+app.command("compress")(compress_cmd)
+app.command("pack")(pack_cmd)
+app.command("unpack")(unpack_cmd)
 
 
 def _error(text: str) -> None:
@@ -72,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or bool(os.environ.get("TOLCLI_DEBUG"))
     try:
         rv = app(args=args, prog_name="tolcli", standalone_mode=False)
+        if rv == ExitCode.INTERRUPTED:
+            _error("interrupted")
         return int(rv) if isinstance(rv, int) else ExitCode.OK
     except TolcliError as e:
         if debug:
@@ -81,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except click_exc.ClickException as e:  # bad usage: click's own message
         e.show()
         return int(e.exit_code)
-    except (KeyboardInterrupt, click_exc.Abort, typer.Abort):
+    except _ABORTS:
         _error("interrupted")
         return ExitCode.INTERRUPTED
-    except (click_exc.Exit, typer.Exit) as e:
-        return int(e.exit_code)
+    except _EXITS as e:
+        return int(e.exit_code)  # type: ignore[attr-defined]
     except Exception as e:  # a bug: keep it to one line unless asked
         if debug:
             traceback.print_exc()

@@ -1,4 +1,4 @@
-"""Codecs: how one layer's ToL table is stored. One small interface, one class per codec.
+"""The codec interface: how one layer's ToL table is stored.
 
 A codec turns a [rows, width] fp32 table into named tensors (its *roles*) and decodes any set of rows
 back from them. Its parameters live in the manifest (``layers[i].params``) and in its tensors, never in
@@ -11,11 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Protocol
 
-import torch
 from torch import Tensor
 
-from tolcli.bundle.spec import DTYPES, FLOAT_ALIASES
-from tolcli.errors import InputError, UsageError
+from tolcli.bundle.spec import DTYPES
+from tolcli.errors import InputError
 
 
 class TensorAccess(Protocol):
@@ -77,30 +76,27 @@ def codec_from_manifest(name: str, params: dict[str, Any]) -> Codec:
     return cls.from_params(params)
 
 
-class DenseCodec(Codec):
-    """The table itself, in fp32, fp16 or bf16: role ``table`` [rows, width]."""
+class PrefixedAccess:
+    """A view of a TensorAccess in which ``role`` means ``prefix + role`` (a codec nested in another)."""
 
-    name = "dense"
-    row_wise = True
+    def __init__(self, inner: TensorAccess, prefix: str):
+        self.inner, self.prefix = inner, prefix
 
-    def __init__(self, dtype: str = "F32"):
-        dtype = FLOAT_ALIASES.get(dtype, dtype)
-        if dtype not in ("F32", "F16", "BF16"):
-            raise UsageError(f"dense dtype must be fp32, fp16 or bf16, got {dtype!r}")
-        self.dtype = dtype
+    def rows(self, role: str, ids: Tensor) -> Tensor:
+        return self.inner.rows(self.prefix + role, ids)
 
-    def params(self) -> dict[str, Any]:
-        return {"dtype": self.dtype}
+    def full(self, role: str) -> Tensor:
+        return self.inner.full(self.prefix + role)
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> DenseCodec:
-        return cls(str(params.get("dtype")))
 
-    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {"table": ((rows, width), self.dtype)}
+class DictAccess:
+    """TensorAccess over in-memory tensors (``encode`` output): for tests and error measurement."""
 
-    def encode(self, table: Tensor) -> dict[str, Tensor]:
-        return {"table": table.to(DTYPES[self.dtype].torch)}
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.tensors = tensors
 
-    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
-        return access.rows("table", ids).to(torch.float32)
+    def rows(self, role: str, ids: Tensor) -> Tensor:
+        return self.tensors[role][ids]
+
+    def full(self, role: str) -> Tensor:
+        return self.tensors[role]

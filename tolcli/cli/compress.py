@@ -1,0 +1,247 @@
+"""``tolcli compress``, ``pack`` and ``unpack``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tolcli.cli._common import (
+    CompressionOpt,
+    ForceOpt,
+    FormatOpt,
+    JsonOpt,
+    Output,
+    QuietOpt,
+    RichProgress,
+    Sha256sumsOpt,
+    fmt_bytes,
+    note_to_stderr,
+)
+from tolcli.cli.bundles import BundleArg, OutputOpt
+from tolcli.compress import SCHEMES, CompressOptions, compress
+from tolcli.fsutil import write_sha256sums
+from tolcli.transport import pack, unpack
+
+_SVD = "SVD"
+_Q = "Quantisation"
+_W = "Token weighting"
+
+
+def compress_cmd(
+    bundle: BundleArg,
+    output: OutputOpt,
+    scheme: Annotated[str, typer.Option("--scheme", "-s", help=f"One of: {', '.join(SCHEMES)}.")],
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="svd: the rank of every layer.", rich_help_panel=_SVD)
+    ] = None,
+    ratio: Annotated[
+        float | None,
+        typer.Option("--ratio", help="svd: target stored bytes as a fraction of dense fp16.", rich_help_panel=_SVD),
+    ] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            "--budget",
+            metavar="BYTES|FRACTION",
+            help="adaptive-svd: total bytes (12MB, 1.5GiB) or a fraction of dense fp16 (0.25).",
+            rich_help_panel=_SVD,
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option("--energy", help="adaptive-svd: keep this fraction of each layer's energy.", rich_help_panel=_SVD),
+    ] = None,
+    rank_multiple: Annotated[
+        int, typer.Option("--rank-multiple", help="Ranks are multiples of this.", rich_help_panel=_SVD)
+    ] = 8,
+    min_rank: Annotated[
+        int | None, typer.Option("--min-rank", help="Smallest rank per layer.", rich_help_panel=_SVD)
+    ] = None,
+    max_rank: Annotated[
+        int | None, typer.Option("--max-rank", help="Largest rank per layer.", rich_help_panel=_SVD)
+    ] = None,
+    svd_method: Annotated[
+        str, typer.Option("--svd-method", help="exact (Gram eigendecomposition) or randomized.", rich_help_panel=_SVD)
+    ] = "exact",
+    oversample: Annotated[
+        int, typer.Option("--oversample", help="randomized: extra columns.", rich_help_panel=_SVD)
+    ] = 10,
+    power_iters: Annotated[
+        int, typer.Option("--power-iters", help="randomized: power iterations.", rich_help_panel=_SVD)
+    ] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="randomized: random seed.", rich_help_panel=_SVD)] = 0,
+    factor_dtype: Annotated[
+        str,
+        typer.Option(
+            "--factor-dtype", help="svd: dtype of an unquantised A factor (fp16, bf16, fp32).", rich_help_panel=_SVD
+        ),
+    ] = "fp16",
+    group_size: Annotated[
+        int | None,
+        typer.Option(
+            "--group-size",
+            help="Values per scale: int4/nf4 32, 64 (default) or 128; int8 default: a "
+            "whole row; the A factor of svd+int4/nf4: 32.",
+            rich_help_panel=_Q,
+        ),
+    ] = None,
+    symmetric: Annotated[
+        bool, typer.Option("--symmetric", help="int4: symmetric codes, no offsets.", rich_help_panel=_Q)
+    ] = False,
+    token_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--token-weights", metavar="FILE.npy", help="Counts per token id: weight the SVD error.", rich_help_panel=_W
+        ),
+    ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            "--calibration",
+            metavar="TEXT",
+            help="Text counted with the bundle's tokenizer for weights.",
+            rich_help_panel=_W,
+        ),
+    ] = None,
+    weight_floor: Annotated[
+        float,
+        typer.Option("--weight-floor", help="Added to every count, so unseen tokens still count.", rich_help_panel=_W),
+    ] = 1.0,
+    fmt: FormatOpt = None,
+    compression: CompressionOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same job.")] = False,
+    force: ForceOpt = False,
+    sha256sums: Sha256sumsOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compress a bundle: casts, int4/nf4/int8, uniform or adaptive-rank SVD, and combinations.
+
+    Example:
+
+        tolcli compress dense.safetensors -o int4.safetensors --scheme int4 --group-size 64
+
+        tolcli compress dense.safetensors -o svd.h5 --scheme svd --ratio 0.25
+
+        tolcli compress dense.safetensors -o ad.h5 -s adaptive-svd+int4 --budget 0.1 --calibration text.txt
+    """
+    out = Output(json=json_out, quiet=quiet)
+    opts = CompressOptions(
+        scheme=scheme,
+        rank=rank,
+        ratio=ratio,
+        budget=budget,
+        energy=energy,
+        rank_multiple=rank_multiple,
+        min_rank=min_rank,
+        max_rank=max_rank,
+        svd_method=svd_method,
+        oversample=oversample,
+        power_iters=power_iters,
+        seed=seed,
+        group_size=group_size,
+        symmetric=symmetric,
+        factor_dtype=factor_dtype,
+        token_weights=token_weights,
+        calibration=calibration,
+        weight_floor=weight_floor,
+    )
+    res = compress(
+        bundle,
+        output,
+        opts,
+        container=fmt,
+        force=force,
+        resume=resume,
+        compression=compression,
+        progress=RichProgress(out),
+        note=note_to_stderr(out),
+    )
+    if sha256sums:
+        write_sha256sums(Path(sha256sums), [res.path])
+    present = [e for e in res.manifest["layers"] if e["status"] == "present"]
+    dense16 = res.manifest["model"]["vocab_size"] * res.manifest["model"]["hidden_size"] * 2 * max(1, len(present))
+    if json_out:
+        out.emit_json(
+            {
+                "output": str(res.path),
+                "bytes": res.path.stat().st_size,
+                "seconds": round(res.seconds, 3),
+                "stored_bytes": res.stored_bytes,
+                "fraction_of_dense_fp16": res.stored_bytes / dense16,
+                "ranks": {str(k): v for k, v in res.ranks.items()},
+                "rel_error": {str(e["index"]): e["rel_error"] for e in present},
+                "manifest": res.manifest,
+            }
+        )
+        return
+    if res.ranks:
+        out.print("ranks: " + ", ".join(f"{k}:{v}" for k, v in sorted(res.ranks.items())))
+    worst = max((e["rel_error"] for e in present), default=0.0)
+    out.print(
+        f"wrote {res.path} ({fmt_bytes(res.path.stat().st_size)}; {scheme}: {fmt_bytes(res.stored_bytes)} = "
+        f"{100 * res.stored_bytes / dense16:.1f}% of dense fp16, worst layer error {worst:.2e}) "
+        f"in {res.seconds:.1f}s"
+    )
+
+
+def pack_cmd(
+    bundle: BundleArg,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT.zst", help="The .zst to write.")],
+    level: Annotated[int, typer.Option("--level", help="zstd level, 1-22.")] = 3,
+    threads: Annotated[int, typer.Option("--threads", help="Compression threads (-1: every core).")] = -1,
+    force: ForceOpt = False,
+    sha256sums: Sha256sumsOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compress a bundle for transport: one standard zstd frame with a content checksum (zstd -d reads it).
+
+    Example:
+
+        tolcli pack tol.safetensors -o tol.safetensors.zst --level 19
+    """
+    out = Output(json=json_out, quiet=quiet)
+    t0 = time.monotonic()
+    res = pack(bundle, output, level=level, threads=threads, force=force)
+    if sha256sums:
+        write_sha256sums(Path(sha256sums), [res.path])
+    if json_out:
+        out.emit_json(
+            {
+                "input": str(bundle),
+                "output": str(res.path),
+                "bytes_in": res.bytes_in,
+                "bytes_out": res.bytes_out,
+                "ratio": res.ratio,
+            }
+        )
+        return
+    out.print(
+        f"wrote {res.path} ({fmt_bytes(res.bytes_out)}, x{res.ratio:.3f} smaller) in {time.monotonic() - t0:.1f}s"
+    )
+
+
+def unpack_cmd(
+    archive: Annotated[Path, typer.Argument(help="A .zst written by tolcli pack.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", help="The bundle to write.")],
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Decompress a packed bundle; refuses corrupted or truncated input, and checks the result is a bundle.
+
+    Example:
+
+        tolcli unpack tol.safetensors.zst -o tol.safetensors && tolcli verify tol.safetensors
+    """
+    out = Output(json=json_out, quiet=quiet)
+    t0 = time.monotonic()
+    res = unpack(archive, output, force=force)
+    if json_out:
+        out.emit_json({"input": str(archive), "output": str(res.path), "bytes": res.bytes_out})
+        return
+    out.print(f"wrote {res.path} ({fmt_bytes(res.bytes_out)}) in {time.monotonic() - t0:.1f}s")

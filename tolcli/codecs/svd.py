@@ -1,0 +1,174 @@
+"""Low-rank factorisation of a ToL table: ``T ~ A @ B`` with ``A = T V_r`` [V, r] and ``B = V_r^T`` [r, h].
+
+``V_r`` are the top-``r`` right singular vectors of ``diag(sqrt(w)) T`` (``w`` = token weights, 1 when
+none): the factorisation that minimises ``sum_t w_t ||T_t - A_t B||^2``. Since ``B`` has orthonormal
+rows, ``A = T V_r`` is each row's exact projection whatever the weights.
+
+- ``exact``: eigendecomposition of the h x h Gram matrix ``T^T diag(w) T``, accumulated in fp64 over row
+  blocks (memory stays at one layer), so the eigenvalues are the squared singular values and the error
+  at any rank is known in advance (:func:`gram_spectrum`; adaptive rank allocation uses it).
+- ``randomized``: Halko-Martinsson-Tropp range finder with oversampling and power iterations, for
+  ``r << h``; deterministic given the seed.
+
+The ``A`` factor is stored by any row-wise codec (dense fp16 by default, or int4/nf4/int8: the
+``svd+int4`` schemes); ``B`` is stored dense (fp16 by default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tolcli.codecs.base import Codec, PrefixedAccess, TensorAccess, codec_from_manifest
+from tolcli.codecs.dense import DenseCodec
+from tolcli.errors import UsageError
+
+SVD_METHODS = ("exact", "randomized")
+_BLOCK = 8192
+
+
+def gram_spectrum(table: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, fp64, >= 0) and eigenvectors (columns) of ``T^T diag(w) T``."""
+    V, h = table.shape
+    gram = torch.zeros(h, h, dtype=torch.float64)
+    for s in range(0, V, _BLOCK):
+        blk = table[s : s + _BLOCK].double()
+        if weights is not None:
+            blk = blk * weights[s : s + _BLOCK].double().sqrt().unsqueeze(1)
+        gram += blk.T @ blk
+    evals, evecs = torch.linalg.eigh(gram)
+    return evals.flip(0).clamp_min(0.0), evecs.flip(1)
+
+
+def _project(table: Tensor, basis: Tensor) -> Tensor:
+    """``table @ basis`` in fp64 by row blocks, returned as fp32 [V, r]."""
+    out = torch.empty(table.shape[0], basis.shape[1], dtype=torch.float32)
+    b64 = basis.double()
+    for s in range(0, table.shape[0], _BLOCK):
+        out[s : s + _BLOCK] = (table[s : s + _BLOCK].double() @ b64).float()
+    return out
+
+
+def randomized_basis(
+    table: Tensor, rank: int, *, weights: Tensor | None, oversample: int, power_iters: int, seed: int
+) -> Tensor:
+    """An orthonormal [h, rank] basis of the dominant right singular subspace (randomized)."""
+    h = table.shape[1]
+    k = min(h, rank + oversample)
+    tw = table.float() if weights is None else table.float() * weights.float().sqrt().unsqueeze(1)
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(h, k, generator=g, dtype=torch.float32)
+    q = torch.linalg.qr(tw @ omega).Q  # (V, k)
+    for _ in range(power_iters):
+        z = torch.linalg.qr(tw.T @ q).Q  # (h, k)
+        q = torch.linalg.qr(tw @ z).Q
+    small = (q.T @ tw).double()  # (k, h)
+    _, _, vt = torch.linalg.svd(small, full_matrices=False)
+    return vt[:rank].T  # (h, rank)
+
+
+def factorize(
+    table: Tensor,
+    rank: int,
+    *,
+    method: str = "exact",
+    weights: Tensor | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """``(A [V, rank], B [rank, h])``, fp32, minimising the (weighted) squared reconstruction error."""
+    V, h = table.shape
+    if not 1 <= rank <= min(V, h):
+        raise UsageError(f"rank must be within 1..{min(V, h)}, got {rank}")
+    if method == "exact":
+        _, evecs = gram_spectrum(table, weights)
+        basis = evecs[:, :rank]
+    elif method == "randomized":
+        basis = randomized_basis(
+            table, rank, weights=weights, oversample=oversample, power_iters=power_iters, seed=seed
+        )
+    else:
+        raise UsageError(f"--svd-method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
+    return _project(table, basis), basis.T.float().contiguous()
+
+
+class SVDCodec(Codec):
+    """Roles: ``A.<role>`` for each role of the A codec (e.g. ``A.table``, or ``A.codes`` ...) and ``B``.
+
+    Decode row ``t``: ``decode_A(t) @ B``.
+    """
+
+    name = "svd"
+    row_wise = False
+
+    def __init__(
+        self,
+        rank: int,
+        a_codec: Codec | None = None,
+        b_dtype: str = "F16",
+        *,
+        method: str = "exact",
+        oversample: int = 10,
+        power_iters: int = 2,
+        seed: int = 0,
+        weights: Tensor | None = None,
+    ):
+        if rank < 1:
+            raise UsageError(f"rank must be >= 1, got {rank}")
+        if method not in SVD_METHODS:
+            raise UsageError(f"--svd-method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
+        self.rank = rank
+        self.a_codec = a_codec or DenseCodec("F16")
+        if not self.a_codec.row_wise:
+            raise UsageError("the A factor needs a row-wise codec (dense, int4, nf4, int8)")
+        self.b = DenseCodec(b_dtype)
+        self.method, self.oversample, self.power_iters, self.seed = method, oversample, power_iters, seed
+        self.weights = weights
+
+    def params(self) -> dict[str, Any]:
+        p: dict[str, Any] = {
+            "rank": self.rank,
+            "a": {"codec": self.a_codec.name, "params": self.a_codec.params()},
+            "b_dtype": self.b.dtype,
+            "method": self.method,
+            "weighted": self.weights is not None,
+        }
+        if self.method == "randomized":
+            p.update(oversample=self.oversample, power_iters=self.power_iters, seed=self.seed)
+        return p
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> SVDCodec:
+        a = params["a"]
+        return cls(
+            int(params["rank"]),
+            codec_from_manifest(a["codec"], a["params"]),
+            params["b_dtype"],
+            method=params.get("method", "exact"),
+        )
+
+    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        specs = {f"A.{role}": spec for role, spec in self.a_codec.tensor_specs(rows, self.rank).items()}
+        specs["B"] = ((self.rank, width), self.b.dtype)
+        return specs
+
+    def encode(self, table: Tensor) -> dict[str, Tensor]:
+        a, b = factorize(
+            table,
+            self.rank,
+            method=self.method,
+            weights=self.weights,
+            oversample=self.oversample,
+            power_iters=self.power_iters,
+            seed=self.seed,
+        )
+        out = {f"A.{role}": t for role, t in self.a_codec.encode(a).items()}
+        out["B"] = self.b.encode(b)["table"]
+        return out
+
+    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+        a = self.a_codec.decode_rows(PrefixedAccess(access, "A."), ids)  # (n, r)
+        return a @ access.full("B").float()  # (n, h)
