@@ -13,6 +13,10 @@ Schemes:
   (``--budget``), or the smallest rank keeping a fraction of each layer's energy (``--energy``);
 - ``svd+int4``, ``adaptive-svd+int4`` (and ``+nf4``, ``+int8``): the ``A`` factor quantised, ``B`` fp16.
 
+SVD errors can be weighted per token (``--token-weights`` counts, or ``--calibration`` text counted with
+the bundle's tokenizer), or per layer *and* token in estimated loss units (``--sensitivity CHECKPOINT``
+with ``--calibration``: :mod:`tolcli.sensitivity`), which makes adaptive ranks follow the loss.
+
 ``--ratio`` and fractional ``--budget`` are fractions of the **dense fp16 bytes** of the layers being
 compressed (``V * h * 2`` per layer): ``--ratio 0.25`` means a quarter of what fp16 tables would take.
 """
@@ -37,7 +41,8 @@ from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor, tensor_to_numpy
 from tolcli.bundle.writer import Staging, container_for
 from tolcli.codecs import Codec, DenseCodec, DictAccess, Int4Codec, Int8Codec, NF4Codec, SVDCodec
 from tolcli.codecs.svd import gram_spectrum
-from tolcli.errors import UsageError
+from tolcli.errors import InputError, UsageError
+from tolcli.fsutil import sha256_file
 from tolcli.progress import NullProgress, Progress
 from tolcli.text import load_token_weights
 
@@ -75,6 +80,7 @@ class CompressOptions:
     factor_dtype: str = "fp16"
     token_weights: str | None = None
     calibration: str | None = None
+    sensitivity: str | None = None
     weight_floor: float = 1.0
 
 
@@ -187,7 +193,9 @@ class CompressResult:
 class _Planner:
     """Builds each layer's codec from the options (ranks need spectra for adaptive-svd)."""
 
-    def __init__(self, opts: CompressOptions, bundle: Bundle, weights: torch.Tensor | None, progress: Progress):
+    def __init__(
+        self, opts: CompressOptions, bundle: Bundle, weights: dict[int, torch.Tensor] | None, progress: Progress
+    ):
         self.opts, self.b, self.weights = opts, bundle, weights
         self.kind, self.quant = parse_scheme(opts.scheme)
         V, h = bundle.vocab_size, bundle.hidden_size
@@ -249,7 +257,7 @@ class _Planner:
         progress.start(f"spectra of {len(self.layers)} layer(s)", len(self.layers))
         spectra = {}
         for i in self.layers:
-            spectra[i] = gram_spectrum(self.b.dense_layer(i), self.weights)[0]
+            spectra[i] = gram_spectrum(self.b.dense_layer(i), self.weights_for(i))[0]
             progress.advance(1)
         progress.finish()
         if o.energy is not None:
@@ -258,7 +266,10 @@ class _Planner:
             budget = parse_budget(o.budget, dense16 * len(self.layers))  # type: ignore[arg-type]
             self.ranks = allocate_ranks(spectra, per_rank, budget, multiple=mult, min_rank=min_rank, max_rank=max_rank)
 
-    def codec_for_rank(self, rank: int) -> SVDCodec:
+    def weights_for(self, layer: int) -> torch.Tensor | None:
+        return None if self.weights is None else self.weights[layer]
+
+    def codec_for_rank(self, rank: int, layer: int | None = None) -> SVDCodec:
         o = self.opts
         return SVDCodec(
             rank,
@@ -268,7 +279,7 @@ class _Planner:
             oversample=o.oversample,
             power_iters=o.power_iters,
             seed=o.seed,
-            weights=self.weights,
+            weights=None if layer is None else self.weights_for(layer),
         )
 
     def codec(self, layer: int) -> Codec:
@@ -276,7 +287,61 @@ class _Planner:
             return DenseCodec(self.opts.scheme)
         if self.kind == "quant":
             return quant_codec(self.quant, self.opts.group_size, self.opts.symmetric, self.b.hidden_size)  # type: ignore[arg-type]
-        return self.codec_for_rank(self.ranks[layer])
+        return self.codec_for_rank(self.ranks[layer], layer)
+
+
+def _weights(
+    o: CompressOptions, b: Bundle, progress: Progress
+) -> tuple[dict[int, torch.Tensor] | None, dict[str, Any] | None]:
+    """Per-layer token weights (the same vector for every layer unless --sensitivity), and their record."""
+    V = b.vocab_size
+    if o.sensitivity is None:
+        if o.token_weights is None and o.calibration is None:
+            return None, None
+        w, info = load_token_weights(
+            V,
+            weights_file=o.token_weights,
+            calibration=o.calibration,
+            tokenizer=b.tokenizer() if o.calibration else None,
+            floor=o.weight_floor,
+        )
+        return dict.fromkeys(b.layers, w), info
+    from tolcli.checkpoint import open_checkpoint
+    from tolcli.demo import resolve_checkpoint_arg
+    from tolcli.model import load_model
+    from tolcli.sensitivity import sensitivity_weights, token_sensitivity
+    from tolcli.text import read_tokens
+
+    if o.calibration is None or o.token_weights is not None:
+        raise UsageError("--sensitivity needs --calibration TEXT (and no --token-weights)")
+    ckpt = open_checkpoint(resolve_checkpoint_arg(o.sensitivity))
+    cfg = ckpt.config
+    if not cfg.has_memory:
+        raise InputError(
+            f"--sensitivity {ckpt.path}: model_type {cfg.model_type!r} has no context-free FFN",
+            hint="pass the memoryllm checkpoint the bundle was computed from",
+        )
+    if (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) != (V, b.hidden_size, b.num_layers):
+        raise InputError(
+            f"checkpoint {ckpt.path} (vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
+            f"layers) does not match the bundle (vocab {V}, hidden {b.hidden_size}, {b.num_layers} layers)"
+        )
+    tok = b.tokenizer()
+    if tok is None:
+        raise InputError("the bundle has no embedded tokenizer to read the calibration text with")
+    tokens = read_tokens(o.calibration, tok, V)
+    S, counts = token_sensitivity(load_model(ckpt), tokens, progress=progress)
+    w = sensitivity_weights(S, counts, o.weight_floor)
+    info = {
+        "source": "sensitivity",
+        "checkpoint": ckpt.path.name,
+        "name": Path(o.calibration).name,
+        "sha256": sha256_file(Path(o.calibration)),
+        "tokens": tokens.numel(),
+        "floor": o.weight_floor,
+        "layer_sensitivity": [float(x) for x in (S.sum(1) / counts.sum())],
+    }
+    return {i: w[i] for i in b.layers}, info
 
 
 def compress(
@@ -308,15 +373,7 @@ def compress(
     progress = progress or NullProgress()
     with open_bundle(src) as b:
         V, h = b.vocab_size, b.hidden_size
-        weights, weight_info = None, None
-        if options.token_weights is not None or options.calibration is not None:
-            weights, weight_info = load_token_weights(
-                V,
-                weights_file=options.token_weights,
-                calibration=options.calibration,
-                tokenizer=b.tokenizer() if options.calibration else None,
-                floor=options.weight_floor,
-            )
+        weights, weight_info = _weights(options, b, progress)
         plan = _Planner(options, b, weights, progress)
         job = {
             "command": "compress",
@@ -357,9 +414,8 @@ def compress(
                 "fp16_overflow": int((table.abs() > 65504).sum()),
             }
             if weights is not None:
-                entry["weighted_rel_error"] = math.sqrt(
-                    float((weights * err).sum()) / max(float((weights * norm).sum()), 1e-300)
-                )
+                w = weights[i]
+                entry["weighted_rel_error"] = math.sqrt(float((w * err).sum()) / max(float((w * norm).sum()), 1e-300))
             staging.commit_layer(i, entry)
             progress.advance(1)
         progress.finish()

@@ -28,6 +28,11 @@ from tolcli.errors import CheckpointError
 from tolcli.layout import EMBED, LM_HEAD, MEMORY_FFN, expected_tensors, memory_ffn_names
 
 
+def _work(x: Tensor) -> Tensor:
+    """``x`` in at least fp32 (bf16/fp16 are upcast; fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -35,7 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = _work(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -50,8 +55,9 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), b, self.eps).to(x.dtype)
+        xf = _work(x)
+        b = None if self.bias is None else self.bias.to(xf.dtype)
+        return F.layer_norm(xf, (x.shape[-1],), self.weight.to(xf.dtype), b, self.eps).to(x.dtype)
 
 
 def memory_norm(cfg: ModelConfig, bias: bool) -> nn.Module:
@@ -73,11 +79,13 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rope_tables(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos/sin tables [T, head_dim] in fp32 (HF Llama's default, non-interleaved RoPE)."""
+def rope_tables(
+    cfg: ModelConfig, seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [T, head_dim] in fp32, or fp64 for an fp64 model (HF Llama's default RoPE)."""
     d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
-    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).to(dtype) / d))
+    t = torch.arange(seq_len, device=device, dtype=dtype)
     freqs = torch.outer(t, inv_freq)  # (T, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
     return emb.cos(), emb.sin()
@@ -89,7 +97,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    xf = x.float()
+    xf = _work(x)
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
@@ -273,7 +281,7 @@ class Transformer(nn.Module):
         cfg = self.cfg
         _, T = idx.shape
         x0 = self.model.embed_tokens(idx)  # (B, T, h)
-        cos, sin = rope_tables(cfg, T, idx.device)
+        cos, sin = rope_tables(cfg, T, idx.device, torch.promote_types(x0.dtype, torch.float32))
         if cfg.has_memory and source is None:
             source = FFNSource(self)
         x = x0

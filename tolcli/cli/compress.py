@@ -106,6 +106,15 @@ def compress_cmd(
             rich_help_panel=_W,
         ),
     ] = None,
+    sensitivity: Annotated[
+        str | None,
+        typer.Option(
+            "--sensitivity",
+            metavar="CHECKPOINT",
+            help="With --calibration: weight each layer's errors by the loss's sensitivity (needs the model).",
+            rich_help_panel=_W,
+        ),
+    ] = None,
     weight_floor: Annotated[
         float,
         typer.Option("--weight-floor", help="Added to every count, so unseen tokens still count.", rich_help_panel=_W),
@@ -147,6 +156,7 @@ def compress_cmd(
         factor_dtype=factor_dtype,
         token_weights=token_weights,
         calibration=calibration,
+        sensitivity=sensitivity,
         weight_floor=weight_floor,
     )
     res = compress(
