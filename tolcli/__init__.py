@@ -10,12 +10,15 @@ The public API (the CLI is a thin layer over it):
 - :func:`open_bundle` / :class:`Bundle`: read and verify bundles (``.lookup(layer, ids)``);
 - :func:`compress` / :class:`CompressOptions`: SVD, adaptive-rank SVD, int4/nf4/int8 and combinations;
 - :func:`convert_bundle`: safetensors <-> HDF5, losslessly;
+- :func:`eval_ppl`: perplexity, KL and top-1 agreement of the model with its FFNs and with bundles;
+- :func:`drop_layers`, :func:`strip_checkpoint`: smaller bundles, deployable checkpoints;
 - :class:`TolcliError`: the one error type (subclasses carry the CLI exit code).
 """
 
 __version__ = "0.1.0"
 
 from tolcli.bundle.convert import convert_bundle
+from tolcli.bundle.drop import drop_layers
 from tolcli.bundle.reader import Bundle, BundleSource, open_bundle
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
 from tolcli.compress import CompressOptions, compress
@@ -24,16 +27,21 @@ from tolcli.demo import demo_checkpoint_path, demo_heldout_path
 from tolcli.errors import ExitCode, TolcliError
 from tolcli.info import describe_checkpoint
 from tolcli.model import FFNSource, TableSource, Transformer, ZeroSource, load_model
+from tolcli.perplexity import EvalReport, eval_ppl
 from tolcli.precompute import precompute
+from tolcli.strip import strip_checkpoint
+from tolcli.sweep import SweepOptions, sweep
 
 __all__ = [
     "Bundle",
     "BundleSource",
     "Checkpoint",
     "CompressOptions",
+    "EvalReport",
     "ExitCode",
     "FFNSource",
     "ModelConfig",
+    "SweepOptions",
     "TableSource",
     "TensorMap",
     "TolcliError",
@@ -45,8 +53,12 @@ __all__ = [
     "demo_checkpoint_path",
     "demo_heldout_path",
     "describe_checkpoint",
+    "drop_layers",
+    "eval_ppl",
     "load_model",
     "open_bundle",
     "open_checkpoint",
     "precompute",
+    "strip_checkpoint",
+    "sweep",
 ]

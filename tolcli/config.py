@@ -45,6 +45,7 @@ class ModelConfig:
     memory_norm_eps: float = 1e-5
     ffn_alpha: float = 1.0
     context_intermediate_size: int = 0
+    stripped: bool = False  # ``tolcli_stripped``: the context-free FFN weights were removed (run from a bundle)
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -138,6 +139,7 @@ class ModelConfig:
             memory_norm_eps=_float(data.get("memory_norm_eps", 1e-5), "memory_norm_eps", source),
             ffn_alpha=_float(data.get("ffn_alpha", 1.0), "ffn_alpha", source),
             context_intermediate_size=ctx,
+            stripped=_bool(data.get("tolcli_stripped", False), "tolcli_stripped", source),
         )
 
     @classmethod
@@ -158,6 +160,9 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as ``config.json`` keys (only the keys that apply to this model type)."""
         d = dataclasses.asdict(self)
+        stripped = d.pop("stripped")
+        if stripped:
+            d["tolcli_stripped"] = True
         if not self.has_memory:
             for k in ("memory_norm_type", "memory_norm_eps", "ffn_alpha"):
                 d.pop(k)

@@ -11,7 +11,8 @@ Hugging Face snippet, which labels ``input_ids`` itself, drops one token per win
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,24 @@ class Score:
         return math.exp(self.mean_nll)
 
 
+def window_batches(
+    tokens: Tensor, *, ctx: int, stride: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(idx, keep)`` per batch: ``idx`` (B, L+1) token windows, ``keep`` (B, L) marks the scored targets."""
+    tokens = tokens.to(torch.long).flatten()
+    length, windows = plan_windows(tokens.numel(), ctx, stride)
+    steps = torch.arange(length, device=device)
+    for b in range(0, len(windows), batch_size):
+        batch = windows[b : b + batch_size]
+        idx = torch.stack([tokens[w.start : w.start + length + 1] for w in batch]).to(device)  # (B, L+1)
+        first = torch.tensor([w.first_scored for w in batch], device=device)
+        yield idx, steps[None, :] >= first[:, None]
+
+
+def count_batches(n_tokens: int, *, ctx: int, stride: int, batch_size: int) -> int:
+    return math.ceil(len(plan_windows(n_tokens, ctx, stride)[1]) / batch_size)
+
+
 @torch.no_grad()
 def score(
     model: Transformer,
@@ -70,20 +89,75 @@ def score(
     source: ContextFreeSource | None = None,
 ) -> Score:
     """Sum of negative log-likelihoods (nats) over every scored token, and the token count."""
-    stride = ctx if stride is None else stride
-    tokens = tokens.to(torch.long).flatten()
-    length, windows = plan_windows(tokens.numel(), ctx, stride)
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
-    for b in range(0, len(windows), batch_size):
-        batch = windows[b : b + batch_size]
-        idx = torch.stack([tokens[w.start : w.start + length + 1] for w in batch]).to(device)  # (B, L+1)
+    for idx, keep in window_batches(tokens, ctx=ctx, stride=stride or ctx, batch_size=batch_size, device=device):
         logits = model(idx[:, :-1], source).float()  # (B, L, V)
         nll = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")  # (B, L)
-        keep = (
-            torch.arange(length, device=device)[None, :]
-            >= torch.tensor([w.first_scored for w in batch], device=device)[:, None]
-        )
         nll_sum += nll[keep].double().sum().item()
         count += int(keep.sum().item())
     return Score(nll_sum, count)
+
+
+@dataclass
+class VariantStats:
+    """One variant's running totals over the scored tokens."""
+
+    name: str
+    nll_sum: float = 0.0
+    tokens: int = 0
+    kl_sum: float = 0.0  # sum over tokens of KL(reference || variant), nats
+    top1_agree: int = 0  # tokens whose argmax equals the reference's
+    info: dict = field(default_factory=dict)
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl_sum / self.tokens
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.top1_agree / self.tokens
+
+
+@torch.no_grad()
+def compare(
+    model: Transformer,
+    tokens: Tensor,
+    variants: Sequence[tuple[str, ContextFreeSource | None]],
+    *,
+    ctx: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    on_batch=None,
+) -> list[VariantStats]:
+    """Score every variant on the same windows; the first is the reference for KL and top-1 agreement.
+
+    A variant is ``(name, source)``; ``source=None`` means the model's own FFNs.
+    """
+    device = next(model.parameters()).device
+    stats = [VariantStats(name) for name, _ in variants]
+    for idx, keep in window_batches(tokens, ctx=ctx, stride=stride or ctx, batch_size=batch_size, device=device):
+        targets = idx[:, 1:][keep]  # (N,)
+        ref_logp = None
+        for st, (_, source) in zip(stats, variants, strict=True):
+            logp = F.log_softmax(model(idx[:, :-1], source).float(), dim=-1)[keep]  # (N, V)
+            st.nll_sum -= logp.gather(1, targets[:, None]).double().sum().item()
+            st.tokens += targets.numel()
+            if ref_logp is None:
+                ref_logp = logp
+                st.top1_agree += targets.numel()
+            else:
+                st.kl_sum += (ref_logp.exp() * (ref_logp - logp)).sum(-1).double().sum().item()
+                st.top1_agree += int((ref_logp.argmax(-1) == logp.argmax(-1)).sum().item())
+            del logp
+        if on_batch is not None:
+            on_batch()
+    return stats

@@ -56,10 +56,11 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
         add("self_attn.o_proj.weight", (h, cfg.q_size), ATTENTION)
         mlp_group = MEMORY_FFN if cfg.has_memory else CONTEXT_FFN
         ffn = cfg.intermediate_size
-        add("mlp.gate_proj.weight", (ffn, h), mlp_group)
-        add("mlp.up_proj.weight", (ffn, h), mlp_group)
-        add("mlp.down_proj.weight", (h, ffn), mlp_group)
-        if cfg.has_memory:
+        if not (cfg.has_memory and cfg.stripped):  # a stripped checkpoint has no context-free FFN
+            add("mlp.gate_proj.weight", (ffn, h), mlp_group)
+            add("mlp.up_proj.weight", (ffn, h), mlp_group)
+            add("mlp.down_proj.weight", (h, ffn), mlp_group)
+        if cfg.has_memory and not cfg.stripped:
             add("memory_layernorm.weight", (h,), MEMORY_FFN)
             if cfg.memory_norm_type == "layernorm":
                 add("memory_layernorm.bias", (h,), MEMORY_FFN, optional=True)

@@ -180,7 +180,10 @@ class Block(nn.Module):
     def memory_term(self, x0: Tensor) -> Tensor:
         """The context-free term ``alpha * MLP(MemNorm(x0))`` this layer adds (what a ToL row stores)."""
         if not self.has_memory_ffn:
-            raise CheckpointError("this model was loaded without its context-free FFN weights")
+            raise CheckpointError(
+                "this model has no context-free FFN weights (a stripped checkpoint?)",
+                hint="run it with a ToL bundle: eval-ppl CHECKPOINT --tol BUNDLE",
+            )
         return context_free_term(self.memory_layernorm, self.mlp, self.cfg.ffn_alpha, x0)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, memory: Tensor | None) -> Tensor:
@@ -233,6 +236,16 @@ class TableSource:
         if table is None:
             return None
         return table[token_ids.to(table.device)].to(x0.device)
+
+
+class DropSource:
+    """Another source with some layers removed (they contribute zero): measures layer dropping."""
+
+    def __init__(self, inner: ContextFreeSource, dropped: set[int]):
+        self.inner, self.dropped = inner, set(dropped)
+
+    def __call__(self, layer: int, token_ids: Tensor, x0: Tensor) -> Tensor | None:
+        return None if layer in self.dropped else self.inner(layer, token_ids, x0)
 
 
 class _Inner(nn.Module):
@@ -302,9 +315,11 @@ def load_model(
 
     The model is built on the meta device and the checkpoint's tensors are assigned into it, so no
     weight is held twice. Every parameter must come from the checkpoint (strict), with its exact shape.
-    ``memory_ffn=False`` skips the context-free FFN weights (they are then never read).
+    ``memory_ffn=False`` skips the context-free FFN weights (they are then never read); a stripped
+    checkpoint never has them.
     """
     cfg = ckpt.config
+    memory_ffn = memory_ffn and not cfg.stripped
     specs = expected_tensors(cfg)
     wanted = [
         s.name

@@ -40,7 +40,7 @@ def read_tokens(path: str | Path, tokenizer: Tokenizer | None, vocab_size: int) 
             raise InputError(f"not a readable .npy file ({e})", path=path) from None
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise InputError(f"expected 1-D integer token ids, got {arr.dtype} of shape {arr.shape}", path=path)
-        ids = torch.from_numpy(np.asarray(arr, dtype=np.int64))
+        ids = torch.from_numpy(np.array(arr, dtype=np.int64))  # a copy: the memory map is read-only
     else:
         if tokenizer is None:
             raise InputError("no tokenizer to encode this text", path=path, hint="pass --tokenizer tokenizer.json")

@@ -20,8 +20,8 @@ from tolcli.bundle.spec import DTYPES, MAX_DIM, MAX_HEADER_BYTES, MAX_TENSORS, S
 from tolcli.errors import InputError, VerifyError
 
 
-def header_bytes(entries: list[TensorEntry], manifest_json: str) -> bytes:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt", ST_MANIFEST_KEY: manifest_json}}
+def header_bytes(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for e in data_order(entries):
         header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
@@ -31,9 +31,11 @@ def header_bytes(entries: list[TensorEntry], manifest_json: str) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write(f: BinaryIO, entries: list[TensorEntry], manifest_json: str) -> None:
-    """Write a complete safetensors file to ``f``; tensors stream block by block."""
-    f.write(header_bytes(entries, manifest_json))
+def write(f: BinaryIO, entries: list[TensorEntry], manifest_json: str | None) -> None:
+    """Write a complete safetensors file to ``f``; tensors stream block by block. With ``manifest_json``
+    None the file is a plain safetensors file (a checkpoint), else a bundle."""
+    metadata = {"format": "pt"} if manifest_json is None else {"format": "pt", ST_MANIFEST_KEY: manifest_json}
+    f.write(header_bytes(entries, metadata))
     for e in data_order(entries):
         written = 0
         for block in e.blocks():

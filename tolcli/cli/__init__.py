@@ -17,6 +17,7 @@ import typer
 from tolcli import __version__
 from tolcli.cli.bundles import convert_cmd, inspect_cmd, precompute_cmd, schema_cmd, verify_cmd
 from tolcli.cli.compress import compress_cmd, pack_cmd, unpack_cmd
+from tolcli.cli.evaluate import drop_cmd, eval_ppl_cmd, strip_cmd, sweep_cmd
 from tolcli.cli.info import info
 from tolcli.errors import ExitCode, TolcliError
 
@@ -71,6 +72,10 @@ app.command("schema")(schema_cmd)
 app.command("compress")(compress_cmd)
 app.command("pack")(pack_cmd)
 app.command("unpack")(unpack_cmd)
+app.command("eval-ppl")(eval_ppl_cmd)
+app.command("drop")(drop_cmd)
+app.command("strip")(strip_cmd)
+app.command("sweep")(sweep_cmd)
 
 
 def _error(text: str) -> None:

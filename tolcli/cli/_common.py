@@ -27,7 +27,9 @@ class Output:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        self.console = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False, soft_wrap=True)
+        self.console = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+        if not self.console.is_terminal and "COLUMNS" not in os.environ:
+            self.console.width = 160  # logs and pipes: room for wide tables
 
     @property
     def interactive(self) -> bool:

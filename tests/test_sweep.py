@@ -1,0 +1,71 @@
+"""sweep: the grid is built, evaluated on one set of windows, and written as JSON, CSV and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tolcli import SweepOptions, eval_ppl, sweep
+from tolcli.errors import OutputError, UsageError
+
+
+def test_sweep_on_a_small_model(make_ckpt, tmp_path: Path, cli) -> None:
+    pytest.importorskip("matplotlib")
+    d = make_ckpt("memoryllm", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3)
+    ids = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(0)).numpy()
+    np.save(tmp_path / "ids.npy", ids)
+    opts = SweepOptions(families=("svd", "adaptive-svd", "int4", "drop"), ranks=(8, 16), group_sizes=(32, 64), ctx=64)
+    res = sweep(d, [tmp_path / "ids.npy"], tmp_path / "sw", opts)
+    names = [r["name"] for r in res.rows]
+    assert names == [
+        "baseline",
+        "dense-fp32",
+        "svd-r8",
+        "adaptive-svd@r8",
+        "svd-r16",
+        "adaptive-svd@r16",
+        "int4-g32",
+        "int4-g64",
+        "drop-last-1",
+        "drop-last-2",
+        "drop-last-3",
+    ]
+    rows = {r["name"]: r for r in res.rows}
+    assert rows["dense-fp32"]["ppl"] == pytest.approx(rows["baseline"]["ppl"], rel=1e-5)
+    assert rows["adaptive-svd@r8"]["stored_bytes"] <= rows["svd-r8"]["stored_bytes"]
+    assert rows["svd-r8"]["ranks"] == [8, 8, 8] and rows["int4-g64"]["fraction_of_dense_fp16"] == pytest.approx(
+        4.5 / 16
+    )
+    # the same numbers eval-ppl gives for one bundle on its own
+    alone = eval_ppl(d, [tmp_path / "ids.npy"], tols=[tmp_path / "sw" / "bundles" / "int4-g64.safetensors"], ctx=64)
+    assert alone.variants[1]["ppl"] == pytest.approx(rows["int4-g64"]["ppl"], rel=1e-9)
+    doc = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == names and doc["protocol"]["ctx"] == 64
+    with open(tmp_path / "sw" / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["name"] for r in table] == names and table[2]["ranks"] == "8 8 8"
+    for png in ("rate_distortion.png", "drop_layers.png"):
+        assert (tmp_path / "sw" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(OutputError, match="not empty"):
+        sweep(d, [tmp_path / "ids.npy"], tmp_path / "sw", opts)
+    with pytest.raises(UsageError, match="unknown sweep families"):
+        sweep(d, [tmp_path / "ids.npy"], tmp_path / "sw2", SweepOptions(families=("zip",)))
+    r = cli(
+        "sweep",
+        d,
+        "--data",
+        tmp_path / "ids.npy",
+        "-o",
+        tmp_path / "sw3",
+        "--schemes",
+        "int8,drop",
+        "--ctx",
+        "64",
+        "--json",
+    )
+    assert r.code == 0 and [x["name"] for x in json.loads(r.out)["rows"]][-1] == "drop-last-3"

@@ -1,0 +1,51 @@
+"""``tolcli drop``: a bundle without some layers. Every original layer index stays in the manifest,
+marked ``dropped``, so no runtime can misalign layers; the kept tensors are copied byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tolcli.bundle.reader import open_bundle
+from tolcli.bundle.writer import write_bundle
+from tolcli.errors import UsageError
+from tolcli.layout import parse_layer_spec
+
+
+def layers_to_keep(num_layers: int, *, drop_last: int | None, keep_layers: str | None) -> set[int]:
+    if (drop_last is None) == (keep_layers is None):
+        raise UsageError("give exactly one of --drop-last K and --keep-layers SPEC")
+    if drop_last is not None:
+        if not 0 <= drop_last <= num_layers:
+            raise UsageError(f"--drop-last must be within 0..{num_layers}, got {drop_last}")
+        return set(range(num_layers - drop_last))
+    return set(parse_layer_spec(keep_layers, num_layers))  # type: ignore[arg-type]
+
+
+def drop_layers(
+    src: str | Path,
+    out: str | Path,
+    *,
+    drop_last: int | None = None,
+    keep_layers: str | None = None,
+    container: str | None = None,
+    force: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Write ``out`` holding only the kept layers of ``src``; returns the path and the new manifest."""
+    with open_bundle(src) as b:
+        keep = layers_to_keep(b.num_layers, drop_last=drop_last, keep_layers=keep_layers)
+        layers, names = [], []
+        for e in b.manifest["layers"]:
+            if e["status"] == "present" and e["index"] in keep:
+                layers.append(e)
+                names += list(e["tensors"].values())
+            else:
+                layers.append({"index": e["index"], "status": "dropped"})
+        names += [n for n in b.manifest["tensors"] if not n.startswith("layers.")]
+        manifest = {k: v for k, v in b.manifest.items() if k != "tensors"}
+        manifest["layers"] = layers
+        step: dict[str, Any] = {"command": "drop", "kept": sorted(keep)}
+        manifest["history"] = [*b.manifest.get("history", []), step]
+        path = write_bundle(Path(out), [b.entry(n) for n in sorted(names)], manifest, container=container, force=force)
+    with open_bundle(path) as written:
+        return path, written.manifest

@@ -1,0 +1,252 @@
+"""``tolcli sweep``: what every compression choice costs, on one model and one text, in one table.
+
+Builds the dense bundle once, then a grid of compressed bundles (uniform SVD ranks, adaptive budgets at
+the same bytes as each uniform rank, int4 group sizes, nf4, int8, adaptive-svd+int4), evaluates all of
+them and every drop-last-K on the same windows, and writes ``results.json``, ``results.csv`` and two
+plots (with matplotlib, an optional dependency): bytes vs perplexity change, and layers dropped vs
+perplexity.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tolcli.bundle.reader import open_bundle
+from tolcli.checkpoint import open_checkpoint
+from tolcli.compress import CompressOptions, compress
+from tolcli.errors import OutputError, UsageError
+from tolcli.fsutil import write_text_atomic
+from tolcli.perplexity import eval_ppl
+from tolcli.precompute import precompute
+from tolcli.progress import NullProgress, Progress
+
+FAMILIES = ("svd", "adaptive-svd", "int4", "nf4", "int8", "adaptive-svd+int4", "drop")
+
+
+@dataclass
+class SweepOptions:
+    """The grid. ``ranks`` default to h/16, h/8, h/4 and h/2; ``calibration`` adds loss-weighted SVD
+    variants (token counts for uniform ranks, ``--sensitivity`` for adaptive ones)."""
+
+    families: Sequence[str] = FAMILIES
+    ranks: Sequence[int] | None = None
+    group_sizes: Sequence[int] = (32, 64, 128)
+    int4_budgets: Sequence[float] = (0.1, 0.15, 0.25)
+    calibration: str | None = None
+    ctx: int = 512
+    stride: int | None = None
+    max_tokens: int | None = None
+    batch_size: int = 4
+    device: str = "auto"
+
+
+@dataclass
+class SweepResult:
+    directory: Path
+    rows: list[dict[str, Any]]
+    protocol: dict[str, Any]
+    plots: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptions | None]]:
+    """(name, family, options) per bundle. Adaptive budgets are the bytes of the uniform bundle of the same
+    rank, so uniform SVD bundles are built whenever either SVD family is asked for."""
+    bad = set(opts.families) - set(FAMILIES)
+    if bad:
+        raise UsageError(f"unknown sweep families {sorted(bad)}; choose from {', '.join(FAMILIES)}")
+    ranks = list(opts.ranks or sorted({max(8, hidden // k // 8 * 8) for k in (16, 8, 4, 2)}))
+    cal = opts.calibration
+    grid: list[tuple[str, str, CompressOptions | None]] = []
+    fam = set(opts.families)
+    for r in ranks:
+        if "svd" in fam or "adaptive-svd" in fam:
+            grid.append((f"svd-r{r}", "svd", CompressOptions("svd", rank=r)))
+            if cal:
+                grid.append((f"svd-r{r}-weighted", "svd (weighted)", CompressOptions("svd", rank=r, calibration=cal)))
+        if "adaptive-svd" in fam:
+            grid.append((f"adaptive-svd@r{r}", "adaptive-svd", None))  # budget = bytes of svd-r{r}
+            if cal:
+                grid.append((f"adaptive-svd@r{r}-sensitivity", "adaptive-svd (sensitivity)", None))
+    if "int4" in fam:
+        grid += [(f"int4-g{g}", "int4", CompressOptions("int4", group_size=g)) for g in opts.group_sizes]
+    if "nf4" in fam:
+        grid.append(("nf4-g64", "nf4", CompressOptions("nf4", group_size=64)))
+    if "int8" in fam:
+        grid.append(("int8", "int8", CompressOptions("int8")))
+    if "adaptive-svd+int4" in fam:
+        grid += [
+            (f"adaptive-svd+int4-{b}", "adaptive-svd+int4", CompressOptions("adaptive-svd+int4", budget=str(b)))
+            for b in opts.int4_budgets
+        ]
+    return grid
+
+
+def sweep(
+    checkpoint: str | Path,
+    data: Sequence[str | Path],
+    out_dir: str | Path,
+    options: SweepOptions | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    note=lambda s: None,
+) -> SweepResult:
+    """Run the grid; see the module docstring. Returns the rows written to ``results.json``."""
+    t0 = time.monotonic()
+    opts = options or SweepOptions()
+    progress = progress or NullProgress()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OutputError("sweep directory is not empty", path=out, hint="pass --force to reuse it")
+    (out / "bundles").mkdir(parents=True, exist_ok=True)
+    ckpt = open_checkpoint(checkpoint)
+    dense = out / "bundles" / "dense-fp32.safetensors"
+    precompute(ckpt, dense, device=opts.device, force=True)
+    h, V = ckpt.config.hidden_size, ckpt.config.vocab_size
+    grid = _grid(opts, h)
+    built: dict[str, Path] = {}
+    families: dict[str, str] = {}
+    progress.start(f"sweep: build {len(grid)} bundle(s)", len(grid))
+    for name, family, copts in grid:
+        if copts is None:  # adaptive at the bytes of the uniform rank
+            uniform = name.split("@", 1)[1].removesuffix("-sensitivity")
+            with open_bundle(built[f"svd-{uniform}"]) as u:
+                budget = sum(e["stored_bytes"] for e in u.manifest["layers"] if e["status"] == "present")
+            copts = CompressOptions("adaptive-svd", budget=str(budget))
+            if name.endswith("-sensitivity"):
+                copts.calibration, copts.sensitivity = opts.calibration, str(checkpoint)
+        try:
+            built[name] = compress(dense, out / "bundles" / f"{name}.safetensors", copts, force=True).path
+            families[name] = family
+        except UsageError as e:  # e.g. a budget below the minimum rank at this model's size
+            note(f"skipping {name}: {e.one_line()}")
+        progress.advance(1)
+    progress.finish()
+    L = ckpt.config.num_hidden_layers
+    drops = [(f"drop-last-{k}", set(range(L - k))) for k in range(1, L + 1)] if "drop" in opts.families else []
+    report = eval_ppl(
+        ckpt,
+        data,
+        tols=[dense, *built.values()],
+        ctx=opts.ctx,
+        stride=opts.stride,
+        max_tokens=opts.max_tokens,
+        batch_size=opts.batch_size,
+        device=opts.device,
+        extra_drops=drops,
+        progress=progress,
+        note=note,
+    )
+    dense16 = V * h * 2 * L
+    rows = []
+    names = ["baseline", "dense-fp32", *built, *(d[0] for d in drops)]
+    for name, v in zip(names, report.variants, strict=True):
+        row: dict[str, Any] = {
+            "name": name,
+            "family": "dense fp32" if name == "dense-fp32" else families.get(name, v["kind"]),
+            "ppl": v["ppl"],
+            "ppl_change_pct": v["ppl_change_pct"],
+            "mean_kl": v["mean_kl"],
+            "top1_agreement": v["top1_agreement"],
+            "stored_bytes": None,
+            "fraction_of_dense_fp16": None,
+            "mean_rel_error": None,
+            "ranks": None,
+        }
+        path = dense if name == "dense-fp32" else built.get(name)
+        if path is not None:
+            with open_bundle(path) as b:
+                present = [e for e in b.manifest["layers"] if e["status"] == "present"]
+                row["stored_bytes"] = sum(e["stored_bytes"] for e in present)
+                row["fraction_of_dense_fp16"] = row["stored_bytes"] / dense16
+                row["mean_rel_error"] = sum(e["rel_error"] for e in present) / len(present)
+                if present[0]["codec"] == "svd":
+                    row["ranks"] = [e["params"]["rank"] for e in present]
+        if name.startswith("drop-last-"):
+            row["layers_dropped"] = int(name.rsplit("-", 1)[1])
+        rows.append(row)
+    protocol = {**report.protocol, "options": asdict(opts)}
+    protocol["options"]["families"] = list(opts.families)
+    write_text_atomic(out / "results.json", json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n")
+    _write_csv(out / "results.csv", rows)
+    plots = _plots(out, rows, protocol, note)
+    return SweepResult(out, rows, protocol, plots, time.monotonic() - t0)
+
+
+CSV_COLUMNS = (
+    "name",
+    "family",
+    "stored_bytes",
+    "fraction_of_dense_fp16",
+    "mean_rel_error",
+    "ppl",
+    "ppl_change_pct",
+    "mean_kl",
+    "top1_agreement",
+    "ranks",
+)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in rows:
+        w.writerow(
+            ["" if r.get(c) is None else (" ".join(map(str, r[c])) if c == "ranks" else r[c]) for c in CSV_COLUMNS]
+        )
+    write_text_atomic(path, buf.getvalue())
+
+
+def _plots(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], note) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note("matplotlib is not installed: skipping the plots (pip install 'tolcli[plot]')")
+        return []
+    title = f"{protocol['model']}: {protocol['tokens_scored']:,} tokens, ctx {protocol['ctx']}"
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    for family in dict.fromkeys(
+        r["family"] for r in rows if r["stored_bytes"] is not None and r["family"] != "dense fp32"
+    ):
+        pts = sorted((r["fraction_of_dense_fp16"], r["ppl_change_pct"]) for r in rows if r["family"] == family)
+        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker="o", label=family)
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bytes / dense fp16 bytes")
+    ax.set_ylabel("perplexity increase, % (log; <= 0.001% drawn at 0.001%)")
+    ax.set_title(f"Rate-distortion of ToL compression\n{title}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    rd = out / "rate_distortion.png"
+    fig.savefig(rd)
+    plt.close(fig)
+    drops = sorted((r["layers_dropped"], r["ppl"]) for r in rows if "layers_dropped" in r)
+    paths = [rd]
+    if drops:
+        base = rows[0]["ppl"]
+        fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+        ax.plot([0] + [d[0] for d in drops], [base] + [d[1] for d in drops], marker="o")
+        ax.set_xlabel("last layers dropped")
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        ax.set_title(f"Dropping the last layers' ToLs\n{title}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        dl = out / "drop_layers.png"
+        fig.savefig(dl)
+        plt.close(fig)
+        paths.append(dl)
+    return paths
