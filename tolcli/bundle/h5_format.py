@@ -30,14 +30,13 @@ def dataset_path(name: str) -> str:
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
-    """Whole rows, about CHUNK_TARGET_BYTES per chunk (64 KiB - 1 MiB for any realistic width)."""
-    if not shape or 0 in shape:
+    """Whole rows, about CHUNK_TARGET_BYTES per chunk (64 KiB - 1 MiB for any realistic width). 1-D
+    tensors (the tokenizer) are always read whole: contiguous, so no partly empty edge chunk is stored."""
+    if len(shape) < 2 or 0 in shape:
         return None
     row = itemsize
     for s in shape[1:]:
         row *= s
-    if len(shape) == 1:
-        return (max(1, min(shape[0], CHUNK_TARGET_BYTES // itemsize)),)
     rows = max(1, min(shape[0], CHUNK_TARGET_BYTES // max(1, row)))
     return (rows, *shape[1:])
 

@@ -1,0 +1,22 @@
+"""Timing helpers: best-of-N wall time, so one noisy run does not decide a ratio."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def best_of(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def row(name: str, value: str, ratio: float | None = None, goal: str = "") -> str:
+    r = "" if ratio is None else f"{ratio:8.2f}x"
+    return f"  {name:<44} {value:>22} {r:>10}  {goal}"
