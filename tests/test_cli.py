@@ -44,18 +44,21 @@ def test_console_script_and_module_entry_points() -> None:
 
 def test_ctrl_c_exits_130_with_one_line() -> None:
     import signal
-    import time
 
     code = (
         "import sys, time\n"
         "from tolcli.cli import main\n"
-        "sys.modules['tolcli.cli.info'].describe_checkpoint = lambda *a, **k: time.sleep(60)\n"
+        "def slow(*a, **k):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(120)\n"
+        "sys.modules['tolcli.cli.info'].describe_checkpoint = slow\n"
         "raise SystemExit(main(['info', 'demo']))\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
+    assert p.stdout is not None
+    assert p.stdout.readline() == "ready\n"  # inside the command: now a Ctrl-C must be handled by tolcli
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=30)
+    out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err == "tolcli: error: interrupted\n" and out == ""
 
 
