@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,7 @@ from tolcli.bundle.writer import Staging, container_for
 from tolcli.codecs import Codec, DenseCodec, DictAccess, Int4Codec, Int8Codec, NF4Codec, SVDCodec
 from tolcli.codecs.svd import gram_spectrum
 from tolcli.errors import InputError, UsageError
-from tolcli.fsutil import sha256_file
+from tolcli.fsutil import parse_bytes, parse_size, sha256_file
 from tolcli.progress import NullProgress, Progress
 from tolcli.text import load_token_weights
 
@@ -105,20 +104,17 @@ def quant_codec(quant: str, group_size: int | None, symmetric: bool, width: int)
     return Int4Codec(group, symmetric) if quant == "int4" else NF4Codec(group)
 
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}  # fmt: skip
-
-
 def parse_budget(text: str, dense_fp16_bytes: int) -> int:
     """``"0.25"`` (a fraction of dense fp16), ``"12MB"``, ``"1.5GiB"`` or ``"123456"`` -> bytes."""
-    m = _SIZE.match(str(text))
-    if not m:
-        raise UsageError(f"--budget {text!r}: expected a fraction such as 0.25, or bytes such as 12MB or 1.5GiB")
-    value, unit = float(m.group(1)), (m.group(2) or "").lower().rstrip("b")
+    try:
+        value, unit = parse_size(text)
+    except UsageError:
+        raise UsageError(
+            f"--budget {text!r}: expected a fraction such as 0.25, or bytes such as 12MB or 1.5GiB"
+        ) from None
     if not unit and value <= 1.0:
         return int(value * dense_fp16_bytes)
-    return int(value * _UNITS[unit])
+    return int(value)
 
 
 def _round_to(x: float, multiple: int) -> int:
@@ -353,6 +349,7 @@ def compress(
     force: bool = False,
     resume: bool = False,
     compression: str | None = None,
+    max_shard_size: int | str | None = None,
     progress: Progress | None = None,
     note: Callable[[str], None] = lambda s: None,
 ) -> CompressResult:
@@ -369,7 +366,8 @@ def compress(
     """
     t0 = time.monotonic()
     out = Path(out)
-    container = container_for(out, container)
+    shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
+    container = container_for(out, container, sharded=shard_bytes is not None)
     progress = progress or NullProgress()
     with open_bundle(src) as b:
         V, h = b.vocab_size, b.hidden_size
@@ -383,8 +381,9 @@ def compress(
             "ranks": {str(k): v for k, v in plan.ranks.items()},
             "container": container,
             "compression": compression,
+            "max_shard_size": shard_bytes,
         }
-        staging = Staging(out, job, resume=resume, force=force, note=note)
+        staging = Staging(out, job, resume=resume, force=force, note=note, directory=shard_bytes is not None)
         result = CompressResult(out, {}, 0.0, dict(plan.ranks))
         todo = [i for i in plan.layers if staging.layer_done(i) is None]
         progress.start(f"compress {len(todo)} layer(s) ({options.scheme})", len(todo))
@@ -436,7 +435,9 @@ def compress(
         created = created_timestamp()
         if created:
             manifest["created"] = created
-    path = staging.finish(manifest, container=container, force=force, compression=compression)
+    path = staging.finish(
+        manifest, container=container, force=force, compression=compression, max_shard_size=shard_bytes
+    )
     with open_bundle(path) as written:
         result.manifest = written.manifest
     result.path, result.seconds = path, time.monotonic() - t0

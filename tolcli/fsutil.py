@@ -5,17 +5,40 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from tolcli.errors import OutputError
+from tolcli.errors import OutputError, UsageError
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}  # fmt: skip
 
 
-def check_output(path: Path, *, force: bool) -> None:
+def parse_size(text: str | int) -> tuple[float, str]:
+    """``"12MB"`` -> (12e6, "m"); ``"0.25"`` -> (0.25, ""). Decimal (kB, MB, GB) and binary (KiB, MiB, GiB) units."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise UsageError(f"{text!r} is not a size: expected e.g. 123456, 12MB, 1.5GiB")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    return float(m.group(1)) * _UNITS[unit], unit
+
+
+def parse_bytes(text: str | int) -> int:
+    value, _ = parse_size(text)
+    if value < 1:
+        raise UsageError(f"{text!r}: a size must be at least 1 byte")
+    return int(value)
+
+
+def check_output(path: Path, *, force: bool, directory: bool = False) -> None:
+    """Refuse an existing output without ``force``; ``directory``: the output is a directory (sharded)."""
     if path.exists() and not force:
         raise OutputError("output exists", path=path, hint="pass --force to overwrite it")
-    if path.is_dir():
-        raise OutputError("output is a directory", path=path)
+    if path.is_dir() and not directory:
+        raise OutputError("output is a directory", path=path, hint="a directory output needs --max-shard-size")
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -87,3 +110,43 @@ def write_sha256sums(target: Path, files: list[Path]) -> None:
             name = str(f)
         lines.append(f"{sha256_file(f)}  {name}\n")
     write_text_atomic(target, "".join(lines))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temp directory beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    if path.exists() and not force:
+        raise OutputError("output exists", path=path, hint="pass --force to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output directory: {e.strerror}", path=path.parent) from None
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise OutputError("no space left on the device; nothing was written", path=path) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def path_bytes(path: Path) -> int:
+    """Size of a file, or of every file in a directory (a sharded bundle)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size

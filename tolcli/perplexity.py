@@ -19,7 +19,7 @@ from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.errors import InputError, QualityGateError, UsageError
 from tolcli.evaluate import compare, count_batches, plan_windows
-from tolcli.fsutil import sha256_file
+from tolcli.fsutil import path_bytes, sha256_file
 from tolcli.model import DropSource, FFNSource, load_model
 from tolcli.precompute import resolve_device
 from tolcli.progress import NullProgress, Progress
@@ -154,7 +154,7 @@ def eval_ppl(
             infos.append(
                 {
                     "kind": "bundle",
-                    "bytes": b.path.stat().st_size,
+                    "bytes": path_bytes(b.path),
                     "stored_bytes": sum(e["stored_bytes"] for e in present),
                     "codecs": sorted({e["codec"] for e in present}),
                     "layers_present": len(present),

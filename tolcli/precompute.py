@@ -27,6 +27,7 @@ from tolcli.bundle.writer import Staging, container_for
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
 from tolcli.codecs import DenseCodec
 from tolcli.errors import UsageError
+from tolcli.fsutil import parse_bytes
 from tolcli.layout import EMBED, parse_layer_spec
 from tolcli.model import load_memory_ffn
 from tolcli.progress import NullProgress, Progress
@@ -116,6 +117,7 @@ def precompute(
     resume: bool = False,
     force: bool = False,
     compression: str | None = None,
+    max_shard_size: int | str | None = None,
     tensor_map: str | Path | TensorMap | None = None,
     progress: Progress | None = None,
     note: Callable[[str], None] = lambda s: None,
@@ -132,6 +134,8 @@ def precompute(
         resume: continue an interrupted run of the same job (bytes equal an uninterrupted run).
         force: overwrite ``out``.
         compression: HDF5 only, ``gzip`` or ``lzf``.
+        max_shard_size: write a sharded bundle directory with shards of at most this many bytes
+            (an int, or a size such as ``"2GB"``).
 
     Returns:
         A :class:`PrecomputeResult` with the path and the manifest written.
@@ -145,7 +149,8 @@ def precompute(
     """
     t0 = time.monotonic()
     out = Path(out)
-    container = container_for(out, container)
+    shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
+    container = container_for(out, container, sharded=shard_bytes is not None)
     progress = progress or NullProgress()
     if batch_rows < 1:
         raise UsageError(f"--batch-tokens must be >= 1, got {batch_rows}")
@@ -172,8 +177,9 @@ def precompute(
         "device": dev.type,
         "container": container,
         "compression": compression,
+        "max_shard_size": shard_bytes,
     }
-    staging = Staging(out, job, resume=resume, force=force, note=note)
+    staging = Staging(out, job, resume=resume, force=force, note=note, directory=shard_bytes is not None)
 
     embed = ckpt.load(EMBED, dtype=None)  # kept in its stored dtype; batches are cast to fp32
     todo = [i for i in selected if staging.layer_done(i) is None]
@@ -247,7 +253,9 @@ def precompute(
     created = created_timestamp()
     if created:
         manifest["created"] = created
-    path = staging.finish(manifest, container=container, force=force, compression=compression)
+    path = staging.finish(
+        manifest, container=container, force=force, compression=compression, max_shard_size=shard_bytes
+    )
     from tolcli.bundle.reader import open_bundle
 
     with open_bundle(path) as b:  # re-read what was written: the manifest as stored

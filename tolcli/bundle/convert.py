@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.writer import container_for, write_bundle
+from tolcli.fsutil import parse_bytes
 
 
 def convert_bundle(
@@ -15,12 +16,17 @@ def convert_bundle(
     container: str | None = None,
     compression: str | None = None,
     force: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> Path:
-    """Rewrite ``src`` as ``dst`` (container from ``container`` or the suffix). The manifest is kept as is,
-    so converting back gives a byte-identical file; every tensor is re-hashed while it is copied."""
+    """Rewrite ``src`` as ``dst`` (container from ``container`` or the suffix; ``max_shard_size`` makes a
+    sharded directory, and a sharded source becomes one file without it). The manifest is kept as is, so
+    converting back gives a byte-identical file; every tensor is re-hashed while it is copied."""
     dst = Path(dst)
-    kind = container_for(dst, container)
+    shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
+    kind = container_for(dst, container, sharded=shard_bytes is not None)
     with open_bundle(src) as b:
         manifest = {k: v for k, v in b.manifest.items() if k != "tensors"}
         entries = [b.entry(n) for n in b.tensor_names]
-        return write_bundle(dst, entries, manifest, container=kind, force=force, compression=compression)
+        return write_bundle(
+            dst, entries, manifest, container=kind, force=force, compression=compression, max_shard_size=shard_bytes
+        )

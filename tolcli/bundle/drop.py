@@ -9,6 +9,7 @@ from typing import Any
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.writer import write_bundle
 from tolcli.errors import UsageError
+from tolcli.fsutil import parse_bytes
 from tolcli.layout import parse_layer_spec
 
 
@@ -30,6 +31,7 @@ def drop_layers(
     keep_layers: str | None = None,
     container: str | None = None,
     force: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write ``out`` holding only the kept layers of ``src``; returns the path and the new manifest."""
     with open_bundle(src) as b:
@@ -46,6 +48,14 @@ def drop_layers(
         manifest["layers"] = layers
         step: dict[str, Any] = {"command": "drop", "kept": sorted(keep)}
         manifest["history"] = [*b.manifest.get("history", []), step]
-        path = write_bundle(Path(out), [b.entry(n) for n in sorted(names)], manifest, container=container, force=force)
+        shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
+        path = write_bundle(
+            Path(out),
+            [b.entry(n) for n in sorted(names)],
+            manifest,
+            container=container,
+            force=force,
+            max_shard_size=shard_bytes,
+        )
     with open_bundle(path) as written:
         return path, written.manifest

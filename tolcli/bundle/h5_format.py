@@ -41,11 +41,13 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None
     return (rows, *shape[1:])
 
 
-def write(path: Path, entries: list[TensorEntry], manifest_json: str, compression: str | None = None) -> None:
+def write(path: Path, entries: list[TensorEntry], manifest_json: str | None, compression: str | None = None) -> None:
+    """Write an HDF5 bundle (or, with ``manifest_json`` None, a shard of a sharded bundle)."""
     if compression is not None and compression not in COMPRESSIONS:
         raise InputError(f"HDF5 compression must be one of {', '.join(COMPRESSIONS)}")
     with h5py.File(path, "w", libver="earliest", track_order=False) as f:
-        f.attrs.create(H5_MANIFEST_ATTR, manifest_json, dtype=h5py.string_dtype("utf-8"))
+        if manifest_json is not None:
+            f.attrs.create(H5_MANIFEST_ATTR, manifest_json, dtype=h5py.string_dtype("utf-8"))
         for e in data_order(entries):
             dt = DTYPES[e.dtype]
             chunks = chunk_shape(e.shape, dt.itemsize)
@@ -70,7 +72,8 @@ def write(path: Path, entries: list[TensorEntry], manifest_json: str, compressio
 class HDF5Reader:
     container = "hdf5"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, shard: bool = False):
+        """``shard=True``: a shard of a sharded bundle, which holds tensors but no manifest."""
         self.path = path
         with open(path, "rb") as fh:
             sig = fh.read(8)
@@ -84,9 +87,9 @@ class HDF5Reader:
             raw = self.file.attrs.get(H5_MANIFEST_ATTR)
         except (OSError, KeyError, ValueError) as e:
             raise VerifyError(f"cannot read the manifest attribute ({e})", path=path) from None
-        if raw is None:
+        if raw is None and not shard:
             raise InputError(f"no {H5_MANIFEST_ATTR!r} root attribute: not a tolcli bundle", path=path)
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        text = "" if raw is None else raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         if len(text) > MAX_MANIFEST_BYTES:
             raise InputError("manifest attribute is too large", path=path)
         self.manifest_text = text

@@ -19,6 +19,7 @@ from torch import Tensor
 from tolcli.bundle.entries import TensorEntry, rows_per_block
 from tolcli.bundle.h5_format import HDF5Reader
 from tolcli.bundle.manifest import check_against_tensors, parse_manifest
+from tolcli.bundle.sharded import ShardedReader
 from tolcli.bundle.spec import DTYPES, TOKENIZER_TENSOR
 from tolcli.bundle.st_format import SafetensorsReader
 from tolcli.codecs import Codec, codec_from_manifest
@@ -172,7 +173,8 @@ class BundleSource:
 
 
 def open_bundle(path: str | Path, *, verify: bool = False) -> Bundle:
-    """Open and validate a ToL bundle (``.safetensors`` or ``.h5``/``.hdf5``, told apart by content).
+    """Open and validate a ToL bundle: a ``.safetensors`` or ``.h5``/``.hdf5`` file (told apart by content),
+    or a sharded bundle directory (``tol.index.json`` + shards).
 
     ``verify=True`` also recomputes every tensor's sha256 before returning.
 
@@ -189,7 +191,16 @@ def open_bundle(path: str | Path, *, verify: bool = False) -> Bundle:
     if not path.exists():
         raise InputError("bundle not found", path=path)
     if path.is_dir():
-        raise InputError("bundle path is a directory, expected a .safetensors or .h5 file", path=path)
+        reader_d = ShardedReader(path)
+        try:
+            bundle = Bundle(path, reader_d)  # type: ignore[arg-type]
+            if verify:
+                reader_d.verify_shards()
+                bundle.verify()
+        except BaseException:
+            reader_d.close()
+            raise
+        return bundle
     try:
         with open(path, "rb") as f:
             sig = f.read(8)

@@ -51,7 +51,8 @@ class SafetensorsReader:
 
     container = "safetensors"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, shard: bool = False):
+        """``shard=True``: a shard of a sharded bundle, which holds tensors but no manifest."""
         self.path = path
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -73,9 +74,9 @@ class SafetensorsReader:
         if not isinstance(header, dict):
             raise InputError("corrupted safetensors header (not an object)", path=path)
         meta = header.pop("__metadata__", None)
-        if not isinstance(meta, dict) or not isinstance(meta.get(ST_MANIFEST_KEY), str):
+        if not shard and (not isinstance(meta, dict) or not isinstance(meta.get(ST_MANIFEST_KEY), str)):
             raise InputError(f"no {ST_MANIFEST_KEY!r} in the safetensors metadata: not a tolcli bundle", path=path)
-        self.manifest_text: str = meta[ST_MANIFEST_KEY]
+        self.manifest_text: str = "" if shard else meta[ST_MANIFEST_KEY]  # type: ignore[index]
         if len(header) > MAX_TENSORS:
             raise InputError(f"header declares {len(header)} tensors (limit {MAX_TENSORS})", path=path)
         self.data_start = 8 + n

@@ -22,13 +22,17 @@ import numpy as np
 from tolcli.bundle import h5_format, st_format
 from tolcli.bundle.entries import TensorEntry, rows_per_block
 from tolcli.bundle.manifest import canonical_json, validate_schema
+from tolcli.bundle.sharded import write_sharded
 from tolcli.bundle.spec import DTYPES, H5_SUFFIXES, ST_SUFFIXES
 from tolcli.errors import OutputError, UsageError, VerifyError
 from tolcli.fsutil import atomic_output, check_output, fsync_dir
 
 
-def container_for(path: Path, container: str | None = None) -> str:
-    """The container of an output path: from ``--format`` or the suffix."""
+def container_for(path: Path, container: str | None = None, *, sharded: bool = False) -> str:
+    """The container of an output path: from ``--format`` or the suffix (a sharded bundle is a directory:
+    safetensors shards unless ``--format hdf5`` or a ``.h5`` directory name)."""
+    if path.is_dir() and not sharded:
+        raise UsageError(f"{path} is a directory: a directory output needs --max-shard-size")
     if container is not None:
         if container not in ("safetensors", "hdf5"):
             raise UsageError(f"--format must be safetensors or hdf5, got {container!r}")
@@ -37,6 +41,8 @@ def container_for(path: Path, container: str | None = None) -> str:
         return "safetensors"
     if path.suffix in H5_SUFFIXES:
         return "hdf5"
+    if sharded:
+        return "safetensors"
     raise UsageError(
         f"cannot tell the format of {path.name!r} from its suffix", hint="name it .safetensors or .h5, or pass --format"
     )
@@ -64,9 +70,12 @@ def write_bundle(
     container: str | None = None,
     force: bool = False,
     compression: str | None = None,
+    max_shard_size: int | None = None,
 ) -> Path:
-    """Write a complete bundle atomically. ``manifest['tensors']`` is filled from ``entries``."""
-    container = container_for(path, container)
+    """Write a complete bundle atomically. ``manifest['tensors']`` is filled from ``entries``.
+
+    With ``max_shard_size`` (bytes) the bundle is a directory of shards (:mod:`tolcli.bundle.sharded`)."""
+    container = container_for(path, container, sharded=max_shard_size is not None)
     if compression is not None and container != "hdf5":
         raise UsageError("--compression applies to HDF5 bundles only")
     manifest = dict(manifest)
@@ -76,6 +85,16 @@ def write_bundle(
     validate_schema(manifest, where=str(path))
     text = canonical_json(manifest)
     checked = [_checked(e) for e in entries]
+    if max_shard_size is not None:
+        return write_sharded(
+            path,
+            checked,
+            manifest,
+            container=container,
+            max_shard_size=max_shard_size,
+            compression=compression,
+            force=force,
+        )
     with atomic_output(path, force=force) as tmp:
         if container == "safetensors":
             with open(tmp, "wb") as f:
@@ -88,8 +107,10 @@ def write_bundle(
 class Staging:
     """Finished tensors of a streaming job, on disk beside the output, resumable."""
 
-    def __init__(self, out: Path, job: dict[str, Any], *, resume: bool, force: bool, note=print):
-        check_output(out, force=force)
+    def __init__(
+        self, out: Path, job: dict[str, Any], *, resume: bool, force: bool, note=print, directory: bool = False
+    ):
+        check_output(out, force=force, directory=directory)
         self.out = out
         self.dir = out.with_name(f".{out.name}.partial")
         self.job = json.loads(canonical_json(job))
@@ -210,9 +231,16 @@ class Staging:
         container: str | None = None,
         force: bool = False,
         compression: str | None = None,
+        max_shard_size: int | None = None,
     ) -> Path:
         path = write_bundle(
-            self.out, self.entries(), manifest, container=container, force=force, compression=compression
+            self.out,
+            self.entries(),
+            manifest,
+            container=container,
+            force=force,
+            compression=compression,
+            max_shard_size=max_shard_size,
         )
         shutil.rmtree(self.dir, ignore_errors=True)
         return path

@@ -73,6 +73,14 @@ CompressionOpt = Annotated[
         "--compression", metavar="NAME", help="HDF5 only: gzip or lzf (off by default; see docs/bundle-format.md)."
     ),
 ]
+MaxShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="Write a sharded bundle directory (tol.index.json + shards of at most SIZE, e.g. 2GB).",
+    ),
+]
 Sha256sumsOpt = Annotated[
     str | None,
     typer.Option("--sha256sums", metavar="FILE", help="Also write GNU sha256sum lines for the outputs (for CI)."),

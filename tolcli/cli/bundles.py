@@ -18,6 +18,7 @@ from tolcli.cli._common import (
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    MaxShardOpt,
     Output,
     QuietOpt,
     RichProgress,
@@ -28,7 +29,7 @@ from tolcli.cli._common import (
 )
 from tolcli.demo import resolve_checkpoint_arg
 from tolcli.errors import VerifyError
-from tolcli.fsutil import write_sha256sums
+from tolcli.fsutil import path_bytes, write_sha256sums
 from tolcli.precompute import DEFAULT_BATCH_ROWS, precompute
 
 OutputOpt = Annotated[
@@ -38,7 +39,7 @@ BundleArg = Annotated[Path, typer.Argument(help="A ToL bundle (.safetensors or .
 
 
 def _summary(out: Output, path: Path, what: str, seconds: float) -> None:
-    out.print(f"wrote {path} ({fmt_bytes(path.stat().st_size)}, {what}) in {seconds:.1f}s")
+    out.print(f"wrote {path} ({fmt_bytes(path_bytes(path))}, {what}) in {seconds:.1f}s")
 
 
 def precompute_cmd(
@@ -56,6 +57,7 @@ def precompute_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same job.")] = False,
     force: ForceOpt = False,
     compression: CompressionOpt = None,
+    max_shard_size: MaxShardOpt = None,
     tensor_map: TensorMapOpt = None,
     sha256sums: Sha256sumsOpt = None,
     json_out: JsonOpt = False,
@@ -83,6 +85,7 @@ def precompute_cmd(
         resume=resume,
         force=force,
         compression=compression,
+        max_shard_size=max_shard_size,
         tensor_map=tensor_map,
         progress=RichProgress(out),
         note=note_to_stderr(out),
@@ -94,7 +97,7 @@ def precompute_cmd(
         out.emit_json(
             {
                 "output": str(res.path),
-                "bytes": res.path.stat().st_size,
+                "bytes": path_bytes(res.path),
                 "seconds": round(res.seconds, 3),
                 "layers_computed": res.layers_computed,
                 "manifest": res.manifest,
@@ -127,7 +130,7 @@ def inspect_cmd(bundle: BundleArg, json_out: JsonOpt = False) -> None:
     dense16 = m["model"]["vocab_size"] * m["model"]["hidden_size"] * 2 * m["model"]["num_layers"]
     summary = {
         "container": container,
-        "file_bytes": bundle.stat().st_size,
+        "file_bytes": path_bytes(bundle),
         "layers_present": len(present),
         "layers_dropped": m["model"]["num_layers"] - len(present),
         "stored_bytes": stored,
@@ -213,6 +216,7 @@ def convert_cmd(
     dst: Annotated[Path, typer.Argument(help="The bundle to write; its suffix picks the container.")],
     fmt: FormatOpt = None,
     compression: CompressionOpt = None,
+    max_shard_size: MaxShardOpt = None,
     force: ForceOpt = False,
     sha256sums: Sha256sumsOpt = None,
     json_out: JsonOpt = False,
@@ -228,11 +232,11 @@ def convert_cmd(
     """
     out = Output(json=json_out, quiet=quiet)
     t0 = time.monotonic()
-    path = convert_bundle(src, dst, container=fmt, compression=compression, force=force)
+    path = convert_bundle(src, dst, container=fmt, compression=compression, force=force, max_shard_size=max_shard_size)
     if sha256sums:
         write_sha256sums(Path(sha256sums), [path])
     if json_out:
-        out.emit_json({"input": str(src), "output": str(path), "bytes": path.stat().st_size})
+        out.emit_json({"input": str(src), "output": str(path), "bytes": path_bytes(path)})
         return
     _summary(out, path, "converted", time.monotonic() - t0)
 

@@ -13,6 +13,7 @@ from tolcli.cli._common import (
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    MaxShardOpt,
     Output,
     QuietOpt,
     RichProgress,
@@ -22,7 +23,7 @@ from tolcli.cli._common import (
 )
 from tolcli.cli.bundles import BundleArg, OutputOpt
 from tolcli.compress import SCHEMES, CompressOptions, compress
-from tolcli.fsutil import write_sha256sums
+from tolcli.fsutil import path_bytes, write_sha256sums
 from tolcli.transport import pack, unpack
 
 _SVD = "SVD"
@@ -121,6 +122,7 @@ def compress_cmd(
     ] = 1.0,
     fmt: FormatOpt = None,
     compression: CompressionOpt = None,
+    max_shard_size: MaxShardOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same job.")] = False,
     force: ForceOpt = False,
     sha256sums: Sha256sumsOpt = None,
@@ -167,6 +169,7 @@ def compress_cmd(
         force=force,
         resume=resume,
         compression=compression,
+        max_shard_size=max_shard_size,
         progress=RichProgress(out),
         note=note_to_stderr(out),
     )
@@ -178,7 +181,7 @@ def compress_cmd(
         out.emit_json(
             {
                 "output": str(res.path),
-                "bytes": res.path.stat().st_size,
+                "bytes": path_bytes(res.path),
                 "seconds": round(res.seconds, 3),
                 "stored_bytes": res.stored_bytes,
                 "fraction_of_dense_fp16": res.stored_bytes / dense16,
@@ -192,7 +195,7 @@ def compress_cmd(
         out.print("ranks: " + ", ".join(f"{k}:{v}" for k, v in sorted(res.ranks.items())))
     worst = max((e["rel_error"] for e in present), default=0.0)
     out.print(
-        f"wrote {res.path} ({fmt_bytes(res.path.stat().st_size)}; {scheme}: {fmt_bytes(res.stored_bytes)} = "
+        f"wrote {res.path} ({fmt_bytes(path_bytes(res.path))}; {scheme}: {fmt_bytes(res.stored_bytes)} = "
         f"{100 * res.stored_bytes / dense16:.1f}% of dense fp16, worst layer error {worst:.2e}) "
         f"in {res.seconds:.1f}s"
     )

@@ -14,6 +14,7 @@ from tolcli.cli._common import (
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    MaxShardOpt,
     Output,
     QuietOpt,
     RichProgress,
@@ -23,6 +24,7 @@ from tolcli.cli._common import (
 from tolcli.cli.bundles import BundleArg, OutputOpt
 from tolcli.demo import resolve_checkpoint_arg
 from tolcli.errors import QualityGateError
+from tolcli.fsutil import path_bytes
 from tolcli.perplexity import EvalReport, eval_ppl
 from tolcli.strip import strip_checkpoint
 from tolcli.sweep import FAMILIES, SweepOptions, sweep
@@ -141,6 +143,7 @@ def drop_cmd(
     drop_last: DropLastOpt = None,
     keep_layers: KeepLayersOpt = None,
     fmt: FormatOpt = None,
+    max_shard_size: MaxShardOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -155,13 +158,19 @@ def drop_cmd(
     """
     out = Output(json=json_out, quiet=quiet)
     path, manifest = drop_layers(
-        bundle, output, drop_last=drop_last, keep_layers=keep_layers, container=fmt, force=force
+        bundle,
+        output,
+        drop_last=drop_last,
+        keep_layers=keep_layers,
+        container=fmt,
+        force=force,
+        max_shard_size=max_shard_size,
     )
     kept = [e["index"] for e in manifest["layers"] if e["status"] == "present"]
     if json_out:
-        out.emit_json({"output": str(path), "bytes": path.stat().st_size, "layers_present": kept})
+        out.emit_json({"output": str(path), "bytes": path_bytes(path), "layers_present": kept})
         return
-    out.print(f"wrote {path} ({fmt_bytes(path.stat().st_size)}; {len(kept)} of {len(manifest['layers'])} layers)")
+    out.print(f"wrote {path} ({fmt_bytes(path_bytes(path))}; {len(kept)} of {len(manifest['layers'])} layers)")
 
 
 def strip_cmd(
