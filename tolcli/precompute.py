@@ -26,6 +26,7 @@ from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR, la
 from tolcli.bundle.writer import Staging, container_for
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
 from tolcli.codecs import DenseCodec
+from tolcli.distributed import all_gather, finish_distributed, from_env
 from tolcli.errors import UsageError
 from tolcli.fsutil import parse_bytes
 from tolcli.layout import EMBED, parse_layer_spec
@@ -166,6 +167,14 @@ def precompute(
     if any(not 0 <= i < L for i in selected):
         raise UsageError(f"layers must be within 0..{L - 1}")
     dev = resolve_device(device)
+    dist = from_env(dev.type)
+    mine = selected
+    if dist is not None:  # torchrun: this rank computes every world-th layer and writes its own shards
+        mine = [i for i in selected if i % dist.world == dist.rank]
+        if dev.type == "cuda":
+            dev = torch.device("cuda", dist.local_rank)
+        shard_bytes = shard_bytes or (1 << 62)
+        container = container_for(out, container if container else None, sharded=True)
     codec = DenseCodec(dtype)
     source = source_description(ckpt)
     job = {
@@ -178,11 +187,20 @@ def precompute(
         "container": container,
         "compression": compression,
         "max_shard_size": shard_bytes,
+        "rank": None if dist is None else [dist.rank, dist.world],
     }
-    staging = Staging(out, job, resume=resume, force=force, note=note, directory=shard_bytes is not None)
+    staging = Staging(
+        out,
+        job,
+        resume=resume,
+        force=force,
+        note=note,
+        directory=shard_bytes is not None,
+        tag="" if dist is None else f".rank{dist.rank}",
+    )
 
     embed = ckpt.load(EMBED, dtype=None)  # kept in its stored dtype; batches are cast to fp32
-    todo = [i for i in selected if staging.layer_done(i) is None]
+    todo = [i for i in mine if staging.layer_done(i) is None]
     progress.start(f"precompute {len(todo)} layer(s)", len(todo) * V)
     for i in todo:
         ffn = load_memory_ffn(ckpt, i, device=dev)
@@ -220,9 +238,12 @@ def precompute(
     progress.finish()
 
     tok = ckpt.tokenizer_path.read_bytes() if ckpt.tokenizer_path else None
-    if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
+    if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"] and (dist is None or dist.rank == 0):
         staging.stage_extra(TOKENIZER_TENSOR, tok)
     entries = [staging.layer_done(i) or {"index": i, "status": "dropped"} for i in range(L)]
+    if dist is not None:  # every rank needs every layer's entry for the warnings; rank 0 writes the manifest
+        done = {k: v for part in all_gather({i: staging.layer_done(i) for i in mine}) for k, v in part.items()}
+        entries = [done.get(i) or {"index": i, "status": "dropped"} for i in range(L)]
     warnings = [
         f"layer {e['index']}: {e['fp16_overflow']} values exceed the fp16 range (|x| > 65504) and are stored as inf;"
         " use --dtype bf16 or fp32"
@@ -253,9 +274,21 @@ def precompute(
     created = created_timestamp()
     if created:
         manifest["created"] = created
-    path = staging.finish(
-        manifest, container=container, force=force, compression=compression, max_shard_size=shard_bytes
-    )
+    if dist is not None:
+        path = finish_distributed(
+            dist,
+            staging,
+            out,
+            manifest,
+            container=container,
+            max_shard_size=shard_bytes,
+            compression=compression,
+            force=force,
+        )  # type: ignore[arg-type]
+    else:
+        path = staging.finish(
+            manifest, container=container, force=force, compression=compression, max_shard_size=shard_bytes
+        )
     from tolcli.bundle.reader import open_bundle
 
     with open_bundle(path) as b:  # re-read what was written: the manifest as stored

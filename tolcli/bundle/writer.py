@@ -48,7 +48,7 @@ def container_for(path: Path, container: str | None = None, *, sharded: bool = F
     )
 
 
-def _checked(entry: TensorEntry) -> TensorEntry:
+def checked_entry(entry: TensorEntry) -> TensorEntry:
     """The same entry, whose blocks are hashed as they stream; a mismatch aborts the write."""
 
     def blocks() -> Iterator[np.ndarray]:
@@ -84,7 +84,7 @@ def write_bundle(
     }
     validate_schema(manifest, where=str(path))
     text = canonical_json(manifest)
-    checked = [_checked(e) for e in entries]
+    checked = [checked_entry(e) for e in entries]
     if max_shard_size is not None:
         return write_sharded(
             path,
@@ -108,11 +108,19 @@ class Staging:
     """Finished tensors of a streaming job, on disk beside the output, resumable."""
 
     def __init__(
-        self, out: Path, job: dict[str, Any], *, resume: bool, force: bool, note=print, directory: bool = False
+        self,
+        out: Path,
+        job: dict[str, Any],
+        *,
+        resume: bool,
+        force: bool,
+        note=print,
+        directory: bool = False,
+        tag: str = "",
     ):
         check_output(out, force=force, directory=directory)
         self.out = out
-        self.dir = out.with_name(f".{out.name}.partial")
+        self.dir = out.with_name(f".{out.name}.partial{tag}")  # tag: one staging area per distributed rank
         self.job = json.loads(canonical_json(job))
         self.state: dict[str, Any] = {"job": self.job, "tensors": {}, "layers": {}, "extra": {}}
         if self.dir.exists():

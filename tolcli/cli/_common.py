@@ -27,6 +27,8 @@ class Output:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: only rank 0 talks
+            self.quiet = True
         self.console = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
         if not self.console.is_terminal and "COLUMNS" not in os.environ:
             self.console.width = 160  # logs and pipes: room for wide tables

@@ -1,0 +1,107 @@
+"""torch.distributed helpers for ``torchrun ... -m tolcli precompute``: ranks split the layers.
+
+Each rank computes its layers into its own resumable staging area and writes its own shards into a
+shared temp directory beside the output; rank 0 writes ``tol.index.json`` (with the manifest) and
+renames the directory into place. The output directory must be on a filesystem every rank sees (one
+machine, or a shared filesystem for ``--nnodes`` > 1). gloo on CPU, nccl on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tolcli.bundle.manifest import canonical_json, validate_schema
+from tolcli.bundle.sharded import INDEX_NAME, index_document, partition, shard_name, write_shards
+from tolcli.bundle.writer import Staging, checked_entry
+from tolcli.errors import OutputError
+from tolcli.fsutil import fsync_dir
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def from_env(device_type: str) -> Dist | None:
+    """Join the process group torchrun describes in the environment; None when not under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def finish_distributed(
+    d: Dist,
+    staging: Staging,
+    out: Path,
+    manifest: dict[str, Any],
+    *,
+    container: str,
+    max_shard_size: int,
+    compression: str | None,
+    force: bool,
+) -> Path:
+    """Every rank writes its staged tensors as shards; rank 0 merges layer entries and writes the index.
+
+    ``manifest`` holds this rank's layer entries (others ``dropped``); the merged manifest takes each
+    layer's entry from the rank that computed it."""
+    tmp = out.with_name(f".{out.name}.tmp-dist")
+    if d.rank == 0:
+        if out.exists() and not force:
+            raise OutputError("output exists", path=out, hint="pass --force to replace it")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    entries = [checked_entry(e) for e in staging.entries()]
+    groups = partition(entries, max_shard_size) if entries else []
+    counts = all_gather(len(groups))
+    start, total = sum(counts[: d.rank]), sum(counts)
+    names = [shard_name(start + k, total, container) for k in range(len(groups))]
+    records = write_shards(tmp, groups, names, container, compression)
+    weight_map = {e.name: n for g, n in zip(groups, names, strict=True) for e in g}
+    tensors = {
+        e.name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "sha256": e.sha256} for e in entries
+    }
+    mine = {e["index"]: e for e in manifest["layers"] if e["status"] == "present"}
+    gathered = all_gather((records, weight_map, tensors, mine))
+    if d.rank == 0:
+        all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r["name"])
+        merged_map = {k: v for g in gathered for k, v in g[1].items()}
+        present = {i: e for g in gathered for i, e in g[3].items()}
+        merged = dict(manifest)
+        merged["layers"] = [present.get(e["index"], e) for e in manifest["layers"]]
+        merged["tensors"] = {k: v for g in gathered for k, v in g[2].items()}
+        validate_schema(merged, where=str(out))
+        (tmp / INDEX_NAME).write_text(canonical_json(index_document(merged, all_records, merged_map)), encoding="utf-8")
+        fsync_dir(tmp)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    barrier()
+    shutil.rmtree(staging.dir, ignore_errors=True)
+    return out
