@@ -233,3 +233,17 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path: Path) -> None:
         peaks[layers] = int(r.stdout.strip().splitlines()[-1])
     table = 32000 * 256 * 4
     assert peaks[8] - peaks[4] < table, peaks
+
+
+def test_reduced_precision_matmuls(tmp_path: Path, make_ckpt) -> None:
+    d = make_ckpt(hidden_size=64, intermediate_size=128)
+    ref = precompute(d, tmp_path / "fp32.safetensors").path
+    out = precompute(d, tmp_path / "bf16mm.safetensors", matmul_dtype="bf16").path
+    with open_bundle(ref) as a, open_bundle(out) as b:
+        assert b.manifest["history"][0]["matmul_dtype"] == "bf16"
+        for i in range(3):
+            x, y = a.dense_layer(i), b.dense_layer(i)
+            rel = float((x - y).norm() / x.norm())
+            assert 1e-5 < rel < 2e-2  # bf16 inputs, fp32 accumulation
+    with pytest.raises(UsageError, match="--matmul-dtype"):
+        precompute(d, tmp_path / "x.safetensors", matmul_dtype="int8")

@@ -15,7 +15,7 @@ pluggable :class:`ContextFreeSource`: the model's own FFNs (the default), a look
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import torch
@@ -124,7 +124,7 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-def context_free_term(norm: nn.Module, mlp: FeedForward, alpha: float, x0: Tensor) -> Tensor:
+def context_free_term(norm: nn.Module, mlp: Callable[[Tensor], Tensor], alpha: float, x0: Tensor) -> Tensor:
     """``alpha * MLP(MemNorm(x0))``: the term a memory layer adds, and exactly what a ToL row stores."""
     return alpha * mlp(norm(x0))
 

@@ -30,7 +30,7 @@ from tolcli.distributed import all_gather, finish_distributed, from_env
 from tolcli.errors import UsageError
 from tolcli.fsutil import parse_bytes
 from tolcli.layout import EMBED, parse_layer_spec
-from tolcli.model import load_memory_ffn
+from tolcli.model import MemoryFFN, context_free_term, load_memory_ffn
 from tolcli.progress import NullProgress, Progress
 from tolcli.text import file_sha256
 
@@ -77,25 +77,61 @@ def vocabulary_description(vocab_size: int, tokenizer: bytes | None) -> dict[str
     }
 
 
-@dataclass
 class LayerStats:
-    """Streaming statistics of one layer: exact (fp32) vs stored values."""
+    """Streaming statistics of one layer, exact (fp32) vs stored values, accumulated on the compute
+    device so that no batch waits for a host synchronisation."""
 
-    sumsq: float = 0.0
-    errsq: float = 0.0
-    max_abs: float = 0.0
-    fp16_overflow: int = 0
+    def __init__(self, device: torch.device):
+        self._acc = torch.zeros(4, dtype=torch.float64, device=device)  # sumsq, errsq, max_abs, overflow
 
     def update(self, exact: torch.Tensor, stored: torch.Tensor) -> None:
+        if not exact.numel():
+            return
         e = exact.double()
-        self.sumsq += float((e * e).sum())
-        self.errsq += float(((stored.double() - e) ** 2).sum())
-        self.max_abs = max(self.max_abs, float(exact.abs().max())) if exact.numel() else self.max_abs
-        self.fp16_overflow += int((exact.abs() > FP16_MAX).sum())
+        a = exact.abs()
+        self._acc[0] += (e * e).sum()
+        self._acc[1] += ((stored.double() - e) ** 2).sum()
+        self._acc[2] = torch.maximum(self._acc[2], a.max().double())
+        self._acc[3] += (a > FP16_MAX).sum()
 
-    @property
-    def rel_error(self) -> float:
-        return math.sqrt(self.errsq / self.sumsq) if self.sumsq > 0 else 0.0
+    def result(self) -> dict[str, Any]:
+        sumsq, errsq, max_abs, overflow = self._acc.tolist()
+        rel = math.sqrt(errsq / sumsq) if sumsq > 0 else 0.0
+        return {"rel_error": rel if math.isfinite(rel) else None, "max_abs": max_abs, "fp16_overflow": int(overflow)}
+
+
+def pipelined(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[np.ndarray]:
+    """Host copies of device tensors. On CUDA, each batch is copied into one of two pinned host buffers on
+    a side stream while the next batch computes; a yielded array is valid until the next one is asked
+    for (the staging writer consumes it before that)."""
+    if device.type != "cuda":
+        for t in batches:
+            yield tensor_to_numpy(t.cpu())
+        return
+    stream = torch.cuda.Stream(device)
+    pinned: list[torch.Tensor | None] = [None, None]
+    pending: tuple[int, torch.cuda.Event] | None = None
+    for k, t in enumerate(batches):
+        slot = k % 2
+        buf = pinned[slot]
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = pinned[slot] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            buf.copy_(t, non_blocking=True)
+            t.record_stream(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        if pending is not None:
+            pending[1].synchronize()
+            yield tensor_to_numpy(pinned[pending[0]])  # type: ignore[arg-type]
+        pending = (slot, event)
+    if pending is not None:
+        pending[1].synchronize()
+        yield tensor_to_numpy(pinned[pending[0]])  # type: ignore[arg-type]
+
+
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -115,6 +151,7 @@ def precompute(
     device: str = "auto",
     layers: str | list[int] | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    matmul_dtype: str = "fp32",
     resume: bool = False,
     force: bool = False,
     compression: str | None = None,
@@ -132,6 +169,8 @@ def precompute(
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         layers: layer indices or a spec such as ``"0-3,7"``; the others are recorded as dropped.
         batch_rows: vocabulary rows per batch.
+        matmul_dtype: ``fp32`` (default), or ``bf16``/``fp16`` matmuls (fp32 accumulation; the norm and the
+            output stay fp32): faster on GPUs, at about bf16/fp16 rounding error.
         resume: continue an interrupted run of the same job (bytes equal an uninterrupted run).
         force: overwrite ``out``.
         compression: HDF5 only, ``gzip`` or ``lzf``.
@@ -176,6 +215,9 @@ def precompute(
         shard_bytes = shard_bytes or (1 << 62)
         container = container_for(out, container if container else None, sharded=True)
     codec = DenseCodec(dtype)
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise UsageError(f"--matmul-dtype must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}")
+    mm = MATMUL_DTYPES[matmul_dtype]
     source = source_description(ckpt)
     job = {
         "command": "precompute",
@@ -183,6 +225,7 @@ def precompute(
         "codec": codec.params(),
         "layers": selected,
         "batch_rows": batch_rows,
+        "matmul_dtype": matmul_dtype,
         "device": dev.type,
         "container": container,
         "compression": compression,
@@ -204,20 +247,25 @@ def precompute(
     progress.start(f"precompute {len(todo)} layer(s)", len(todo) * V)
     for i in todo:
         ffn = load_memory_ffn(ckpt, i, device=dev)
-        stats = LayerStats()
+        stats = LayerStats(dev)
+        if mm != torch.float32:
+            ffn.mlp.to(mm)
 
-        def blocks(ffn: torch.nn.Module = ffn, stats: LayerStats = stats) -> Iterator[np.ndarray]:
+        def run_mlp(x: torch.Tensor, mlp: torch.nn.Module = ffn.mlp) -> torch.Tensor:
+            return mlp(x.to(mm)).float()
+
+        def batches(ffn: MemoryFFN = ffn, stats: LayerStats = stats, run_mlp=run_mlp) -> Iterator[torch.Tensor]:
             with torch.no_grad():
                 for b0 in range(0, V, batch_rows):
-                    x0 = embed[b0 : b0 + batch_rows].to(device=dev, dtype=torch.float32)
-                    exact = ffn(x0)  # (rows, h) fp32
+                    x0 = embed[b0 : b0 + batch_rows].to(device=dev, dtype=torch.float32, non_blocking=True)
+                    exact = context_free_term(ffn.memory_layernorm, run_mlp, ffn.alpha, x0)  # (rows, h) fp32
                     stored = codec.encode(exact)["table"]
                     stats.update(exact, stored.float())
                     progress.advance(exact.shape[0])
-                    yield tensor_to_numpy(stored.cpu())
+                    yield stored
 
         name = layer_tensor(i, "table")
-        staging.stage(name, codec.dtype, (V, h), blocks())
+        staging.stage(name, codec.dtype, (V, h), pipelined(batches(), dev))
         stored_bytes = codec.stored_bytes(V, h)
         staging.commit_layer(
             i,
@@ -229,9 +277,7 @@ def precompute(
                 "tensors": {"table": name},
                 "stored_bytes": stored_bytes,
                 "bits_per_value": 8 * stored_bytes / (V * h),
-                "rel_error": stats.rel_error if math.isfinite(stats.rel_error) else None,
-                "max_abs": stats.max_abs,
-                "fp16_overflow": stats.fp16_overflow,
+                **stats.result(),
             },
         )
         del ffn
@@ -269,7 +315,7 @@ def precompute(
         "layers": entries,
         "tensors": {},
         "warnings": warnings,
-        "history": [{"command": "precompute", "dtype": codec.dtype, "layers": selected}],
+        "history": [{"command": "precompute", "dtype": codec.dtype, "layers": selected, "matmul_dtype": matmul_dtype}],
     }
     created = created_timestamp()
     if created:

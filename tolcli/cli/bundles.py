@@ -54,6 +54,9 @@ def precompute_cmd(
     batch_tokens: Annotated[
         int, typer.Option("--batch-tokens", metavar="N", help="Vocabulary rows computed per batch.")
     ] = DEFAULT_BATCH_ROWS,
+    matmul_dtype: Annotated[
+        str, typer.Option("--matmul-dtype", help="fp32, or bf16/fp16 matmuls with fp32 accumulation (GPU speed).")
+    ] = "fp32",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same job.")] = False,
     force: ForceOpt = False,
     compression: CompressionOpt = None,
@@ -82,6 +85,7 @@ def precompute_cmd(
         device=device,
         layers=layers,
         batch_rows=batch_tokens,
+        matmul_dtype=matmul_dtype,
         resume=resume,
         force=force,
         compression=compression,
