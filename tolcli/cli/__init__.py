@@ -19,6 +19,7 @@ from tolcli.cli.bundles import convert_cmd, inspect_cmd, precompute_cmd, schema_
 from tolcli.cli.compress import compress_cmd, pack_cmd, unpack_cmd
 from tolcli.cli.evaluate import drop_cmd, eval_ppl_cmd, strip_cmd, sweep_cmd
 from tolcli.cli.info import info
+from tolcli.cli.runtime import bench_lookup_cmd
 from tolcli.errors import ExitCode, TolcliError
 
 try:  # typer >= 0.2x vendors its own click; older releases use click itself
@@ -76,6 +77,7 @@ app.command("eval-ppl")(eval_ppl_cmd)
 app.command("drop")(drop_cmd)
 app.command("strip")(strip_cmd)
 app.command("sweep")(sweep_cmd)
+app.command("bench-lookup")(bench_lookup_cmd)
 
 
 def _error(text: str) -> None:
