@@ -10,7 +10,7 @@ import time
 
 import torch
 
-NAMES = ("eval_speed",)
+NAMES = ("precompute_speed", "peak_memory", "svd_speed", "lookup_speed", "eval_speed")
 
 
 def main() -> int:

@@ -19,4 +19,4 @@ def best_of(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float
 
 def row(name: str, value: str, ratio: float | None = None, goal: str = "") -> str:
     r = "" if ratio is None else f"{ratio:8.2f}x"
-    return f"  {name:<44} {value:>22} {r:>10}  {goal}"
+    return f"  {name:<62} {value:>16} {r:>8}  {goal}"

@@ -87,12 +87,14 @@ class LayerStats:
     def update(self, exact: torch.Tensor, stored: torch.Tensor) -> None:
         if not exact.numel():
             return
-        e = exact.double()
-        a = exact.abs()
-        self._acc[0] += (e * e).sum()
-        self._acc[1] += ((stored.double() - e) ** 2).sum()
-        self._acc[2] = torch.maximum(self._acc[2], a.max().double())
-        self._acc[3] += (a > FP16_MAX).sum()
+        # fp32 norms per batch (fast), accumulated in fp64 across batches
+        self._acc[0] += torch.linalg.vector_norm(exact).double() ** 2
+        if stored.dtype != exact.dtype or stored.data_ptr() != exact.data_ptr():
+            self._acc[1] += torch.linalg.vector_norm(stored.float() - exact).double() ** 2
+        peak = exact.abs().amax().double()
+        self._acc[2] = torch.maximum(self._acc[2], peak)
+        if bool(peak > FP16_MAX):
+            self._acc[3] += (exact.abs() > FP16_MAX).sum()
 
     def result(self) -> dict[str, Any]:
         sumsq, errsq, max_abs, overflow = self._acc.tolist()
@@ -101,18 +103,18 @@ class LayerStats:
 
 
 def pipelined(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[np.ndarray]:
-    """Host copies of device tensors. On CUDA, each batch is copied into one of two pinned host buffers on
-    a side stream while the next batch computes; a yielded array is valid until the next one is asked
-    for (the staging writer consumes it before that)."""
+    """Host copies of device tensors. On CUDA, each batch is copied into one of four pinned host buffers
+    on a side stream while the next batch computes; a yielded array stays valid while the next two are
+    produced, as the background staging writer needs (one block queued, one being written)."""
     if device.type != "cuda":
         for t in batches:
             yield tensor_to_numpy(t.cpu())
         return
     stream = torch.cuda.Stream(device)
-    pinned: list[torch.Tensor | None] = [None, None]
+    pinned: list[torch.Tensor | None] = [None] * 4  # copying, yielded, queued, being written
     pending: tuple[int, torch.cuda.Event] | None = None
     for k, t in enumerate(batches):
-        slot = k % 2
+        slot = k % 4
         buf = pinned[slot]
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = pinned[slot] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -260,12 +262,12 @@ def precompute(
                     x0 = embed[b0 : b0 + batch_rows].to(device=dev, dtype=torch.float32, non_blocking=True)
                     exact = context_free_term(ffn.memory_layernorm, run_mlp, ffn.alpha, x0)  # (rows, h) fp32
                     stored = codec.encode(exact)["table"]
-                    stats.update(exact, stored.float())
+                    stats.update(exact, stored)
                     progress.advance(exact.shape[0])
                     yield stored
 
         name = layer_tensor(i, "table")
-        staging.stage(name, codec.dtype, (V, h), pipelined(batches(), dev))
+        staging.stage(name, codec.dtype, (V, h), pipelined(batches(), dev), background=True)
         stored_bytes = codec.stored_bytes(V, h)
         staging.commit_layer(
             i,

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from tolcli.bundle.manifest import canonical_json, validate_schema
 from tolcli.bundle.sharded import write_sharded
 from tolcli.bundle.spec import DTYPES, H5_SUFFIXES, ST_SUFFIXES
 from tolcli.errors import OutputError, UsageError, VerifyError
-from tolcli.fsutil import atomic_output, check_output, fsync_dir
+from tolcli.fsutil import atomic_output, check_output, fsync_dir, sha256_file
 
 
 def container_for(path: Path, container: str | None = None, *, sharded: bool = False) -> str:
@@ -49,7 +51,10 @@ def container_for(path: Path, container: str | None = None, *, sharded: bool = F
 
 
 def checked_entry(entry: TensorEntry) -> TensorEntry:
-    """The same entry, whose blocks are hashed as they stream; a mismatch aborts the write."""
+    """The same entry, whose blocks are hashed as they stream; a mismatch aborts the write. Staged files
+    (``raw_file``) were hashed as they were written (and again when a run resumes): they pass as they are."""
+    if entry.raw_file is not None:
+        return entry
 
     def blocks() -> Iterator[np.ndarray]:
         h = hashlib.sha256()
@@ -104,6 +109,44 @@ def write_bundle(
     return path
 
 
+def _drain(blocks: Iterable[np.ndarray], dtype: str, sink, background: bool) -> int:
+    """Feed every block's bytes to ``sink``, on a worker thread when ``background``; returns the byte count."""
+    n = 0
+    if not background:
+        for b in blocks:
+            buf = memoryview(np.ascontiguousarray(b, dtype=DTYPES[dtype].numpy)).cast("B")
+            sink(buf)
+            n += buf.nbytes
+        return n
+    q: queue.Queue[memoryview | None] = queue.Queue(maxsize=1)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while (item := q.get()) is not None:
+            if errors:
+                continue  # keep draining so the producer never blocks on a dead consumer
+            try:
+                sink(item)
+            except BaseException as e:
+                errors.append(e)
+
+    t = threading.Thread(target=worker, name="tolcli-writer", daemon=True)
+    t.start()
+    try:
+        for b in blocks:
+            if errors:
+                break
+            buf = memoryview(np.ascontiguousarray(b, dtype=DTYPES[dtype].numpy)).cast("B")
+            q.put(buf)
+            n += buf.nbytes
+    finally:
+        q.put(None)
+        t.join()
+    if errors:
+        raise errors[0]
+    return n
+
+
 class Staging:
     """Finished tensors of a streaming job, on disk beside the output, resumable."""
 
@@ -150,9 +193,9 @@ class Staging:
             return None
         if not isinstance(st, dict) or not {"job", "tensors", "layers", "extra"} <= set(st):
             return None
-        for info in st["tensors"].values():  # a staged file must be whole to be reused
+        for info in st["tensors"].values():  # a staged file must be whole and unchanged to be reused
             f = self.dir / info["file"]
-            if not f.is_file() or f.stat().st_size != info["bytes"]:
+            if not f.is_file() or f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
                 return None
         return st
 
@@ -170,18 +213,25 @@ class Staging:
         """The manifest entry of a completed layer, or None."""
         return self.state["layers"].get(str(index))
 
-    def stage(self, name: str, dtype: str, shape: tuple[int, ...], blocks: Iterable[np.ndarray]) -> dict[str, Any]:
-        """Write one tensor's bytes (row blocks in order) to the staging area; returns its record."""
+    def stage(
+        self, name: str, dtype: str, shape: tuple[int, ...], blocks: Iterable[np.ndarray], *, background: bool = False
+    ) -> dict[str, Any]:
+        """Write one tensor's bytes (row blocks in order) to the staging area; returns its record.
+
+        ``background=True`` hashes and writes each block on a worker thread while the producer computes
+        the next one (hashlib, file writes and torch all release the GIL); blocks must then stay valid
+        until two more have been produced."""
         fname = f"{len(self.state['tensors']):05d}.bin"
         h = hashlib.sha256()
         n = 0
         try:
             with open(self.dir / fname, "wb") as f:
-                for b in blocks:
-                    buf = memoryview(np.ascontiguousarray(b, dtype=DTYPES[dtype].numpy)).cast("B")
+
+                def sink(buf: memoryview) -> None:
                     h.update(buf)
                     f.write(buf)
-                    n += buf.nbytes
+
+                n = _drain(blocks, dtype, sink, background)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
@@ -229,7 +279,7 @@ class Staging:
                             (k, *shape[1:])
                         )
 
-            out.append(TensorEntry(name, rec["dtype"], shape, rec["sha256"], blocks))
+            out.append(TensorEntry(name, rec["dtype"], shape, rec["sha256"], blocks, raw_file=path))
         return out
 
     def finish(
