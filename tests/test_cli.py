@@ -45,8 +45,11 @@ def test_console_script_and_module_entry_points() -> None:
 def test_ctrl_c_exits_130_with_one_line() -> None:
     import signal
 
+    # A process started in the background (as CI may start this suite) inherits SIGINT as ignored, and Python
+    # then installs no KeyboardInterrupt handler; restore it, as an interactive shell would have.
     code = (
-        "import sys, time\n"
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from tolcli.cli import main\n"
         "def slow(*a, **k):\n"
         "    print('ready', flush=True)\n"

