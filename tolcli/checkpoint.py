@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from tolcli.bundle.st_format import not_safetensors_reason
 from tolcli.config import ModelConfig
 from tolcli.errors import CheckpointError
 from tolcli.layout import IGNORED_SUFFIXES, LM_HEAD, TensorSpec, expected_tensors
@@ -123,8 +124,10 @@ class _SafetensorsFile:
         except FileNotFoundError:
             raise CheckpointError("weights file not found", path=path) from None
         except Exception as e:  # safetensors raises its own error types for bad headers
+            with open(path, "rb") as f:
+                reason = not_safetensors_reason(f.read(64))
             raise CheckpointError(
-                f"not a readable safetensors file ({e})", path=path, hint="check that the download completed"
+                reason or f"not a readable safetensors file ({e})", path=path, hint="check that the download completed"
             ) from None
 
     def entries(self) -> dict[str, tuple[tuple[int, ...], str]]:

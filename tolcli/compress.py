@@ -350,6 +350,7 @@ def compress(
     resume: bool = False,
     compression: str | None = None,
     max_shard_size: int | str | None = None,
+    verify_input: bool = False,
     progress: Progress | None = None,
     note: Callable[[str], None] = lambda s: None,
 ) -> CompressResult:
@@ -369,7 +370,7 @@ def compress(
     shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
     container = container_for(out, container, sharded=shard_bytes is not None)
     progress = progress or NullProgress()
-    with open_bundle(src) as b:
+    with open_bundle(src, verify=verify_input) as b:
         V, h = b.vocab_size, b.hidden_size
         weights, weight_info = _weights(options, b, progress)
         plan = _Planner(options, b, weights, progress)
@@ -389,6 +390,13 @@ def compress(
         progress.start(f"compress {len(todo)} layer(s) ({options.scheme})", len(todo))
         for i in todo:
             table = b.dense_layer(i)  # (V, h) fp32
+            bad = int((~torch.isfinite(table)).sum())
+            if bad:
+                raise InputError(
+                    f"layer {i}: {bad:,} non-finite values (NaN/Inf) in the input table",
+                    path=src,
+                    hint="recompute the bundle from a checkpoint with finite weights",
+                )
             codec = plan.codec(i)
             tensors = codec.encode(table)
             names = {}

@@ -85,6 +85,7 @@ def eval_ppl(
     allow_tokenizer_mismatch: bool = False,
     max_increase: float | None = None,
     extra_drops: Sequence[tuple[str, set[int]]] = (),
+    verify_input: bool = False,
     progress: Progress | None = None,
     note=lambda s: None,
 ) -> EvalReport:
@@ -114,7 +115,14 @@ def eval_ppl(
         raise UsageError("give at least one --data FILE")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     cfg = ckpt.config
-    bundles = [open_bundle(p) for p in tols]
+    bundles = []
+    for p in tols:  # opened one by one so that a failure closes the ones already open
+        try:
+            bundles.append(open_bundle(p, verify=verify_input))
+        except BaseException:
+            for b in bundles:
+                b.close()
+            raise
     try:
         for b in bundles:
             if not cfg.has_memory:

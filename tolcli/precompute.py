@@ -27,9 +27,9 @@ from tolcli.bundle.writer import Staging, container_for
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
 from tolcli.codecs import DenseCodec
 from tolcli.distributed import all_gather, finish_distributed, from_env
-from tolcli.errors import UsageError
+from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import parse_bytes
-from tolcli.layout import EMBED, parse_layer_spec
+from tolcli.layout import EMBED, memory_ffn_names, parse_layer_spec
 from tolcli.model import MemoryFFN, context_free_term, load_memory_ffn
 from tolcli.progress import NullProgress, Progress
 from tolcli.text import file_sha256
@@ -82,11 +82,12 @@ class LayerStats:
     device so that no batch waits for a host synchronisation."""
 
     def __init__(self, device: torch.device):
-        self._acc = torch.zeros(4, dtype=torch.float64, device=device)  # sumsq, errsq, max_abs, overflow
+        self._acc = torch.zeros(5, dtype=torch.float64, device=device)  # sumsq, errsq, max_abs, overflow, nonfinite
 
     def update(self, exact: torch.Tensor, stored: torch.Tensor) -> None:
         if not exact.numel():
             return
+        self._acc[4] += (~torch.isfinite(exact)).sum()
         # fp32 norms per batch (fast), accumulated in fp64 across batches
         self._acc[0] += torch.linalg.vector_norm(exact).double() ** 2
         if stored.dtype != exact.dtype or stored.data_ptr() != exact.data_ptr():
@@ -97,9 +98,13 @@ class LayerStats:
             self._acc[3] += (exact.abs() > FP16_MAX).sum()
 
     def result(self) -> dict[str, Any]:
-        sumsq, errsq, max_abs, overflow = self._acc.tolist()
+        sumsq, errsq, max_abs, overflow, _ = self._acc.tolist()
         rel = math.sqrt(errsq / sumsq) if sumsq > 0 else 0.0
         return {"rel_error": rel if math.isfinite(rel) else None, "max_abs": max_abs, "fp16_overflow": int(overflow)}
+
+    @property
+    def nonfinite(self) -> int:
+        return int(self._acc[4].item())
 
 
 def pipelined(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator[np.ndarray]:
@@ -134,6 +139,17 @@ def pipelined(batches: Iterator[torch.Tensor], device: torch.device) -> Iterator
 
 
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def nonfinite_weights(ckpt: Checkpoint, layer: int) -> str:
+    """``"; NaN/Inf in model.layers.3.mlp.up_proj.weight (12)"``, or "" when the weights are finite."""
+    bad = []
+    for name in [*memory_ffn_names(ckpt.config, layer).values(), EMBED]:
+        if ckpt.has(name):
+            n = int((~torch.isfinite(ckpt.load(name, dtype=None))).sum())
+            if n:
+                bad.append(f"{name} ({n:,})")
+    return f"; NaN/Inf in {', '.join(bad)}" if bad else ""
 
 
 @dataclass
@@ -268,6 +284,13 @@ def precompute(
 
         name = layer_tensor(i, "table")
         staging.stage(name, codec.dtype, (V, h), pipelined(batches(), dev), background=True)
+        if stats.nonfinite:
+            raise InputError(
+                f"layer {i}: {stats.nonfinite:,} non-finite values (NaN/Inf) in the computed ToL"
+                + nonfinite_weights(ckpt, i),
+                path=ckpt.path,
+                hint="fix the checkpoint; nothing was written",
+            )
         stored_bytes = codec.stored_bytes(V, h)
         staging.commit_layer(
             i,

@@ -17,6 +17,7 @@ def convert_bundle(
     compression: str | None = None,
     force: bool = False,
     max_shard_size: int | str | None = None,
+    verify_input: bool = False,
 ) -> Path:
     """Rewrite ``src`` as ``dst`` (container from ``container`` or the suffix; ``max_shard_size`` makes a
     sharded directory, and a sharded source becomes one file without it). The manifest is kept as is, so
@@ -24,7 +25,7 @@ def convert_bundle(
     dst = Path(dst)
     shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
     kind = container_for(dst, container, sharded=shard_bytes is not None)
-    with open_bundle(src) as b:
+    with open_bundle(src, verify=verify_input) as b:
         manifest = {k: v for k, v in b.manifest.items() if k != "tensors"}
         entries = [b.entry(n) for n in b.tensor_names]
         return write_bundle(

@@ -32,9 +32,10 @@ def drop_layers(
     container: str | None = None,
     force: bool = False,
     max_shard_size: int | str | None = None,
+    verify_input: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """Write ``out`` holding only the kept layers of ``src``; returns the path and the new manifest."""
-    with open_bundle(src) as b:
+    with open_bundle(src, verify=verify_input) as b:
         keep = layers_to_keep(b.num_layers, drop_last=drop_last, keep_layers=keep_layers)
         layers, names = [], []
         for e in b.manifest["layers"]:

@@ -143,7 +143,34 @@ class Bundle:
                     f"({info['sha256'][:16]}...)",
                     path=self.path,
                 )
+        self.check_values()
         return total
+
+    def check_values(self) -> dict[str, int]:
+        """Count NaN and Inf in every float tensor. NaN never belongs in a bundle; Inf only where the layer
+        records fp16 overflow. Raises VerifyError naming the layer and the counts; returns Inf counts."""
+        infs: dict[str, int] = {}
+        for e in self.manifest["layers"]:
+            if e["status"] != "present":
+                continue
+            nan = inf = 0
+            for name in e["tensors"].values():
+                if self.manifest["tensors"][name]["dtype"] not in ("F32", "F16", "BF16"):
+                    continue
+                for block in self.entry(name).blocks():
+                    t = torch.from_numpy(np.ascontiguousarray(block))
+                    t = t.view(torch.bfloat16) if self.manifest["tensors"][name]["dtype"] == "BF16" else t
+                    nan += int(torch.isnan(t).sum())
+                    inf += int(torch.isinf(t).sum())
+            if nan or inf > e.get("fp16_overflow", 0):
+                raise VerifyError(
+                    f"layer {e['index']}: {nan:,} NaN and {inf:,} Inf values in its tensors"
+                    f" (the manifest accounts for {e.get('fp16_overflow', 0):,} fp16 overflows)",
+                    path=self.path,
+                )
+            if inf:
+                infs[f"layer {e['index']}"] = inf
+        return infs
 
     def as_source(self):
         """A :class:`tolcli.model.ContextFreeSource` that reads this bundle (dropped layers give zero)."""

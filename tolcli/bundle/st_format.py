@@ -50,6 +50,19 @@ def write(f: BinaryIO, entries: list[TensorEntry], manifest_json: str | None) ->
             raise AssertionError(f"{e.name}: wrote {written} bytes, expected {e.nbytes}")
 
 
+def not_safetensors_reason(start: bytes) -> str | None:
+    """Say what a file that should be safetensors is instead, from its first bytes (None: no idea)."""
+    if start.startswith(b"version https://git-lfs"):
+        return "this is a Git LFS pointer, not the file itself (run `git lfs pull`)"
+    if start.lstrip()[:1] == b"<":
+        return "this looks like HTML (a download error page?), not a safetensors file"
+    if start.startswith(b"\x89HDF"):
+        return "this is an HDF5 file; name it .h5"
+    if start.startswith(b"PK\x03\x04"):
+        return "this is a zip archive (a torch .pt/.bin file?), not safetensors"
+    return None
+
+
 def _copy_file(src: Path, f: BinaryIO, nbytes: int) -> None:
     """Append ``src`` (exactly ``nbytes``) to ``f``, in the kernel when it can (copy_file_range)."""
     f.flush()
@@ -132,14 +145,7 @@ class SafetensorsReader:
 
     def _not_st(self, f: BinaryIO, what: str) -> str:
         f.seek(0)
-        start = f.read(64)
-        if start.startswith(b"version https://git-lfs"):
-            return "this is a Git LFS pointer, not the file itself (run `git lfs pull`)"
-        if start.lstrip()[:1] == b"<":
-            return "this looks like HTML (a download error page?), not a safetensors file"
-        if start.startswith(b"\x89HDF"):
-            return "this is an HDF5 file; name it .h5"
-        return f"not a safetensors file ({what})"
+        return not_safetensors_reason(f.read(64)) or f"not a safetensors file ({what})"
 
     def _entry(self, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
         ok = isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}

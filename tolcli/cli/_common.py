@@ -83,6 +83,9 @@ MaxShardOpt = Annotated[
         help="Write a sharded bundle directory (tol.index.json + shards of at most SIZE, e.g. 2GB).",
     ),
 ]
+VerifyOpt = Annotated[
+    bool, typer.Option("--verify", help="Check every input bundle's sha256 and values before using it.")
+]
 Sha256sumsOpt = Annotated[
     str | None,
     typer.Option("--sha256sums", metavar="FILE", help="Also write GNU sha256sum lines for the outputs (for CI)."),

@@ -24,6 +24,7 @@ from tolcli.cli._common import (
     RichProgress,
     Sha256sumsOpt,
     TensorMapOpt,
+    VerifyOpt,
     fmt_bytes,
     note_to_stderr,
 )
@@ -222,6 +223,7 @@ def convert_cmd(
     compression: CompressionOpt = None,
     max_shard_size: MaxShardOpt = None,
     force: ForceOpt = False,
+    verify: VerifyOpt = False,
     sha256sums: Sha256sumsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -236,7 +238,15 @@ def convert_cmd(
     """
     out = Output(json=json_out, quiet=quiet)
     t0 = time.monotonic()
-    path = convert_bundle(src, dst, container=fmt, compression=compression, force=force, max_shard_size=max_shard_size)
+    path = convert_bundle(
+        src,
+        dst,
+        container=fmt,
+        compression=compression,
+        force=force,
+        max_shard_size=max_shard_size,
+        verify_input=verify,
+    )
     if sha256sums:
         write_sha256sums(Path(sha256sums), [path])
     if json_out:

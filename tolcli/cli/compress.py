@@ -18,6 +18,7 @@ from tolcli.cli._common import (
     QuietOpt,
     RichProgress,
     Sha256sumsOpt,
+    VerifyOpt,
     fmt_bytes,
     note_to_stderr,
 )
@@ -125,6 +126,7 @@ def compress_cmd(
     max_shard_size: MaxShardOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same job.")] = False,
     force: ForceOpt = False,
+    verify: VerifyOpt = False,
     sha256sums: Sha256sumsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -170,6 +172,7 @@ def compress_cmd(
         resume=resume,
         compression=compression,
         max_shard_size=max_shard_size,
+        verify_input=verify,
         progress=RichProgress(out),
         note=note_to_stderr(out),
     )

@@ -18,6 +18,7 @@ from tolcli.cli._common import (
     Output,
     QuietOpt,
     RichProgress,
+    VerifyOpt,
     fmt_bytes,
     note_to_stderr,
 )
@@ -85,6 +86,7 @@ def eval_ppl_cmd(
     allow_tokenizer_mismatch: Annotated[
         bool, typer.Option("--allow-tokenizer-mismatch", help="Evaluate although a bundle's tokenizer hash differs.")
     ] = False,
+    verify: VerifyOpt = False,
     max_increase: Annotated[
         float | None,
         typer.Option(
@@ -120,6 +122,7 @@ def eval_ppl_cmd(
             keep_layers=keep_layers,
             tokenizer=tokenizer,
             allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+            verify_input=verify,
             max_increase=max_increase,
             progress=RichProgress(out),
             note=note_to_stderr(out),
@@ -145,6 +148,7 @@ def drop_cmd(
     fmt: FormatOpt = None,
     max_shard_size: MaxShardOpt = None,
     force: ForceOpt = False,
+    verify: VerifyOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -165,6 +169,7 @@ def drop_cmd(
         container=fmt,
         force=force,
         max_shard_size=max_shard_size,
+        verify_input=verify,
     )
     kept = [e["index"] for e in manifest["layers"] if e["status"] == "present"]
     if json_out:
