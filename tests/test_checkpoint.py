@@ -169,6 +169,10 @@ def test_index_disagrees_with_shards(make_ckpt) -> None:
 def test_not_a_safetensors_file(tmp_path: Path, make_ckpt) -> None:
     d = make_ckpt()
     (d / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    assert "Git LFS pointer" in _err(d) and "git lfs pull" in _err(d)
+    (d / "model.safetensors").write_text("<!DOCTYPE html><html><body>502 Bad Gateway</body></html>")
+    assert "looks like HTML" in _err(d)
+    (d / "model.safetensors").write_bytes(b"\x07" * 100)
     assert "not a readable safetensors file" in _err(d)
 
 
