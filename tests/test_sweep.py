@@ -69,3 +69,14 @@ def test_sweep_on_a_small_model(make_ckpt, tmp_path: Path, cli) -> None:
         "--json",
     )
     assert r.code == 0 and [x["name"] for x in json.loads(r.out)["rows"]][-1] == "drop-last-3"
+
+
+def test_inspect_plot(tmp_path: Path, make_ckpt, cli) -> None:
+    pytest.importorskip("matplotlib")
+    from tolcli import CompressOptions, compress, drop_layers, precompute
+
+    d = precompute(make_ckpt(), tmp_path / "d.safetensors").path
+    a = compress(d, tmp_path / "a.safetensors", CompressOptions("adaptive-svd", budget="0.5")).path
+    dropped, _ = drop_layers(a, tmp_path / "x.safetensors", drop_last=1)
+    r = cli("inspect", dropped, "--plot", tmp_path / "layers.png")
+    assert r.code == 0 and (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"

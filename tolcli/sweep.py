@@ -23,6 +23,7 @@ from tolcli.compress import CompressOptions, compress
 from tolcli.errors import OutputError, UsageError
 from tolcli.fsutil import write_text_atomic
 from tolcli.perplexity import eval_ppl
+from tolcli.plots import sweep_figures
 from tolcli.precompute import precompute
 from tolcli.progress import NullProgress, Progress
 
@@ -176,7 +177,7 @@ def sweep(
     protocol["options"]["families"] = list(opts.families)
     write_text_atomic(out / "results.json", json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n")
     _write_csv(out / "results.csv", rows)
-    plots = _plots(out, rows, protocol, note)
+    plots = sweep_figures(out, rows, protocol, note)
     return SweepResult(out, rows, protocol, plots, time.monotonic() - t0)
 
 
@@ -205,48 +206,3 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             ["" if r.get(c) is None else (" ".join(map(str, r[c])) if c == "ranks" else r[c]) for c in CSV_COLUMNS]
         )
     write_text_atomic(path, buf.getvalue())
-
-
-def _plots(out: Path, rows: list[dict[str, Any]], protocol: dict[str, Any], note) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        note("matplotlib is not installed: skipping the plots (pip install 'tolcli[plot]')")
-        return []
-    title = f"{protocol['model']}: {protocol['tokens_scored']:,} tokens, ctx {protocol['ctx']}"
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for family in dict.fromkeys(
-        r["family"] for r in rows if r["stored_bytes"] is not None and r["family"] != "dense fp32"
-    ):
-        pts = sorted((r["fraction_of_dense_fp16"], r["ppl_change_pct"]) for r in rows if r["family"] == family)
-        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], marker="o", label=family)
-    ax.set_yscale("log")
-    ax.set_xlabel("stored bytes / dense fp16 bytes")
-    ax.set_ylabel("perplexity increase, % (log; <= 0.001% drawn at 0.001%)")
-    ax.set_title(f"Rate-distortion of ToL compression\n{title}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    rd = out / "rate_distortion.png"
-    fig.savefig(rd)
-    plt.close(fig)
-    drops = sorted((r["layers_dropped"], r["ppl"]) for r in rows if "layers_dropped" in r)
-    paths = [rd]
-    if drops:
-        base = rows[0]["ppl"]
-        fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-        ax.plot([0] + [d[0] for d in drops], [base] + [d[1] for d in drops], marker="o")
-        ax.set_xlabel("last layers dropped")
-        ax.set_ylabel("perplexity")
-        ax.set_yscale("log")
-        ax.set_title(f"Dropping the last layers' ToLs\n{title}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        dl = out / "drop_layers.png"
-        fig.savefig(dl)
-        plt.close(fig)
-        paths.append(dl)
-    return paths

@@ -117,12 +117,18 @@ def _layer_params(e: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(e.get("params", {}).items()))
 
 
-def inspect_cmd(bundle: BundleArg, json_out: JsonOpt = False) -> None:
+def inspect_cmd(
+    bundle: BundleArg,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", metavar="FILE.png", help="Also draw bytes, rank/bits and error per layer.")
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
     """Show a bundle's manifest: model, vocabulary, and per layer the codec, bytes and error.
 
     Example:
 
-        tolcli inspect demo.safetensors
+        tolcli inspect demo.safetensors --plot layers.png
 
         tolcli inspect tol.h5 --json | jq '.manifest.layers[] | {index, codec, stored_bytes}'
     """
@@ -130,6 +136,11 @@ def inspect_cmd(bundle: BundleArg, json_out: JsonOpt = False) -> None:
     with open_bundle(bundle) as b:
         m = b.manifest
         container = b.container
+    if plot is not None:
+        from tolcli.plots import layer_figure
+
+        codecs = ", ".join(sorted({e["codec"] for e in m["layers"] if e["status"] == "present"}))
+        layer_figure(m, plot, f"{bundle.name}: {codecs}, {m['model']['num_layers']} layers")
     present = [e for e in m["layers"] if e["status"] == "present"]
     stored = sum(e["stored_bytes"] for e in present)
     dense16 = m["model"]["vocab_size"] * m["model"]["hidden_size"] * 2 * m["model"]["num_layers"]
