@@ -73,7 +73,14 @@ def describe_config(cfg: ModelConfig, present: set[str] | None = None) -> dict[s
 
 
 def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
-    """Everything ``tolcli info`` reports, as a JSON-ready dictionary."""
+    """Everything ``tolcli info`` reports, as a JSON-ready dictionary.
+
+    Example:
+        >>> from tolcli import describe_checkpoint, open_checkpoint, demo_checkpoint_path
+        >>> doc = describe_checkpoint(open_checkpoint(demo_checkpoint_path()))
+        >>> doc["parameters"]["total"], doc["tol"]["bytes_total"]["fp16"]
+        (2001280, 6291456)
+    """
     out = {"checkpoint": str(ckpt.path)}
     out.update(describe_config(ckpt.config, set(ckpt.tensors)))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values()})

@@ -317,6 +317,14 @@ def load_model(
     weight is held twice. Every parameter must come from the checkpoint (strict), with its exact shape.
     ``memory_ffn=False`` skips the context-free FFN weights (they are then never read); a stripped
     checkpoint never has them.
+
+    Example:
+        >>> import torch
+        >>> from tolcli import load_model, open_checkpoint, demo_checkpoint_path, ZeroSource
+        >>> model = load_model(open_checkpoint(demo_checkpoint_path()))
+        >>> ids = torch.tensor([[10, 20, 30]])
+        >>> model(ids).shape, bool((model(ids) != model(ids, ZeroSource())).any())
+        (torch.Size([1, 3, 4096]), True)
     """
     cfg = ckpt.config
     memory_ffn = memory_ffn and not cfg.stripped

@@ -32,7 +32,15 @@ class StripResult:
 
 
 def strip_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, *, force: bool = False) -> StripResult:
-    """Write ``out/`` (config.json with ``tolcli_stripped``, model.safetensors, tokenizer.json)."""
+    """Write ``out/`` (config.json with ``tolcli_stripped``, model.safetensors, tokenizer.json).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from tolcli import strip_checkpoint, open_checkpoint, demo_checkpoint_path
+        >>> r = strip_checkpoint(demo_checkpoint_path(), pathlib.Path(tempfile.mkdtemp()) / "active")
+        >>> r.removed, open_checkpoint(r.path).config.stripped
+        (30, True)
+    """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     cfg = ckpt.config
     if not cfg.has_memory:

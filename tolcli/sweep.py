@@ -99,7 +99,16 @@ def sweep(
     progress: Progress | None = None,
     note=lambda s: None,
 ) -> SweepResult:
-    """Run the grid; see the module docstring. Returns the rows written to ``results.json``."""
+    """Run the grid; see the module docstring. Returns the rows written to ``results.json``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from tolcli import sweep, SweepOptions, demo_checkpoint_path, demo_heldout_path
+        >>> opts = SweepOptions(families=("int4", "drop"), group_sizes=(64,), ctx=64, max_tokens=600)
+        >>> r = sweep(demo_checkpoint_path(), [demo_heldout_path()], pathlib.Path(tempfile.mkdtemp()), opts)
+        >>> [row["name"] for row in r.rows][:3]
+        ['baseline', 'dense-fp32', 'int4-g64']
+    """
     t0 = time.monotonic()
     opts = options or SweepOptions()
     progress = progress or NullProgress()

@@ -21,7 +21,17 @@ def convert_bundle(
 ) -> Path:
     """Rewrite ``src`` as ``dst`` (container from ``container`` or the suffix; ``max_shard_size`` makes a
     sharded directory, and a sharded source becomes one file without it). The manifest is kept as is, so
-    converting back gives a byte-identical file; every tensor is re-hashed while it is copied."""
+    converting back gives a byte-identical file; every tensor is re-hashed while it is copied.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from tolcli import convert_bundle, precompute, demo_checkpoint_path
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> st = precompute(demo_checkpoint_path(), d / "t.safetensors", dtype="bf16").path
+        >>> back = convert_bundle(convert_bundle(st, d / "t.h5"), d / "back.safetensors")
+        >>> back.read_bytes() == st.read_bytes()
+        True
+    """
     dst = Path(dst)
     shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
     kind = container_for(dst, container, sharded=shard_bytes is not None)

@@ -34,7 +34,17 @@ def drop_layers(
     max_shard_size: int | str | None = None,
     verify_input: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
-    """Write ``out`` holding only the kept layers of ``src``; returns the path and the new manifest."""
+    """Write ``out`` holding only the kept layers of ``src``; returns the path and the new manifest.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from tolcli import drop_layers, precompute, demo_checkpoint_path
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> src = precompute(demo_checkpoint_path(), d / "t.safetensors", dtype="bf16").path
+        >>> _, manifest = drop_layers(src, d / "t4.safetensors", drop_last=2)
+        >>> [e["status"] for e in manifest["layers"]]
+        ['present', 'present', 'present', 'present', 'dropped', 'dropped']
+    """
     with open_bundle(src, verify=verify_input) as b:
         keep = layers_to_keep(b.num_layers, drop_last=drop_last, keep_layers=keep_layers)
         layers, names = [], []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -161,6 +162,7 @@ def drop_cmd(
         tolcli drop tol.h5 -o some.h5 --keep-layers 0-3,8
     """
     out = Output(json=json_out, quiet=quiet)
+    t0 = time.monotonic()
     path, manifest = drop_layers(
         bundle,
         output,
@@ -175,7 +177,10 @@ def drop_cmd(
     if json_out:
         out.emit_json({"output": str(path), "bytes": path_bytes(path), "layers_present": kept})
         return
-    out.print(f"wrote {path} ({fmt_bytes(path_bytes(path))}; {len(kept)} of {len(manifest['layers'])} layers)")
+    out.print(
+        f"wrote {path} ({fmt_bytes(path_bytes(path))}; {len(kept)} of {len(manifest['layers'])} layers) "
+        f"in {time.monotonic() - t0:.1f}s"
+    )
 
 
 def strip_cmd(
@@ -192,6 +197,7 @@ def strip_cmd(
         tolcli strip ./my-memoryllm -o ./my-memoryllm-active && tolcli info ./my-memoryllm-active
     """
     out = Output(json=json_out, quiet=quiet)
+    t0 = time.monotonic()
     res = strip_checkpoint(resolve_checkpoint_arg(checkpoint), output, force=force)
     if json_out:
         out.emit_json(
@@ -205,7 +211,7 @@ def strip_cmd(
         return
     out.print(
         f"wrote {res.path} ({res.kept} tensors; removed {res.removed} context-free FFN tensors, "
-        f"{fmt_bytes(res.bytes_removed)})"
+        f"{fmt_bytes(res.bytes_removed)}) in {time.monotonic() - t0:.1f}s"
     )
 
 

@@ -14,14 +14,27 @@ DEMO_MODELS: tuple[str, ...] = ("memoryllm", "llama")
 
 
 def demo_checkpoint_path(kind: str = "memoryllm") -> Path:
-    """Directory of a shipped demo checkpoint: ``memoryllm`` (default) or ``llama``."""
+    """Directory of a shipped demo checkpoint: ``memoryllm`` (default) or ``llama``.
+
+    Example:
+        >>> from tolcli import demo_checkpoint_path
+        >>> sorted(p.name for p in demo_checkpoint_path("llama").iterdir())
+        ['config.json', 'model.safetensors', 'tokenizer.json']
+    """
     if kind not in DEMO_MODELS:
         raise InputError(f"unknown demo model {kind!r}; expected one of {', '.join(DEMO_MODELS)}")
     return DEMO_DIR / kind
 
 
 def demo_heldout_path() -> Path:
-    """Held-out text (standard-library docstrings never seen in training) for evaluating the demos."""
+    """Held-out text (standard-library docstrings never seen in training) for evaluating the demos.
+
+    Example:
+        >>> from tolcli import demo_heldout_path
+        >>> text = demo_heldout_path().read_text(encoding="utf-8")
+        >>> len(text) > 60_000, text.split(chr(10))[0]
+        (True, 'Simple class to read IFF chunks.')
+    """
     return DEMO_DIR / "heldout.txt"
 
 
