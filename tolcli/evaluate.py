@@ -46,20 +46,6 @@ def plan_windows(n_tokens: int, ctx: int, stride: int) -> tuple[int, list[Window
     return length, windows
 
 
-@dataclass(frozen=True)
-class Score:
-    nll_sum: float
-    tokens: int
-
-    @property
-    def mean_nll(self) -> float:
-        return self.nll_sum / self.tokens
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.mean_nll)
-
-
 def window_batches(
     tokens: Tensor, *, ctx: int, stride: int, batch_size: int, device: torch.device
 ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -76,27 +62,6 @@ def window_batches(
 
 def count_batches(n_tokens: int, *, ctx: int, stride: int, batch_size: int) -> int:
     return math.ceil(len(plan_windows(n_tokens, ctx, stride)[1]) / batch_size)
-
-
-@torch.no_grad()
-def score(
-    model: Transformer,
-    tokens: Tensor,
-    *,
-    ctx: int,
-    stride: int | None = None,
-    batch_size: int = 8,
-    source: ContextFreeSource | None = None,
-) -> Score:
-    """Sum of negative log-likelihoods (nats) over every scored token, and the token count."""
-    device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
-    for idx, keep in window_batches(tokens, ctx=ctx, stride=stride or ctx, batch_size=batch_size, device=device):
-        logits = model(idx[:, :-1], source).float()  # (B, L, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), idx[:, 1:], reduction="none")  # (B, L)
-        nll_sum += nll[keep].double().sum().item()
-        count += int(keep.sum().item())
-    return Score(nll_sum, count)
 
 
 @dataclass
@@ -161,3 +126,17 @@ def compare(
         if on_batch is not None:
             on_batch()
     return stats
+
+
+def score(
+    model: Transformer,
+    tokens: Tensor,
+    *,
+    ctx: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    source: ContextFreeSource | None = None,
+) -> VariantStats:
+    """Negative log-likelihood (nats) over every scored token with one source (``None``: the model's FFNs);
+    ``.perplexity``, ``.mean_nll``, ``.nll_sum`` and ``.tokens`` as for any variant of :func:`compare`."""
+    return compare(model, tokens, [("model", source)], ctx=ctx, stride=stride, batch_size=batch_size)[0]
