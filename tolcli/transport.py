@@ -14,6 +14,7 @@ import zstandard as zstd
 
 from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import atomic_output
+from tolcli.progress import NullProgress, Progress
 
 MAX_WINDOW_BYTES = 1 << 27  # 128 MiB: zstd's default limit for levels <= 19, so any standard frame fits
 CHUNK = 1 << 20
@@ -33,7 +34,13 @@ class TransportResult:
 
 
 def pack(
-    src: str | Path, dst: str | Path, *, level: int = 3, threads: int = -1, force: bool = False
+    src: str | Path,
+    dst: str | Path,
+    *,
+    level: int = 3,
+    threads: int = -1,
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> TransportResult:
     """Compress a bundle (any file) into one zstd frame. ``threads=-1`` uses every core."""
     src, dst = Path(src), Path(dst)
@@ -43,12 +50,29 @@ def pack(
         raise InputError("input not found", path=src)
     size = src.stat().st_size
     cctx = zstd.ZstdCompressor(level=level, threads=threads, write_checksum=True, write_content_size=True)
-    with atomic_output(dst, force=force) as tmp, open(src, "rb") as fi, open(tmp, "wb") as fo:
-        cctx.copy_stream(fi, fo, size=size, read_size=CHUNK, write_size=CHUNK)
+    progress = progress or NullProgress()
+    progress.start("pack", size)
+    with (
+        atomic_output(dst, force=force) as tmp,
+        open(src, "rb") as fi,
+        open(tmp, "wb") as fo,
+        cctx.stream_writer(fo, size=size, write_size=CHUNK, closefd=False) as writer,  # closed (frame ended) first
+    ):
+        while chunk := fi.read(CHUNK):
+            writer.write(chunk)
+            progress.advance(len(chunk))
+    progress.finish()
     return TransportResult(dst, size, dst.stat().st_size)
 
 
-def unpack(src: str | Path, dst: str | Path, *, force: bool = False, check_bundle: bool = True) -> TransportResult:
+def unpack(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    force: bool = False,
+    check_bundle: bool = True,
+    progress: Progress | None = None,
+) -> TransportResult:
     """Decompress a ``.zst`` made by :func:`pack`; refuses corrupted, truncated or oversized-window input."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -65,7 +89,10 @@ def unpack(src: str | Path, dst: str | Path, *, force: bool = False, check_bundl
         try:
             dobj = dctx.decompressobj(write_size=CHUNK)
             with open(src, "rb") as fi, open(tmp, "wb") as fo:
+                progress = progress or NullProgress()
+                progress.start("unpack", src.stat().st_size)
                 while chunk := fi.read(CHUNK):
+                    progress.advance(len(chunk))
                     if dobj.eof:
                         raise InputError("unexpected data after the zstd frame", path=src)
                     out = dobj.decompress(chunk)
@@ -73,6 +100,8 @@ def unpack(src: str | Path, dst: str | Path, *, force: bool = False, check_bundl
                     written += len(out)
         except zstd.ZstdError as e:
             raise InputError(f"corrupted zstd data ({e})", path=src) from None
+        if progress is not None:
+            progress.finish()
         if not dobj.eof:
             raise InputError("truncated zstd file (the frame does not end)", path=src)
         if declared >= 0 and written != declared:

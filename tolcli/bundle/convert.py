@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tolcli.bundle.entries import TensorEntry
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.writer import container_for, write_bundle
 from tolcli.fsutil import parse_bytes
+from tolcli.progress import NullProgress, Progress
 
 
 def convert_bundle(
@@ -18,6 +20,7 @@ def convert_bundle(
     force: bool = False,
     max_shard_size: int | str | None = None,
     verify_input: bool = False,
+    progress: Progress | None = None,
 ) -> Path:
     """Rewrite ``src`` as ``dst`` (container from ``container`` or the suffix; ``max_shard_size`` makes a
     sharded directory, and a sharded source becomes one file without it). The manifest is kept as is, so
@@ -37,7 +40,22 @@ def convert_bundle(
     kind = container_for(dst, container, sharded=shard_bytes is not None)
     with open_bundle(src, verify=verify_input) as b:
         manifest = {k: v for k, v in b.manifest.items() if k != "tensors"}
-        entries = [b.entry(n) for n in b.tensor_names]
-        return write_bundle(
+        progress = progress or NullProgress()
+        entries = [_counted(b.entry(n), progress) for n in b.tensor_names]
+        progress.start("convert", sum(e.nbytes for e in entries))
+        path = write_bundle(
             dst, entries, manifest, container=kind, force=force, compression=compression, max_shard_size=shard_bytes
         )
+        progress.finish()
+        return path
+
+
+def _counted(entry: TensorEntry, progress: Progress) -> TensorEntry:
+    """The same entry, advancing ``progress`` by each block's bytes."""
+
+    def blocks():
+        for block in entry.blocks():
+            yield block
+            progress.advance(block.nbytes)
+
+    return TensorEntry(entry.name, entry.dtype, entry.shape, entry.sha256, blocks)

@@ -257,6 +257,7 @@ def convert_cmd(
         force=force,
         max_shard_size=max_shard_size,
         verify_input=verify,
+        progress=RichProgress(out),
     )
     if sha256sums:
         write_sha256sums(Path(sha256sums), [path])

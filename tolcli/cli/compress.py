@@ -222,7 +222,7 @@ def pack_cmd(
     """
     out = Output(json=json_out, quiet=quiet)
     t0 = time.monotonic()
-    res = pack(bundle, output, level=level, threads=threads, force=force)
+    res = pack(bundle, output, level=level, threads=threads, force=force, progress=RichProgress(out))
     if sha256sums:
         write_sha256sums(Path(sha256sums), [res.path])
     if json_out:
@@ -256,7 +256,7 @@ def unpack_cmd(
     """
     out = Output(json=json_out, quiet=quiet)
     t0 = time.monotonic()
-    res = unpack(archive, output, force=force)
+    res = unpack(archive, output, force=force, progress=RichProgress(out))
     if json_out:
         out.emit_json({"input": str(archive), "output": str(res.path), "bytes": res.bytes_out})
         return
