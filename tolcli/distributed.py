@@ -65,10 +65,8 @@ def finish_distributed(
     compression: str | None,
     force: bool,
 ) -> Path:
-    """Every rank writes its staged tensors as shards; rank 0 merges layer entries and writes the index.
-
-    ``manifest`` holds this rank's layer entries (others ``dropped``); the merged manifest takes each
-    layer's entry from the rank that computed it."""
+    """Every rank writes its staged tensors as shards; rank 0 writes the index with ``manifest`` (which
+    already holds every rank's layer entries) and the tensors of all ranks."""
     tmp = out.with_name(f".{out.name}.tmp-dist")
     if d.rank == 0:
         if out.exists() and not force:
@@ -86,14 +84,11 @@ def finish_distributed(
     tensors = {
         e.name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "sha256": e.sha256} for e in entries
     }
-    mine = {e["index"]: e for e in manifest["layers"] if e["status"] == "present"}
-    gathered = all_gather((records, weight_map, tensors, mine))
+    gathered = all_gather((records, weight_map, tensors))
     if d.rank == 0:
         all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r["name"])
         merged_map = {k: v for g in gathered for k, v in g[1].items()}
-        present = {i: e for g in gathered for i, e in g[3].items()}
         merged = dict(manifest)
-        merged["layers"] = [present.get(e["index"], e) for e in manifest["layers"]]
         merged["tensors"] = {k: v for g in gathered for k, v in g[2].items()}
         validate_schema(merged, where=str(out))
         (tmp / INDEX_NAME).write_text(canonical_json(index_document(merged, all_records, merged_map)), encoding="utf-8")

@@ -231,7 +231,7 @@ def precompute(
         if dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
         shard_bytes = shard_bytes or (1 << 62)
-        container = container_for(out, container if container else None, sharded=True)
+        container = container_for(out, container, sharded=True)
     codec = DenseCodec(dtype)
     if matmul_dtype not in MATMUL_DTYPES:
         raise UsageError(f"--matmul-dtype must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}")
