@@ -70,3 +70,15 @@ def test_broken_pipe_is_quiet() -> None:
         f"{sys.executable} -m tolcli compress --help | head -1", shell=True, capture_output=True, text=True
     )
     assert "Traceback" not in r.stderr
+
+
+def test_a_bug_is_one_line_exit_1_and_debug_shows_the_traceback(cli, monkeypatch) -> None:
+    def broken(*a, **k):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(sys.modules["tolcli.cli.info"], "describe_checkpoint", broken)
+    r = cli("info", "demo")
+    assert r.code == 1 and r.err.count("\n") == 1
+    assert "internal error: ZeroDivisionError: a bug" in r.err and "--debug" in r.err
+    r = cli("--debug", "info", "demo")
+    assert r.code == 1 and "Traceback" in r.err
