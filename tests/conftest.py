@@ -54,3 +54,35 @@ def make_ckpt(tmp_path: Path) -> Callable[..., Path]:
         return write_random_checkpoint(d, cfg, seed=seed, dtype=dtype, layout=layout, memory_norm_bias=memory_norm_bias)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def hf_llama() -> Callable[..., Any]:
+    """An independent reference: ``transformers.LlamaForCausalLM`` holding a tolcli checkpoint's weights.
+
+    Returns ``(model, missing_keys, unexpected_keys)``; skips when transformers is not installed."""
+    transformers = pytest.importorskip("transformers")
+
+    def build(ckpt) -> tuple[Any, list[str], list[str]]:
+        cfg = ckpt.config
+        hf = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_hidden_layers,
+                num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads,
+                head_dim=cfg.head_dim,
+                rms_norm_eps=cfg.rms_norm_eps,
+                rope_theta=cfg.rope_theta,
+                max_position_embeddings=cfg.max_position_embeddings,
+                tie_word_embeddings=cfg.tie_word_embeddings,
+                attention_bias=False,
+                mlp_bias=False,
+            )
+        ).eval()
+        missing, unexpected = hf.load_state_dict({n: ckpt.load(n) for n in ckpt.tensors}, strict=False)
+        return hf, list(missing), list(unexpected)
+
+    return build

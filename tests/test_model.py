@@ -13,8 +13,7 @@ from tolcli.config import ModelConfig
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_llama_matches_transformers(make_ckpt, tied: bool) -> None:
-    transformers = pytest.importorskip("transformers")
+def test_llama_matches_transformers(make_ckpt, hf_llama, tied: bool) -> None:
     d = make_ckpt(
         "llama",
         vocab_size=97,
@@ -29,24 +28,7 @@ def test_llama_matches_transformers(make_ckpt, tied: bool) -> None:
     ckpt = open_checkpoint(d)
     cfg = ckpt.config
     ours = load_model(ckpt)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=tied,
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    state = {n: ckpt.load(n) for n in ckpt.tensors}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    hf, missing, unexpected = hf_llama(ckpt)
     assert not unexpected and all("rotary" in m or (tied and m == "lm_head.weight") for m in missing)
     idx = torch.randint(0, cfg.vocab_size, (3, 41), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

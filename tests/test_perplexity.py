@@ -27,8 +27,7 @@ from tolcli.errors import ExitCode, InputError, QualityGateError, UsageError
 from tolcli.evaluate import plan_windows
 
 
-def test_llama_perplexity_matches_transformers(make_ckpt, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+def test_llama_perplexity_matches_transformers(make_ckpt, hf_llama, tmp_path: Path) -> None:
     d = make_ckpt(
         "llama",
         vocab_size=89,
@@ -43,21 +42,7 @@ def test_llama_perplexity_matches_transformers(make_ckpt, tmp_path: Path) -> Non
     ctx, stride = 64, 24
     report = eval_ppl(d, [tmp_path / "ids.npy"], ctx=ctx, stride=stride, batch_size=3)
     ckpt = open_checkpoint(d)
-    cfg = ckpt.config
-    hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads,
-            rms_norm_eps=cfg.rms_norm_eps,
-            rope_theta=cfg.rope_theta,
-            tie_word_embeddings=True,
-        )
-    ).eval()
-    hf.load_state_dict({n: ckpt.load(n) for n in ckpt.tensors}, strict=False)
+    hf, _, _ = hf_llama(ckpt)
     length, windows = plan_windows(300, ctx, stride)
     nll, n = 0.0, 0
     with torch.no_grad():

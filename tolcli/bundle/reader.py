@@ -126,42 +126,53 @@ class Bundle:
 
     # ---- integrity ---------------------------------------------------------------------------------
     def verify(self, progress=None) -> int:
-        """Recompute every tensor's sha256; raise VerifyError naming the first bad tensor. Returns bytes read."""
+        """Recompute every tensor's sha256 and check its values (:meth:`check_values`) in one pass over the
+        data; raise VerifyError naming the first bad tensor or layer. Returns the bytes read."""
+        counts: dict[str, tuple[int, int]] = {}
         total = 0
         for name in self.tensor_names:
-            info = self.manifest["tensors"][name]
-            h = hashlib.sha256()
-            for block in self.entry(name).blocks():
-                buf = memoryview(np.ascontiguousarray(block, dtype=DTYPES[info["dtype"]].numpy)).cast("B")
-                h.update(buf)
-                total += buf.nbytes
-                if progress is not None:
-                    progress(buf.nbytes)
-            if h.hexdigest() != info["sha256"]:
+            digest, nbytes, counts[name] = self._scan(name, hashing=True, progress=progress)
+            total += nbytes
+            want = self.manifest["tensors"][name]["sha256"]
+            if digest != want:
                 raise VerifyError(
-                    f"tensor {name!r}: sha256 {h.hexdigest()[:16]}... does not match the manifest "
-                    f"({info['sha256'][:16]}...)",
+                    f"tensor {name!r}: sha256 {digest[:16]}... does not match the manifest ({want[:16]}...)",
                     path=self.path,
                 )
-        self.check_values()
+        self._judge_values(counts)
         return total
 
     def check_values(self) -> dict[str, int]:
         """Count NaN and Inf in every float tensor. NaN never belongs in a bundle; Inf only where the layer
         records fp16 overflow. Raises VerifyError naming the layer and the counts; returns Inf counts."""
+        return self._judge_values({n: self._scan(n, hashing=False)[2] for n in self.tensor_names})
+
+    def _scan(self, name: str, *, hashing: bool, progress=None) -> tuple[str, int, tuple[int, int]]:
+        """One read of a tensor: (sha256 or "", bytes, (NaN count, Inf count)); counts are 0 for integers."""
+        dtype = self.manifest["tensors"][name]["dtype"]
+        h = hashlib.sha256()
+        nbytes = nan = inf = 0
+        for block in self.entry(name).blocks():
+            arr = np.ascontiguousarray(block, dtype=DTYPES[dtype].numpy)
+            if hashing:
+                h.update(memoryview(arr).cast("B"))
+            if dtype in ("F32", "F16", "BF16"):
+                t = torch.from_numpy(arr)
+                t = t.view(torch.bfloat16) if dtype == "BF16" else t
+                nan += int(torch.isnan(t).sum())
+                inf += int(torch.isinf(t).sum())
+            nbytes += arr.nbytes
+            if progress is not None:
+                progress(arr.nbytes)
+        return (h.hexdigest() if hashing else ""), nbytes, (nan, inf)
+
+    def _judge_values(self, counts: dict[str, tuple[int, int]]) -> dict[str, int]:
         infs: dict[str, int] = {}
         for e in self.manifest["layers"]:
             if e["status"] != "present":
                 continue
-            nan = inf = 0
-            for name in e["tensors"].values():
-                if self.manifest["tensors"][name]["dtype"] not in ("F32", "F16", "BF16"):
-                    continue
-                for block in self.entry(name).blocks():
-                    t = torch.from_numpy(np.ascontiguousarray(block))
-                    t = t.view(torch.bfloat16) if self.manifest["tensors"][name]["dtype"] == "BF16" else t
-                    nan += int(torch.isnan(t).sum())
-                    inf += int(torch.isinf(t).sum())
+            nan = sum(counts[n][0] for n in e["tensors"].values())
+            inf = sum(counts[n][1] for n in e["tensors"].values())
             if nan or inf > e.get("fp16_overflow", 0):
                 raise VerifyError(
                     f"layer {e['index']}: {nan:,} NaN and {inf:,} Inf values in its tensors"
@@ -217,26 +228,18 @@ def open_bundle(path: str | Path, *, verify: bool = False) -> Bundle:
     path = Path(path)
     if not path.exists():
         raise InputError("bundle not found", path=path)
+    reader: SafetensorsReader | HDF5Reader | ShardedReader
     if path.is_dir():
-        reader_d = ShardedReader(path)
+        reader = ShardedReader(path)
+    else:
         try:
-            bundle = Bundle(path, reader_d)  # type: ignore[arg-type]
-            if verify:
-                reader_d.verify_shards()
-                bundle.verify()
-        except BaseException:
-            reader_d.close()
-            raise
-        return bundle
+            with open(path, "rb") as f:
+                sig = f.read(8)
+        except OSError as e:
+            raise InputError(f"cannot read: {e.strerror}", path=path) from None
+        reader = HDF5Reader(path) if sig == b"\x89HDF\r\n\x1a\n" else SafetensorsReader(path)
     try:
-        with open(path, "rb") as f:
-            sig = f.read(8)
-    except OSError as e:
-        raise InputError(f"cannot read: {e.strerror}", path=path) from None
-    reader: SafetensorsReader | HDF5Reader
-    reader = HDF5Reader(path) if sig == b"\x89HDF\r\n\x1a\n" else SafetensorsReader(path)
-    try:
-        bundle = Bundle(path, reader)
+        bundle = Bundle(path, reader)  # type: ignore[arg-type]
         if verify:
             bundle.verify()
     except BaseException:

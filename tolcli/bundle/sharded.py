@@ -16,7 +16,6 @@ that reads bundles reads both forms identically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -186,16 +185,6 @@ class ShardedReader:
 
     def blocks(self, name: str, rows: int):
         return self._reader(name).blocks(name, rows)
-
-    def verify_shards(self, progress=None) -> None:
-        """The shard files' own sha256, as the index records them."""
-        for rec in self.records:
-            h = hashlib.sha256()
-            with open(self.path / rec["name"], "rb") as f:
-                for block in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(block)
-            if h.hexdigest() != rec.get("sha256"):
-                raise VerifyError(f"shard {rec['name']}: sha256 does not match the index", path=self.path)
 
     def close(self) -> None:
         for r in self.shards.values():

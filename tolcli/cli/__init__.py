@@ -64,20 +64,24 @@ def _root(
     """
 
 
-app.command()(info)
-app.command("precompute")(precompute_cmd)
-app.command("inspect")(inspect_cmd)
-app.command("verify")(verify_cmd)
-app.command("convert")(convert_cmd)
-app.command("schema")(schema_cmd)
-app.command("compress")(compress_cmd)
-app.command("pack")(pack_cmd)
-app.command("unpack")(unpack_cmd)
-app.command("eval-ppl")(eval_ppl_cmd)
-app.command("drop")(drop_cmd)
-app.command("strip")(strip_cmd)
-app.command("sweep")(sweep_cmd)
-app.command("bench-lookup")(bench_lookup_cmd)
+COMMANDS = {
+    "info": info,
+    "precompute": precompute_cmd,
+    "inspect": inspect_cmd,
+    "verify": verify_cmd,
+    "convert": convert_cmd,
+    "schema": schema_cmd,
+    "compress": compress_cmd,
+    "pack": pack_cmd,
+    "unpack": unpack_cmd,
+    "eval-ppl": eval_ppl_cmd,
+    "drop": drop_cmd,
+    "strip": strip_cmd,
+    "sweep": sweep_cmd,
+    "bench-lookup": bench_lookup_cmd,
+}
+for _name, _fn in COMMANDS.items():
+    app.command(_name)(_fn)
 
 
 def _error(text: str) -> None:
