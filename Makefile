@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint mutants venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Curated mutation testing (docs/contributing.md): every mutant in mutants/*.toml must be killed.
+mutants: $(STAMP)
+	$(BIN)/python scripts/mutants.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib
 import itertools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,17 @@ from tolcli.cli import main
 from tolcli.testing import tiny_config, write_random_checkpoint
 
 torch.set_num_threads(2)
+
+
+def require(module: str) -> Any:
+    """Import an optional test dependency: a skip on a developer's machine without it, a failure when ``CI`` is
+    set, so that an independent cross-check can never silently turn into a skip in CI."""
+    if os.environ.get("CI"):
+        try:
+            return importlib.import_module(module)
+        except ImportError as e:
+            pytest.fail(f"CI is set but {module!r} cannot be imported ({e}): install the dev extra")
+    return pytest.importorskip(module)
 
 
 @dataclass
@@ -60,8 +73,8 @@ def make_ckpt(tmp_path: Path) -> Callable[..., Path]:
 def hf_llama() -> Callable[..., Any]:
     """An independent reference: ``transformers.LlamaForCausalLM`` holding a tolcli checkpoint's weights.
 
-    Returns ``(model, missing_keys, unexpected_keys)``; skips when transformers is not installed."""
-    transformers = pytest.importorskip("transformers")
+    Returns ``(model, missing_keys, unexpected_keys)``; skips when transformers is not installed (fails in CI)."""
+    transformers = require("transformers")
 
     def build(ckpt) -> tuple[Any, list[str], list[str]]:
         cfg = ckpt.config

@@ -35,7 +35,8 @@ def demo_bundles(tmp_path_factory) -> dict[str, Path]:
     return {"safetensors": st, "hdf5": h5}
 
 
-def tiny_manifest(tensors: dict[str, tuple[str, list[int]]]) -> dict:
+def tiny_manifest() -> dict:
+    """The manifest of a one-layer, 3 x 2 dense fp32 bundle (``tensors`` is filled in by the writer)."""
     return {
         "format": "tolcli.tol",
         "format_version": 1,
@@ -49,7 +50,7 @@ def tiny_manifest(tensors: dict[str, tuple[str, list[int]]]) -> dict:
             "ffn_alpha": 1.0,
             "memory_norm_type": "layernorm",
         },
-        "vocabulary": {"size": 3, "embedded": "tokenizer" in tensors, "tokenizer_sha256": None, "special_tokens": []},
+        "vocabulary": {"size": 3, "embedded": False, "tokenizer_sha256": None, "special_tokens": []},
         "layers": [
             {
                 "index": 0,
@@ -65,32 +66,47 @@ def tiny_manifest(tensors: dict[str, tuple[str, list[int]]]) -> dict:
     }
 
 
+# The golden file, typed from docs/bundle-format.md (not produced by tolcli): the manifest as canonical JSON
+# (sorted keys, no spaces), inside a safetensors header with its tensor entry, space-padded to 8 bytes, then the
+# 24 data bytes of float32 0..5 little-endian, row-major.
+GOLDEN_SHA = "b3bf58dac02fdc73c9f32893750c12e4592f669861442438468b0b77467bc1ce"  # sha256 of golden_bytes()
+
+
+def golden_bytes() -> bytes:
+    data = b"".join(struct.pack("<f", v) for v in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0))
+    table_sha = hashlib.sha256(data).hexdigest()
+    manifest = (
+        '{"format":"tolcli.tol","format_version":1,'
+        '"layers":[{"bits_per_value":32.0,"codec":"dense","index":0,"params":{"dtype":"F32"},'
+        '"status":"present","stored_bytes":24,"tensors":{"table":"layers.0.table"}}],'
+        '"model":{"ffn_alpha":1.0,"hidden_size":2,"memory_norm_type":"layernorm","num_layers":1,'
+        '"type":"memoryllm","vocab_size":3},'
+        '"source":{"checkpoint":"x","config":{},"files":[]},'
+        '"tensors":{"layers.0.table":{"bytes":24,"dtype":"F32","sha256":"' + table_sha + '","shape":[3,2]}},'
+        '"tolcli_version":"test",'
+        '"vocabulary":{"embedded":false,"size":3,"special_tokens":[],"tokenizer_sha256":null}}'
+    )
+    escaped = manifest.replace("\\", "\\\\").replace('"', '\\"')
+    header = (
+        '{"__metadata__":{"format":"pt","tol.manifest":"' + escaped + '"},'
+        '"layers.0.table":{"data_offsets":[0,24],"dtype":"F32","shape":[3,2]}}'
+    ).encode()
+    header += b" " * (-(8 + len(header)) % 8)
+    return struct.pack("<Q", len(header)) + header + data
+
+
 def test_golden_bytes_safetensors(tmp_path: Path) -> None:
     """A 3 x 2 fp32 table, byte for byte as docs/bundle-format.md specifies."""
+    expected = golden_bytes()
+    assert hashlib.sha256(expected).hexdigest() == GOLDEN_SHA  # the expectation itself is pinned
     table = np.arange(6, dtype="<f4").reshape(3, 2)
-    sha = hashlib.sha256(table.tobytes()).hexdigest()
-    entry = TensorEntry("layers.0.table", "F32", (3, 2), sha, lambda: iter([table]))
-    out = write_bundle(tmp_path / "g.safetensors", [entry], tiny_manifest({"layers.0.table": ("F32", [3, 2])}))
-    raw = out.read_bytes()
+    entry = TensorEntry(
+        "layers.0.table", "F32", (3, 2), hashlib.sha256(table.tobytes()).hexdigest(), lambda: iter([table])
+    )
+    raw = write_bundle(tmp_path / "g.safetensors", [entry], tiny_manifest()).read_bytes()
+    assert raw == expected
     (n,) = struct.unpack("<Q", raw[:8])
     assert (8 + n) % 8 == 0  # data starts 8-byte aligned
-    header_text = raw[8 : 8 + n].decode()
-    assert header_text == header_text.rstrip() + " " * (len(header_text) - len(header_text.rstrip()))
-    header = json.loads(header_text)
-    assert header["layers.0.table"] == {"data_offsets": [0, 24], "dtype": "F32", "shape": [3, 2]}
-    assert header["__metadata__"]["format"] == "pt"
-    manifest_text = header["__metadata__"]["tol.manifest"]
-    manifest = json.loads(manifest_text)
-    assert manifest_text == json.dumps(manifest, sort_keys=True, separators=(",", ":"))  # canonical
-    assert manifest["tensors"]["layers.0.table"] == {"bytes": 24, "dtype": "F32", "sha256": sha, "shape": [3, 2]}
-    assert raw[8 + n :] == table.tobytes()  # little-endian, row-major, nothing after
-    assert header_text.rstrip().startswith('{"__metadata__":{"format":"pt","tol.manifest":"{')
-    assert (
-        hashlib.sha256(raw).hexdigest()
-        == hashlib.sha256(
-            write_bundle(tmp_path / "g2.safetensors", [entry], tiny_manifest({})).read_bytes()
-        ).hexdigest()
-    )
 
 
 def test_independent_safetensors_reader_agrees(demo_bundles) -> None:
@@ -186,12 +202,12 @@ def test_manifest_inconsistent_with_tensors_is_refused(tmp_path: Path) -> None:
     entry = TensorEntry(
         "layers.0.table", "F32", (3, 2), hashlib.sha256(table.tobytes()).hexdigest(), lambda: iter([table])
     )
-    m = tiny_manifest({})
+    m = tiny_manifest()
     m["layers"][0]["params"] = {"dtype": "F16"}  # codec says fp16, tensor is fp32
     out = write_bundle(tmp_path / "bad.safetensors", [entry], m)
     with pytest.raises(InputError, match="expects F16"):
         open_bundle(out)
-    m = tiny_manifest({})
+    m = tiny_manifest()
     m["model"]["num_layers"] = 2
     out = write_bundle(tmp_path / "bad2.safetensors", [entry], m)
     with pytest.raises(InputError, match=r"indices 0\.\.1"):

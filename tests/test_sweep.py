@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require
 
 from tolcli import SweepOptions, eval_ppl, sweep
 from tolcli.errors import OutputError, UsageError
 
 
 def test_sweep_on_a_small_model(make_ckpt, tmp_path: Path, cli) -> None:
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     d = make_ckpt("memoryllm", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3)
     ids = torch.randint(0, 97, (400,), generator=torch.Generator().manual_seed(0)).numpy()
     np.save(tmp_path / "ids.npy", ids)
@@ -72,7 +73,7 @@ def test_sweep_on_a_small_model(make_ckpt, tmp_path: Path, cli) -> None:
 
 
 def test_inspect_plot(tmp_path: Path, make_ckpt, cli) -> None:
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     from tolcli import CompressOptions, compress, drop_layers, precompute
 
     d = precompute(make_ckpt(), tmp_path / "d.safetensors").path

@@ -49,8 +49,16 @@ class EvalReport:
         }
 
     def gate(self, max_increase_pct: float) -> list[dict[str, Any]]:
-        """Variants whose perplexity rose by more than ``max_increase_pct`` percent over the reference."""
-        return [v for v in self.variants[1:] if v["ppl_change_pct"] > max_increase_pct]
+        """Variants that fail the quality gate: perplexity up by more than ``max_increase_pct`` percent over the
+        reference (exactly at the limit passes), or a perplexity or KL that is not a finite number (NaN and
+        Inf never pass, nor does any variant when the reference's perplexity is not finite)."""
+        if not math.isfinite(max_increase_pct):
+            raise UsageError(f"--max-increase must be a finite number of percent, got {max_increase_pct}")
+        return [
+            v
+            for v in self.variants[1:]
+            if not (v["ppl_change_pct"] <= max_increase_pct and math.isfinite(v["mean_kl"]))
+        ]
 
 
 def _tokenizer_for(ckpt: Checkpoint, bundles: Sequence[Bundle], tokenizer: str | Path | None):
@@ -94,7 +102,8 @@ def eval_ppl(
     ``extra_drops`` adds variants ``(name, layers kept)`` of the reference with the other layers removed.
 
     Raises :class:`QualityGateError` (exit 3) after measuring when a variant's perplexity rises by more
-    than ``max_increase`` percent; the report is attached to the error as ``.report``.
+    than ``max_increase`` percent, or its perplexity or KL is NaN or infinite (:meth:`EvalReport.gate`);
+    the report is attached to the error as ``.report``.
 
     Example:
         >>> from tolcli import eval_ppl, demo_checkpoint_path, demo_heldout_path
@@ -113,6 +122,8 @@ def eval_ppl(
         raise UsageError("give --drop-last or --keep-layers, not both")
     if not data:
         raise UsageError("give at least one --data FILE")
+    if max_increase is not None and not math.isfinite(max_increase):
+        raise UsageError(f"--max-increase must be a finite number of percent, got {max_increase}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     cfg = ckpt.config
     bundles = []

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tolcli.evaluate import plan_windows
+from tolcli.errors import InputError, UsageError
 from tolcli.model import Transformer
 from tolcli.progress import NullProgress, Progress
 
@@ -34,6 +34,17 @@ class _GradSource:
         return term
 
 
+def disjoint_windows(n_tokens: int, ctx: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of the windows cutting ``n_tokens`` tokens into disjoint runs of at most ``ctx``
+    input positions: ``[0, ctx), [ctx, 2 ctx), ...``, the last one shorter. Together they hold every input
+    position ``0 .. n-2`` exactly once, and predict every target ``1 .. n-1`` exactly once."""
+    if n_tokens < 2:
+        raise InputError(f"need at least 2 tokens of calibration text, got {n_tokens}")
+    if ctx < 1:
+        raise UsageError(f"need ctx >= 1, got {ctx}")
+    return [(s, min(ctx, n_tokens - 1 - s)) for s in range(0, n_tokens - 1, ctx)]
+
+
 def token_sensitivity(
     model: Transformer,
     tokens: Tensor,
@@ -42,22 +53,30 @@ def token_sensitivity(
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(S, counts)``: ``S[l, t]`` (fp64 [layers, vocab]) sums ``||dLoss/dterm_l||^2`` over the positions
-    holding token ``t``; ``counts[t]`` is how often ``t`` occurs. Windows of ``ctx`` tokens, no overlap."""
+    """``(S, counts)``: ``S[l, t]`` (fp64 [layers, vocab]) sums ``||dLoss/dterm_l(p)||^2`` over the positions
+    ``p`` holding token ``t``; ``counts[t]`` is how often ``t`` occurs as an input.
+
+    ``Loss`` is the summed cross-entropy of every target, the text cut into disjoint windows of ``ctx``
+    tokens (:func:`disjoint_windows`): each input position is in exactly one window, so each occurrence is
+    counted once (``n`` tokens give ``n - 1`` positions for ``n - 1`` targets)."""
     cfg = model.cfg
     L, V = cfg.num_hidden_layers, cfg.vocab_size
     S = torch.zeros(L, V, dtype=torch.float64)
     counts = torch.zeros(V, dtype=torch.float64)
-    length, windows = plan_windows(tokens.numel(), ctx, ctx)
+    tokens = tokens.to(torch.long).flatten()
+    windows = disjoint_windows(tokens.numel(), ctx)
+    # Full-length windows go in batches; a shorter last window goes alone.
+    full = [w for w in windows if w[1] == windows[0][1]]
+    short = windows[len(full) :]
+    batches = [full[b : b + batch_size] for b in range(0, len(full), batch_size)] + ([short] if short else [])
     progress = progress or NullProgress()
     progress.start("sensitivity", len(windows))
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        for b in range(0, len(windows), batch_size):
-            batch = windows[b : b + batch_size]
-            idx = torch.stack([tokens[w.start : w.start + length + 1] for w in batch])  # (B, T+1)
+        for batch in batches:
+            idx = torch.stack([tokens[s : s + n + 1] for s, n in batch])  # (B, T+1)
             src = _GradSource(model)
             logits = model(idx[:, :-1], src)  # (B, T, V)
             F.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="sum").backward()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -20,7 +19,6 @@ class TensorEntry:
     shape: tuple[int, ...]
     sha256: str
     blocks: Callable[[], Iterator[np.ndarray]]
-    raw_file: Path | None = None  # a file holding exactly these bytes (staged data): copied by the kernel
 
     @property
     def nbytes(self) -> int:

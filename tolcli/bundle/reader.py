@@ -47,6 +47,18 @@ class _Access:
         return self.bundle.tensor(self.layer.tensors[role])
 
 
+def nonfinite_counts(arr: np.ndarray, dtype: str) -> tuple[int, int]:
+    """``(NaN count, Inf count)`` of a block in its storage dtype (BF16 is stored as uint16 bit patterns:
+    exponent bits all ones, with a zero mantissa for Inf); ``(0, 0)`` for integer dtypes."""
+    if dtype in ("F32", "F16"):
+        return int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+    if dtype == "BF16":
+        special = (arr & 0x7F80) == 0x7F80
+        mantissa = (arr & 0x007F) != 0
+        return int((special & mantissa).sum()), int((special & ~mantissa).sum())
+    return 0, 0
+
+
 class Bundle:
     """An open, validated ToL bundle. Use :func:`open_bundle`."""
 
@@ -156,11 +168,9 @@ class Bundle:
             arr = np.ascontiguousarray(block, dtype=DTYPES[dtype].numpy)
             if hashing:
                 h.update(memoryview(arr).cast("B"))
-            if dtype in ("F32", "F16", "BF16"):
-                t = torch.from_numpy(arr)
-                t = t.view(torch.bfloat16) if dtype == "BF16" else t
-                nan += int(torch.isnan(t).sum())
-                inf += int(torch.isinf(t).sum())
+            n_nan, n_inf = nonfinite_counts(arr, dtype)
+            nan += n_nan
+            inf += n_inf
             nbytes += arr.nbytes
             if progress is not None:
                 progress(arr.nbytes)

@@ -8,7 +8,6 @@ order. tolcli's header holds ``__metadata__ = {"format": "pt", "tol.manifest": <
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,9 +37,6 @@ def write(f: BinaryIO, entries: list[TensorEntry], manifest_json: str | None) ->
     metadata = {"format": "pt"} if manifest_json is None else {"format": "pt", ST_MANIFEST_KEY: manifest_json}
     f.write(header_bytes(entries, metadata))
     for e in data_order(entries):
-        if e.raw_file is not None:
-            _copy_file(e.raw_file, f, e.nbytes)
-            continue
         written = 0
         for block in e.blocks():
             buf = memoryview(np.ascontiguousarray(block, dtype=DTYPES[e.dtype].numpy)).cast("B")
@@ -61,30 +57,6 @@ def not_safetensors_reason(start: bytes) -> str | None:
     if start.startswith(b"PK\x03\x04"):
         return "this is a zip archive (a torch .pt/.bin file?), not safetensors"
     return None
-
-
-def _copy_file(src: Path, f: BinaryIO, nbytes: int) -> None:
-    """Append ``src`` (exactly ``nbytes``) to ``f``, in the kernel when it can (copy_file_range)."""
-    f.flush()
-    with open(src, "rb") as fi:
-        left = nbytes
-        if hasattr(os, "copy_file_range"):
-            try:
-                while left > 0:
-                    done = os.copy_file_range(fi.fileno(), f.fileno(), min(left, 1 << 30))
-                    if done == 0:
-                        break
-                    left -= done
-            except OSError:  # e.g. across filesystems on old kernels: fall back to a plain copy
-                pass
-        fi.seek(nbytes - left)
-        while left > 0:
-            chunk = fi.read(min(left, 1 << 22))
-            if not chunk:
-                raise VerifyError(f"staged file {src} is shorter than recorded")
-            f.write(chunk)
-            left -= len(chunk)
-    f.seek(0, os.SEEK_END)
 
 
 class SafetensorsReader:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -51,10 +52,9 @@ def container_for(path: Path, container: str | None = None, *, sharded: bool = F
 
 
 def checked_entry(entry: TensorEntry) -> TensorEntry:
-    """The same entry, whose blocks are hashed as they stream; a mismatch aborts the write. Staged files
-    (``raw_file``) were hashed as they were written (and again when a run resumes): they pass as they are."""
-    if entry.raw_file is not None:
-        return entry
+    """The same entry, whose blocks are hashed as they stream into the container; a mismatch aborts the write
+    (and the temp file with it). Every entry passes here, staged files included: what is hashed is exactly what
+    is written, so a staged file changed after it was staged, or a source changed during a copy, never lands."""
 
     def blocks() -> Iterator[np.ndarray]:
         h = hashlib.sha256()
@@ -265,21 +265,19 @@ class Staging:
             shape = tuple(rec["shape"])
 
             def blocks(path: Path = path, dt=dt, shape: tuple[int, ...] = shape) -> Iterator[np.ndarray]:
-                row_items = 1
-                for s in shape[1:]:
-                    row_items *= s
-                rows = rows_per_block(row_items * dt.itemsize)
+                row_bytes = math.prod(shape[1:]) * dt.itemsize
+                spans = [(shape[0], row_bytes)] if shape else [(1, dt.itemsize)]  # (rows, bytes per row)
+                if shape and shape[0]:
+                    step = rows_per_block(row_bytes)
+                    spans = [(min(step, shape[0] - s), row_bytes) for s in range(0, shape[0], step)]
                 with open(path, "rb") as f:
-                    if not shape or shape[0] == 0:
-                        yield np.frombuffer(f.read(), dtype=dt.numpy).reshape(shape)
-                        return
-                    for s in range(0, shape[0], rows):
-                        k = min(rows, shape[0] - s)
-                        yield np.frombuffer(f.read(k * row_items * dt.itemsize), dtype=dt.numpy).reshape(
-                            (k, *shape[1:])
-                        )
+                    for k, nb in spans:
+                        raw = f.read(k * nb)
+                        if len(raw) != k * nb:
+                            raise VerifyError(f"staged file {path} is shorter than recorded (changed after staging?)")
+                        yield np.frombuffer(raw, dtype=dt.numpy).reshape((k, *shape[1:]) if shape else ())
 
-            out.append(TensorEntry(name, rec["dtype"], shape, rec["sha256"], blocks, raw_file=path))
+            out.append(TensorEntry(name, rec["dtype"], shape, rec["sha256"], blocks))
         return out
 
     def finish(

@@ -91,7 +91,9 @@ def eval_ppl_cmd(
     max_increase: Annotated[
         float | None,
         typer.Option(
-            "--max-increase", metavar="PCT", help="Quality gate: exit 3 if a variant's perplexity rises more."
+            "--max-increase",
+            metavar="PCT",
+            help="Quality gate: exit 3 if a variant's perplexity rises more (or is NaN).",
         ),
     ] = None,
     json_out: JsonOpt = False,
