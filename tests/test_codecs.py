@@ -128,7 +128,7 @@ def test_specs_match_encoding_and_round_trip_params(codec: Codec) -> None:
     enc = codec.encode(x)
     specs = codec.tensor_specs(33, 128)
     assert set(enc) == set(specs)
-    from tolcli.bundle.spec import DTYPES
+    from tolcli.dtypes import DTYPES
 
     for role, t in enc.items():
         assert tuple(t.shape) == specs[role][0] and t.dtype == DTYPES[specs[role][1]].torch, role

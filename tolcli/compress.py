@@ -36,10 +36,11 @@ import torch
 from tolcli import __version__
 from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
-from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor, tensor_to_numpy
+from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, container_for
 from tolcli.codecs import Codec, DenseCodec, DictAccess, Int4Codec, Int8Codec, NF4Codec, SVDCodec
 from tolcli.codecs.svd import gram_spectrum
+from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import parse_bytes, parse_size, sha256_file
 from tolcli.progress import NullProgress, Progress

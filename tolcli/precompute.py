@@ -22,11 +22,12 @@ import torch
 
 from tolcli import __version__
 from tolcli.bundle.manifest import created_timestamp
-from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR, layer_tensor, tensor_to_numpy
+from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, container_for
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
 from tolcli.codecs import DenseCodec
 from tolcli.distributed import all_gather, finish_distributed, from_env
+from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import parse_bytes
 from tolcli.layout import EMBED, memory_ffn_names, parse_layer_spec

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from tolcli.bundle import st_format
 from tolcli.bundle.entries import TensorEntry
-from tolcli.bundle.spec import TORCH_TO_DTYPE, tensor_to_numpy
 from tolcli.checkpoint import CONFIG_NAME, ST_SINGLE, TOKENIZER_NAME, Checkpoint, open_checkpoint
+from tolcli.dtypes import TORCH_TO_DTYPE, tensor_to_numpy
 from tolcli.errors import OutputError, UsageError
 from tolcli.fsutil import fsync_dir
 from tolcli.layout import MEMORY_FFN

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tolcli.bundle.spec import DTYPES
+from tolcli.dtypes import DTYPES
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import h5py
 import numpy as np
 
 from tolcli.bundle.entries import TensorEntry, data_order
-from tolcli.bundle.spec import DTYPES, H5_MANIFEST_ATTR, MAX_DIM, MAX_MANIFEST_BYTES, MAX_TENSORS
+from tolcli.bundle.spec import H5_MANIFEST_ATTR, MAX_DIM, MAX_MANIFEST_BYTES, MAX_TENSORS
+from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, TolcliError, VerifyError
 
 CHUNK_TARGET_BYTES = 256 << 10

@@ -14,7 +14,8 @@ from typing import Any
 
 import jsonschema
 
-from tolcli.bundle.spec import DTYPES, FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR
+from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR
+from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}

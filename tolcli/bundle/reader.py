@@ -20,9 +20,10 @@ from tolcli.bundle.entries import TensorEntry, rows_per_block
 from tolcli.bundle.h5_format import HDF5Reader
 from tolcli.bundle.manifest import check_against_tensors, parse_manifest
 from tolcli.bundle.sharded import ShardedReader
-from tolcli.bundle.spec import DTYPES, TOKENIZER_TENSOR
+from tolcli.bundle.spec import TOKENIZER_TENSOR
 from tolcli.bundle.st_format import SafetensorsReader
 from tolcli.codecs import Codec, codec_from_manifest
+from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, VerifyError
 
 

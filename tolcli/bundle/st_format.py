@@ -16,7 +16,8 @@ import numpy as np
 
 from tolcli.bundle.entries import TensorEntry, data_order
 from tolcli.bundle.manifest import canonical_json
-from tolcli.bundle.spec import DTYPES, MAX_DIM, MAX_HEADER_BYTES, MAX_TENSORS, ST_MANIFEST_KEY
+from tolcli.bundle.spec import MAX_DIM, MAX_HEADER_BYTES, MAX_TENSORS, ST_MANIFEST_KEY
+from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, VerifyError
 
 

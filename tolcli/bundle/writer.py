@@ -26,7 +26,8 @@ from tolcli.bundle import h5_format, st_format
 from tolcli.bundle.entries import TensorEntry, rows_per_block
 from tolcli.bundle.manifest import canonical_json, validate_schema
 from tolcli.bundle.sharded import write_sharded
-from tolcli.bundle.spec import DTYPES, H5_SUFFIXES, ST_SUFFIXES
+from tolcli.bundle.spec import H5_SUFFIXES, ST_SUFFIXES
+from tolcli.dtypes import DTYPES
 from tolcli.errors import OutputError, UsageError, VerifyError
 from tolcli.fsutil import atomic_output, check_output, fsync_dir, sha256_file
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
-from tolcli.bundle.spec import DTYPES
+from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, TolcliError
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tolcli.bundle.spec import DTYPES, FLOAT_ALIASES
 from tolcli.codecs.base import Codec, TensorAccess
+from tolcli.dtypes import DTYPES, FLOAT_ALIASES
 from tolcli.errors import UsageError
 
 
