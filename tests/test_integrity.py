@@ -14,7 +14,7 @@ import torch
 import tolcli.bundle.st_format as st_format
 from tolcli import convert_bundle, drop_layers, eval_ppl, open_bundle, precompute
 from tolcli.bundle.entries import TensorEntry
-from tolcli.bundle.writer import Staging, write_bundle
+from tolcli.bundle.writer import Staging, WriteOptions, write_bundle
 from tolcli.errors import InputError, QualityGateError, UsageError, VerifyError
 from tolcli.perplexity import EvalReport
 from tolcli.testing import random_state_dict, tiny_config, write_checkpoint
@@ -28,7 +28,7 @@ def dense(tmp_path: Path, make_ckpt) -> Path:
 # ---- staging: what was staged is what lands ------------------------------------------------------------------
 def test_staged_file_changed_before_assembly_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "t.safetensors"
-    s = Staging(out, {"job": 1}, resume=False, force=False, note=lambda m: None)
+    s = Staging(out, {"job": 1}, resume=False, options=WriteOptions.make(out), note=lambda m: None)
     table = np.arange(12, dtype="<f4").reshape(6, 2)
     rec = s.stage("layers.0.table", "F32", (6, 2), [table])
     raw = bytearray((s.dir / rec["file"]).read_bytes())
@@ -41,7 +41,7 @@ def test_staged_file_changed_before_assembly_is_refused(tmp_path: Path) -> None:
 
 def test_staged_file_truncated_before_assembly_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "t.safetensors"
-    s = Staging(out, {"job": 1}, resume=False, force=False, note=lambda m: None)
+    s = Staging(out, {"job": 1}, resume=False, options=WriteOptions.make(out), note=lambda m: None)
     rec = s.stage("layers.0.table", "F32", (6, 2), [np.zeros((6, 2), "<f4")])
     (s.dir / rec["file"]).write_bytes(b"\0" * 40)
     with pytest.raises(VerifyError, match="shorter than recorded"):

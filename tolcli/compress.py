@@ -37,12 +37,12 @@ from tolcli import __version__
 from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
-from tolcli.bundle.writer import Staging, container_for
+from tolcli.bundle.writer import Staging, WriteOptions
 from tolcli.codecs import Codec, DenseCodec, DictAccess, Int4Codec, Int8Codec, NF4Codec, SVDCodec
 from tolcli.codecs.svd import gram_spectrum
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
-from tolcli.fsutil import parse_bytes, parse_size, sha256_file
+from tolcli.fsutil import parse_size, sha256_file
 from tolcli.progress import NullProgress, Progress
 from tolcli.text import load_token_weights
 
@@ -368,8 +368,9 @@ def compress(
     """
     t0 = time.monotonic()
     out = Path(out)
-    shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
-    container = container_for(out, container, sharded=shard_bytes is not None)
+    options_w = WriteOptions.make(
+        out, container=container, compression=compression, max_shard_size=max_shard_size, force=force
+    )
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
         V, h = b.vocab_size, b.hidden_size
@@ -381,11 +382,9 @@ def compress(
             "options": asdict(options),
             "weights": weight_info,
             "ranks": {str(k): v for k, v in plan.ranks.items()},
-            "container": container,
-            "compression": compression,
-            "max_shard_size": shard_bytes,
+            **options_w.job(),
         }
-        staging = Staging(out, job, resume=resume, force=force, note=note, directory=shard_bytes is not None)
+        staging = Staging(out, job, resume=resume, options=options_w, note=note)
         result = CompressResult(out, {}, 0.0, dict(plan.ranks))
         todo = [i for i in plan.layers if staging.layer_done(i) is None]
         progress.start(f"compress {len(todo)} layer(s) ({options.scheme})", len(todo))
@@ -444,9 +443,7 @@ def compress(
         created = created_timestamp()
         if created:
             manifest["created"] = created
-    path = staging.finish(
-        manifest, container=container, force=force, compression=compression, max_shard_size=shard_bytes
-    )
+    path = staging.finish(manifest)
     with open_bundle(path) as written:
         result.manifest = written.manifest
     result.path, result.seconds = path, time.monotonic() - t0

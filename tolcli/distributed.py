@@ -59,27 +59,24 @@ def finish_distributed(
     staging: Staging,
     out: Path,
     manifest: dict[str, Any],
-    *,
-    container: str,
-    max_shard_size: int,
-    compression: str | None,
-    force: bool,
 ) -> Path:
     """Every rank writes its staged tensors as shards; rank 0 writes the index with ``manifest`` (which
     already holds every rank's layer entries) and the tensors of all ranks."""
+    opts = staging.options
+    assert opts.max_shard_size is not None, "a distributed run always writes a sharded directory"
     tmp = out.with_name(f".{out.name}.tmp-dist")
     if d.rank == 0:
-        if out.exists() and not force:
+        if out.exists() and not opts.force:
             raise OutputError("output exists", path=out, hint="pass --force to replace it")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
     entries = [checked_entry(e) for e in staging.entries()]
-    groups = partition(entries, max_shard_size) if entries else []
+    groups = partition(entries, opts.max_shard_size) if entries else []
     counts = all_gather(len(groups))
     start, total = sum(counts[: d.rank]), sum(counts)
-    names = [shard_name(start + k, total, container) for k in range(len(groups))]
-    records = write_shards(tmp, groups, names, container, compression)
+    names = [shard_name(start + k, total, opts.container) for k in range(len(groups))]
+    records = write_shards(tmp, groups, names, opts.container, opts.compression)
     weight_map = {e.name: n for g, n in zip(groups, names, strict=True) for e in g}
     tensors = {
         e.name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "sha256": e.sha256} for e in entries

@@ -23,13 +23,12 @@ import torch
 from tolcli import __version__
 from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR, layer_tensor
-from tolcli.bundle.writer import Staging, container_for
+from tolcli.bundle.writer import Staging, WriteOptions
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
 from tolcli.codecs import DenseCodec
 from tolcli.distributed import all_gather, finish_distributed, from_env
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
-from tolcli.fsutil import parse_bytes
 from tolcli.layout import EMBED, memory_ffn_names, parse_layer_spec
 from tolcli.model import MemoryFFN, context_free_term, load_memory_ffn
 from tolcli.progress import NullProgress, Progress
@@ -208,8 +207,6 @@ def precompute(
     """
     t0 = time.monotonic()
     out = Path(out)
-    shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
-    container = container_for(out, container, sharded=shard_bytes is not None)
     progress = progress or NullProgress()
     if batch_rows < 1:
         raise UsageError(f"--batch-tokens must be >= 1, got {batch_rows}")
@@ -231,8 +228,10 @@ def precompute(
         mine = [i for i in selected if i % dist.world == dist.rank]
         if dev.type == "cuda":
             dev = torch.device("cuda", dist.local_rank)
-        shard_bytes = shard_bytes or (1 << 62)
-        container = container_for(out, container, sharded=True)
+        max_shard_size = max_shard_size or (1 << 62)  # the output is always a sharded directory
+    options = WriteOptions.make(
+        out, container=container, compression=compression, max_shard_size=max_shard_size, force=force
+    )
     codec = DenseCodec(dtype)
     if matmul_dtype not in MATMUL_DTYPES:
         raise UsageError(f"--matmul-dtype must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}")
@@ -246,19 +245,11 @@ def precompute(
         "batch_rows": batch_rows,
         "matmul_dtype": matmul_dtype,
         "device": dev.type,
-        "container": container,
-        "compression": compression,
-        "max_shard_size": shard_bytes,
+        **options.job(),
         "rank": None if dist is None else [dist.rank, dist.world],
     }
     staging = Staging(
-        out,
-        job,
-        resume=resume,
-        force=force,
-        note=note,
-        directory=shard_bytes is not None,
-        tag="" if dist is None else f".rank{dist.rank}",
+        out, job, resume=resume, options=options, note=note, tag="" if dist is None else f".rank{dist.rank}"
     )
 
     embed = ckpt.load(EMBED, dtype=None)  # kept in its stored dtype; batches are cast to fp32
@@ -346,21 +337,7 @@ def precompute(
     created = created_timestamp()
     if created:
         manifest["created"] = created
-    if dist is not None:
-        path = finish_distributed(
-            dist,
-            staging,
-            out,
-            manifest,
-            container=container,
-            max_shard_size=shard_bytes,
-            compression=compression,
-            force=force,
-        )  # type: ignore[arg-type]
-    else:
-        path = staging.finish(
-            manifest, container=container, force=force, compression=compression, max_shard_size=shard_bytes
-        )
+    path = staging.finish(manifest) if dist is None else finish_distributed(dist, staging, out, manifest)
     from tolcli.bundle.reader import open_bundle
 
     with open_bundle(path) as b:  # re-read what was written: the manifest as stored

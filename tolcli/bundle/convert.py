@@ -6,8 +6,7 @@ from pathlib import Path
 
 from tolcli.bundle.entries import TensorEntry
 from tolcli.bundle.reader import open_bundle
-from tolcli.bundle.writer import container_for, write_bundle
-from tolcli.fsutil import parse_bytes
+from tolcli.bundle.writer import WriteOptions, write_bundle
 from tolcli.progress import NullProgress, Progress
 
 
@@ -36,16 +35,15 @@ def convert_bundle(
         True
     """
     dst = Path(dst)
-    shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
-    kind = container_for(dst, container, sharded=shard_bytes is not None)
+    options = WriteOptions.make(
+        dst, container=container, compression=compression, max_shard_size=max_shard_size, force=force
+    )
     with open_bundle(src, verify=verify_input) as b:
         manifest = {k: v for k, v in b.manifest.items() if k != "tensors"}
         progress = progress or NullProgress()
         entries = [_counted(b.entry(n), progress) for n in b.tensor_names]
         progress.start("convert", sum(e.nbytes for e in entries))
-        path = write_bundle(
-            dst, entries, manifest, container=kind, force=force, compression=compression, max_shard_size=shard_bytes
-        )
+        path = write_bundle(dst, entries, manifest, options)
         progress.finish()
         return path
 

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from tolcli.bundle.reader import open_bundle
-from tolcli.bundle.writer import write_bundle
+from tolcli.bundle.writer import WriteOptions, write_bundle
 from tolcli.errors import UsageError
-from tolcli.fsutil import parse_bytes
 from tolcli.layout import parse_layer_spec
 
 
@@ -45,6 +44,7 @@ def drop_layers(
         >>> [e["status"] for e in manifest["layers"]]
         ['present', 'present', 'present', 'present', 'dropped', 'dropped']
     """
+    options = WriteOptions.make(Path(out), container=container, max_shard_size=max_shard_size, force=force)
     with open_bundle(src, verify=verify_input) as b:
         keep = layers_to_keep(b.num_layers, drop_last=drop_last, keep_layers=keep_layers)
         layers, names = [], []
@@ -59,14 +59,6 @@ def drop_layers(
         manifest["layers"] = layers
         step: dict[str, Any] = {"command": "drop", "kept": sorted(keep)}
         manifest["history"] = [*b.manifest.get("history", []), step]
-        shard_bytes = None if max_shard_size is None else parse_bytes(max_shard_size)
-        path = write_bundle(
-            Path(out),
-            [b.entry(n) for n in sorted(names)],
-            manifest,
-            container=container,
-            force=force,
-            max_shard_size=shard_bytes,
-        )
+        path = write_bundle(Path(out), [b.entry(n) for n in sorted(names)], manifest, options)
     with open_bundle(path) as written:
         return path, written.manifest

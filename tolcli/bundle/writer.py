@@ -17,6 +17,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from tolcli.bundle.sharded import write_sharded
 from tolcli.bundle.spec import H5_SUFFIXES, ST_SUFFIXES
 from tolcli.dtypes import DTYPES
 from tolcli.errors import OutputError, UsageError, VerifyError
-from tolcli.fsutil import atomic_output, check_output, fsync_dir, sha256_file
+from tolcli.fsutil import atomic_output, check_output, fsync_dir, parse_bytes, sha256_file
 
 
 def container_for(path: Path, container: str | None = None, *, sharded: bool = False) -> str:
@@ -52,6 +53,44 @@ def container_for(path: Path, container: str | None = None, *, sharded: bool = F
     )
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a bundle is written: parsed and checked once, at the API boundary (:meth:`make`), then passed whole.
+
+    ``container`` is resolved (``safetensors`` or ``hdf5``); ``max_shard_size`` in bytes makes the output a
+    sharded directory; ``compression`` is HDF5's (``gzip``/``lzf``); ``force`` replaces an existing output."""
+
+    container: str
+    compression: str | None = None
+    max_shard_size: int | None = None
+    force: bool = False
+
+    @classmethod
+    def make(
+        cls,
+        out: Path,
+        *,
+        container: str | None = None,
+        compression: str | None = None,
+        max_shard_size: int | str | None = None,
+        force: bool = False,
+    ) -> WriteOptions:
+        """Validate the user's choices for output ``out`` (``max_shard_size`` may be text such as ``"2GB"``)."""
+        shard = None if max_shard_size is None else parse_bytes(max_shard_size)
+        kind = container_for(out, container, sharded=shard is not None)
+        if compression is not None and kind != "hdf5":
+            raise UsageError("compression applies to HDF5 bundles only", hint="write a .h5 bundle, or drop it")
+        return cls(kind, compression, shard, force)
+
+    @property
+    def sharded(self) -> bool:
+        return self.max_shard_size is not None
+
+    def job(self) -> dict[str, Any]:
+        """What a resumable job records of the options (``force`` does not change the bytes)."""
+        return {"container": self.container, "compression": self.compression, "max_shard_size": self.max_shard_size}
+
+
 def checked_entry(entry: TensorEntry) -> TensorEntry:
     """The same entry, whose blocks are hashed as they stream into the container; a mismatch aborts the write
     (and the temp file with it). Every entry passes here, staged files included: what is hashed is exactly what
@@ -69,21 +108,13 @@ def checked_entry(entry: TensorEntry) -> TensorEntry:
 
 
 def write_bundle(
-    path: Path,
-    entries: list[TensorEntry],
-    manifest: dict[str, Any],
-    *,
-    container: str | None = None,
-    force: bool = False,
-    compression: str | None = None,
-    max_shard_size: int | None = None,
+    path: Path, entries: list[TensorEntry], manifest: dict[str, Any], options: WriteOptions | None = None
 ) -> Path:
-    """Write a complete bundle atomically. ``manifest['tensors']`` is filled from ``entries``.
+    """Write a complete bundle atomically. ``manifest['tensors']`` is filled from ``entries``; ``options``
+    default to :meth:`WriteOptions.make` for ``path`` (its suffix names the container).
 
-    With ``max_shard_size`` (bytes) the bundle is a directory of shards (:mod:`tolcli.bundle.sharded`)."""
-    container = container_for(path, container, sharded=max_shard_size is not None)
-    if compression is not None and container != "hdf5":
-        raise UsageError("--compression applies to HDF5 bundles only")
+    With ``options.max_shard_size`` the bundle is a directory of shards (:mod:`tolcli.bundle.sharded`)."""
+    options = options or WriteOptions.make(path)
     manifest = dict(manifest)
     manifest["tensors"] = {
         e.name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "sha256": e.sha256} for e in entries
@@ -91,22 +122,22 @@ def write_bundle(
     validate_schema(manifest, where=str(path))
     text = canonical_json(manifest)
     checked = [checked_entry(e) for e in entries]
-    if max_shard_size is not None:
+    if options.max_shard_size is not None:
         return write_sharded(
             path,
             checked,
             manifest,
-            container=container,
-            max_shard_size=max_shard_size,
-            compression=compression,
-            force=force,
+            container=options.container,
+            max_shard_size=options.max_shard_size,
+            compression=options.compression,
+            force=options.force,
         )
-    with atomic_output(path, force=force) as tmp:
-        if container == "safetensors":
+    with atomic_output(path, force=options.force) as tmp:
+        if options.container == "safetensors":
             with open(tmp, "wb") as f:
                 st_format.write(f, checked, text)
         else:
-            h5_format.write(tmp, checked, text, compression)
+            h5_format.write(tmp, checked, text, options.compression)
     return path
 
 
@@ -157,12 +188,12 @@ class Staging:
         job: dict[str, Any],
         *,
         resume: bool,
-        force: bool,
+        options: WriteOptions,
         note=print,
-        directory: bool = False,
         tag: str = "",
     ):
-        check_output(out, force=force, directory=directory)
+        check_output(out, force=options.force, directory=options.sharded)
+        self.options = options
         self.out = out
         self.dir = out.with_name(f".{out.name}.partial{tag}")  # tag: one staging area per distributed rank
         self.job = json.loads(canonical_json(job))
@@ -281,23 +312,7 @@ class Staging:
             out.append(TensorEntry(name, rec["dtype"], shape, rec["sha256"], blocks))
         return out
 
-    def finish(
-        self,
-        manifest: dict[str, Any],
-        *,
-        container: str | None = None,
-        force: bool = False,
-        compression: str | None = None,
-        max_shard_size: int | None = None,
-    ) -> Path:
-        path = write_bundle(
-            self.out,
-            self.entries(),
-            manifest,
-            container=container,
-            force=force,
-            compression=compression,
-            max_shard_size=max_shard_size,
-        )
+    def finish(self, manifest: dict[str, Any]) -> Path:
+        path = write_bundle(self.out, self.entries(), manifest, self.options)
         shutil.rmtree(self.dir, ignore_errors=True)
         return path
