@@ -165,3 +165,17 @@ def test_every_row_of_errors_md_names_an_existing_test() -> None:
         for file, name in refs:
             source = (ROOT / file).read_text(encoding="utf-8")
             assert re.search(rf"^def {name}\(", source, re.M), f"{file}::{name} does not exist"
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(make_ckpt, tmp_path: Path, cli) -> None:
+    from tolcli import precompute
+    from tolcli.errors import UsageError
+
+    ckpt = make_ckpt("memoryllm")
+    with pytest.raises(UsageError) as e:
+        precompute(ckpt, tmp_path / "t.safetensors", batch_rows=0)
+    assert str(e.value) == "batch_rows must be >= 1, got 0"
+    r = cli("precompute", ckpt, "-o", tmp_path / "t.safetensors", "--batch-tokens", "0")
+    assert r.code == 2 and r.err == "tolcli: error: --batch-tokens must be >= 1, got 0\n"
+    r = cli("eval-ppl", ckpt, "--data", tmp_path / "x.txt", "--drop-last", "1", "--keep-layers", "0")
+    assert r.err == "tolcli: error: give --drop-last or --keep-layers, not both\n"

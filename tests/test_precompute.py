@@ -245,5 +245,5 @@ def test_reduced_precision_matmuls(tmp_path: Path, make_ckpt) -> None:
             x, y = a.dense_layer(i), b.dense_layer(i)
             rel = float((x - y).norm() / x.norm())
             assert 1e-5 < rel < 2e-2  # bf16 inputs, fp32 accumulation
-    with pytest.raises(UsageError, match="--matmul-dtype"):
+    with pytest.raises(UsageError, match="matmul_dtype must be one of"):
         precompute(d, tmp_path / "x.safetensors", matmul_dtype="int8")

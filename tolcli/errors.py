@@ -7,8 +7,13 @@ public contract (``docs/cli.md``) and are never reused for another meaning.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
+
+# A Python parameter named in a message, written `like_this`: the library prints the name, the CLI the flag.
+_PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
 
 
 class ExitCode(IntEnum):
@@ -38,7 +43,8 @@ class TolcliError(Exception):
     """Base class of every error tolcli reports to a user.
 
     Args:
-        message: what is wrong, naming the file/tensor/key concerned.
+        message: what is wrong, naming the file/tensor/key concerned; a Python parameter is written
+            `` `batch_rows` `` so that the CLI can name its flag instead (:meth:`one_line`).
         hint: how to fix it (optional); printed after the message.
         path: the file concerned, if any (prefixed to the message when it is not already named).
     """
@@ -51,13 +57,14 @@ class TolcliError(Exception):
         self.path = None if path is None else Path(path)
         super().__init__(self.one_line())
 
-    def one_line(self) -> str:
+    def one_line(self, name_of: Callable[[str], str] | None = None) -> str:
+        """The message in one line; ``name_of`` maps each `parameter` it names (e.g. to a CLI flag)."""
         text = self.message
         if self.path is not None and str(self.path) not in text:
             text = f"{self.path}: {text}"
         if self.hint:
             text = f"{text} (hint: {self.hint})"
-        return text
+        return _PARAM.sub(lambda m: (name_of or str)(m.group(1)), text)
 
 
 class InputError(TolcliError):

@@ -33,7 +33,7 @@ def plan_windows(n_tokens: int, ctx: int, stride: int) -> tuple[int, list[Window
     if n_tokens < 2:
         raise InputError(f"need at least 2 tokens to score, got {n_tokens}")
     if ctx < 1 or not 1 <= stride <= ctx:
-        raise UsageError(f"need ctx >= 1 and 1 <= stride <= ctx, got ctx={ctx} stride={stride}")
+        raise UsageError(f"need `ctx` >= 1 and 1 <= `stride` <= `ctx`, got ctx={ctx} stride={stride}")
     length = min(ctx, n_tokens - 1)
     windows: list[Window] = []
     last = 0  # highest target position scored so far

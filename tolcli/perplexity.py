@@ -53,7 +53,7 @@ class EvalReport:
         reference (exactly at the limit passes), or a perplexity or KL that is not a finite number (NaN and
         Inf never pass, nor does any variant when the reference's perplexity is not finite)."""
         if not math.isfinite(max_increase_pct):
-            raise UsageError(f"--max-increase must be a finite number of percent, got {max_increase_pct}")
+            raise UsageError(f"`max_increase_pct` must be a finite number of percent, got {max_increase_pct}")
         return [
             v
             for v in self.variants[1:]
@@ -115,15 +115,15 @@ def eval_ppl(
     progress = progress or NullProgress()
     stride = stride or ctx
     if ctx < 1 or not 1 <= stride <= ctx:
-        raise UsageError(f"need --ctx >= 1 and 1 <= --stride <= --ctx, got ctx={ctx} stride={stride}")
+        raise UsageError(f"need `ctx` >= 1 and 1 <= `stride` <= `ctx`, got ctx={ctx} stride={stride}")
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UsageError(f"`batch_size` must be >= 1, got {batch_size}")
     if drop_last is not None and keep_layers is not None:
-        raise UsageError("give --drop-last or --keep-layers, not both")
+        raise UsageError("give `drop_last` or `keep_layers`, not both")
     if not data:
-        raise UsageError("give at least one --data FILE")
+        raise UsageError("give at least one `data` file")
     if max_increase is not None and not math.isfinite(max_increase):
-        raise UsageError(f"--max-increase must be a finite number of percent, got {max_increase}")
+        raise UsageError(f"`max_increase` must be a finite number of percent, got {max_increase}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     cfg = ckpt.config
     bundles = []
@@ -146,7 +146,7 @@ def eval_ppl(
                     path=b.path,
                 )
         if cfg.stripped and not bundles:
-            raise UsageError(f"{ckpt.path} is stripped (no context-free FFN): evaluate it with --tol BUNDLE")
+            raise UsageError(f"{ckpt.path} is stripped (no context-free FFN): evaluate it with a bundle (`tols`)")
         tok, tok_bytes, tok_from = _tokenizer_for(ckpt, bundles, tokenizer)
         tok_sha = None if tok_bytes is None else hashlib.sha256(tok_bytes).hexdigest()
         for b in bundles:

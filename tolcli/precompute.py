@@ -47,7 +47,7 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise UsageError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available", hint="use --device cpu")
+        raise UsageError(f"`device` {device}: no CUDA device is available", hint="use the cpu device")
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     return dev
@@ -209,7 +209,7 @@ def precompute(
     out = Path(out)
     progress = progress or NullProgress()
     if batch_rows < 1:
-        raise UsageError(f"--batch-tokens must be >= 1, got {batch_rows}")
+        raise UsageError(f"`batch_rows` must be >= 1, got {batch_rows}")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, tensor_map=tensor_map)
     cfg = ckpt.config
     if not cfg.has_memory:
@@ -234,7 +234,7 @@ def precompute(
     )
     codec = DenseCodec(dtype)
     if matmul_dtype not in MATMUL_DTYPES:
-        raise UsageError(f"--matmul-dtype must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}")
+        raise UsageError(f"`matmul_dtype` must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}")
     mm = MATMUL_DTYPES[matmul_dtype]
     source = source_description(ckpt)
     job = {

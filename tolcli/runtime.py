@@ -20,7 +20,7 @@ from tolcli.errors import UsageError
 def hot_tokens(counts: Tensor, k: int) -> Tensor:
     """The ``k`` most frequent token ids (ties broken by the smaller id), most frequent first."""
     if k < 0:
-        raise UsageError(f"--cache-tokens must be >= 0, got {k}")
+        raise UsageError(f"`k` must be >= 0, got {k}")
     k = min(k, counts.numel())
     order = torch.argsort(-counts.double(), stable=True)
     return order[:k]

@@ -86,9 +86,9 @@ def load_token_weights(
     ``calibration`` text tokenised with ``tokenizer``. ``floor`` keeps unseen tokens from being ignored.
     """
     if (weights_file is None) == (calibration is None):
-        raise InputError("give exactly one of --token-weights and --calibration")
+        raise InputError("give exactly one of `token_weights` and `calibration`")
     if not (floor >= 0 and np.isfinite(floor)):
-        raise InputError(f"--weight-floor must be a finite number >= 0, got {floor}")
+        raise InputError(f"`weight_floor` must be a finite number >= 0, got {floor}")
     if weights_file is not None:
         path = Path(weights_file)
         try:

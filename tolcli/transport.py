@@ -45,7 +45,7 @@ def pack(
     """Compress a bundle (any file) into one zstd frame. ``threads=-1`` uses every core."""
     src, dst = Path(src), Path(dst)
     if not 1 <= level <= 22:
-        raise UsageError(f"--level must be in 1..22, got {level}")
+        raise UsageError(f"`level` must be in 1..22, got {level}")
     if not src.is_file():
         raise InputError("input not found", path=src)
     size = src.stat().st_size

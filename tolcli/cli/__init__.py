@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from tolcli import __version__
+from tolcli.cli._common import flag_for
 from tolcli.cli.bundles import convert_cmd, inspect_cmd, precompute_cmd, schema_cmd, verify_cmd
 from tolcli.cli.compress import compress_cmd, pack_cmd, unpack_cmd
 from tolcli.cli.evaluate import drop_cmd, eval_ppl_cmd, strip_cmd, sweep_cmd
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except TolcliError as e:
         if debug:
             traceback.print_exc()
-        _error(e.one_line())
+        _error(e.one_line(flag_for))
         return int(e.exit_code)
     except click_exc.ClickException as e:  # bad usage: click's own message
         e.show()

@@ -19,6 +19,21 @@ TensorMapOpt = Annotated[
 ]
 
 
+# Library parameters whose flag is not simply ``--`` + the name with dashes (errors name parameters).
+FLAGS: dict[str, str] = {
+    "batch_rows": "--batch-tokens",
+    "tols": "--tol",
+    "verify_input": "--verify",
+    "max_increase_pct": "--max-increase",
+    "k": "--cache-tokens",
+}
+
+
+def flag_for(param: str) -> str:
+    """The CLI flag of a library parameter named in an error message."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
 @dataclass
 class Output:
     """Where a command writes. JSON mode prints exactly one document; quiet mode prints nothing else."""
