@@ -17,20 +17,86 @@ The public API (the CLI is a thin layer over it):
 
 __version__ = "0.1.0"
 
-from tolcli.bundle.convert import convert_bundle
-from tolcli.bundle.drop import drop_layers
-from tolcli.bundle.reader import Bundle, BundleSource, open_bundle
-from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
-from tolcli.compress import CompressOptions, compress
-from tolcli.config import ModelConfig
-from tolcli.demo import demo_checkpoint_path, demo_heldout_path
-from tolcli.errors import ExitCode, TolcliError
-from tolcli.info import describe_checkpoint
-from tolcli.model import FFNSource, TableSource, Transformer, ZeroSource, load_model
-from tolcli.perplexity import EvalReport, eval_ppl
-from tolcli.precompute import precompute
-from tolcli.strip import strip_checkpoint
-from tolcli.sweep import SweepOptions, sweep
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+# The public API, imported on first use (PEP 562): ``import tolcli`` (and ``tolcli --version``, ``tolcli schema``)
+# loads neither torch nor h5py.
+_LAZY: dict[str, str] = {
+    "convert_bundle": "tolcli.bundle.convert",
+    "drop_layers": "tolcli.bundle.drop",
+    "Bundle": "tolcli.bundle.reader",
+    "BundleSource": "tolcli.bundle.reader",
+    "open_bundle": "tolcli.bundle.reader",
+    "Checkpoint": "tolcli.checkpoint",
+    "TensorMap": "tolcli.checkpoint",
+    "open_checkpoint": "tolcli.checkpoint",
+    "CompressOptions": "tolcli.compress",
+    "compress": "tolcli.compress",
+    "ModelConfig": "tolcli.config",
+    "demo_checkpoint_path": "tolcli.demo",
+    "demo_heldout_path": "tolcli.demo",
+    "ExitCode": "tolcli.errors",
+    "TolcliError": "tolcli.errors",
+    "describe_checkpoint": "tolcli.info",
+    "FFNSource": "tolcli.model",
+    "TableSource": "tolcli.model",
+    "Transformer": "tolcli.model",
+    "ZeroSource": "tolcli.model",
+    "load_model": "tolcli.model",
+    "EvalReport": "tolcli.perplexity",
+    "eval_ppl": "tolcli.perplexity",
+    "precompute": "tolcli.precompute",
+    "strip_checkpoint": "tolcli.strip",
+    "SweepOptions": "tolcli.sweep",
+    "sweep": "tolcli.sweep",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tolcli' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+class _Package(types.ModuleType):
+    """Keeps ``tolcli.precompute`` (and ``compress``, ``sweep``) the API function once its submodule of the
+    same name is imported: the import system would otherwise bind the module over the name."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from tolcli.bundle.convert import convert_bundle
+    from tolcli.bundle.drop import drop_layers
+    from tolcli.bundle.reader import Bundle, BundleSource, open_bundle
+    from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
+    from tolcli.compress import CompressOptions, compress
+    from tolcli.config import ModelConfig
+    from tolcli.demo import demo_checkpoint_path, demo_heldout_path
+    from tolcli.errors import ExitCode, TolcliError
+    from tolcli.info import describe_checkpoint
+    from tolcli.model import FFNSource, TableSource, Transformer, ZeroSource, load_model
+    from tolcli.perplexity import EvalReport, eval_ppl
+    from tolcli.precompute import precompute
+    from tolcli.strip import strip_checkpoint
+    from tolcli.sweep import SweepOptions, sweep
 
 __all__ = [
     "Bundle",

@@ -1,12 +1,19 @@
-"""Stored element types: the one table every module agrees on (names as safetensors spells them). No I/O."""
+"""Stored element types: the one table every module agrees on (names as safetensors spells them).
+
+No I/O, and no torch at import time (``tolcli schema`` and ``--version`` stay fast): a type's torch dtype is
+looked up when first asked for.
+"""
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -14,22 +21,27 @@ class DType:
     """A stored element type. All multi-byte types are little-endian."""
 
     name: str  # safetensors spelling, also used in the manifest
-    torch: torch.dtype
+    torch_name: str  # the attribute of the torch module
     numpy: np.dtype  # how the bytes are viewed in numpy / stored in HDF5 (bf16 as uint16)
     itemsize: int
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.torch_name)
 
 
 DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
-        DType("F32", torch.float32, np.dtype("<f4"), 4),
-        DType("F16", torch.float16, np.dtype("<f2"), 2),
-        DType("BF16", torch.bfloat16, np.dtype("<u2"), 2),
-        DType("U8", torch.uint8, np.dtype("u1"), 1),
-        DType("I8", torch.int8, np.dtype("i1"), 1),
+        DType("F32", "float32", np.dtype("<f4"), 4),
+        DType("F16", "float16", np.dtype("<f2"), 2),
+        DType("BF16", "bfloat16", np.dtype("<u2"), 2),
+        DType("U8", "uint8", np.dtype("u1"), 1),
+        DType("I8", "int8", np.dtype("i1"), 1),
     )
 }
-TORCH_TO_DTYPE: dict[torch.dtype, DType] = {d.torch: d for d in DTYPES.values()}
 # User-facing spellings of float storage types.
 FLOAT_ALIASES: dict[str, str] = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 
@@ -38,8 +50,16 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
     raise ImportError("tolcli bundles are little-endian; this host is big-endian")
 
 
+def __getattr__(name: str) -> Any:
+    if name == "TORCH_TO_DTYPE":  # {torch.dtype: DType}, built on first use (PEP 562)
+        return {d.torch: d for d in DTYPES.values()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     """A CPU tensor as a numpy array of its storage dtype (bf16 viewed as uint16), without copying."""
+    import torch
+
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)

@@ -22,11 +22,12 @@ import torch
 
 from tolcli import __version__
 from tolcli.bundle.manifest import created_timestamp
+from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, WriteOptions
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
-from tolcli.codecs import DenseCodec
-from tolcli.distributed import all_gather, finish_distributed, from_env
+from tolcli.codecs import Codec, DenseCodec
+from tolcli.distributed import Dist, all_gather, finish_distributed, from_env
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
 from tolcli.layout import EMBED, memory_ffn_names, parse_layer_spec
@@ -160,6 +161,186 @@ class PrecomputeResult:
     layers_computed: int
 
 
+@dataclass(frozen=True)
+class PrecomputeJob:
+    """A validated precompute: what to compute, where, and how to write it (:func:`plan_precompute`)."""
+
+    ckpt: Checkpoint
+    out: Path
+    layers: list[int]  # every selected layer
+    mine: list[int]  # the layers this process computes (all of them unless under torchrun)
+    device: torch.device
+    dist: Dist | None
+    codec: DenseCodec
+    matmul_dtype: str
+    batch_rows: int
+    options: WriteOptions
+
+    def record(self) -> dict[str, Any]:
+        """What identifies the job for ``--resume`` (same record, same bytes)."""
+        return {
+            "command": "precompute",
+            "source": source_description(self.ckpt),
+            "codec": self.codec.params(),
+            "layers": self.layers,
+            "batch_rows": self.batch_rows,
+            "matmul_dtype": self.matmul_dtype,
+            "device": self.device.type,
+            **self.options.job(),
+            "rank": None if self.dist is None else [self.dist.rank, self.dist.world],
+        }
+
+
+def plan_precompute(
+    checkpoint: str | Path | Checkpoint,
+    out: str | Path,
+    *,
+    container: str | None,
+    dtype: str,
+    device: str,
+    layers: str | list[int] | None,
+    batch_rows: int,
+    matmul_dtype: str,
+    force: bool,
+    compression: str | None,
+    max_shard_size: int | str | None,
+    tensor_map: str | Path | TensorMap | None,
+) -> PrecomputeJob:
+    """Check every option against the checkpoint before any work; split the layers under torchrun."""
+    if batch_rows < 1:
+        raise UsageError(f"`batch_rows` must be >= 1, got {batch_rows}")
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise UsageError(f"`matmul_dtype` must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}")
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, tensor_map=tensor_map)
+    cfg = ckpt.config
+    if not cfg.has_memory:
+        raise UsageError(
+            f"{ckpt.path}: model_type {cfg.model_type!r} has no context-free FFN, so there is nothing to precompute",
+            hint="precompute needs a memoryllm or flex_memoryllm checkpoint",
+        )
+    L = cfg.num_hidden_layers
+    selected = parse_layer_spec(layers, L) if isinstance(layers, str) else sorted(set(layers or range(L)))
+    if any(not 0 <= i < L for i in selected):
+        raise UsageError(f"`layers` must be within 0..{L - 1}")
+    dev = resolve_device(device)
+    dist = from_env(dev.type)
+    mine = selected
+    if dist is not None:  # torchrun: this rank computes every world-th layer and writes its own shards
+        mine = [i for i in selected if i % dist.world == dist.rank]
+        if dev.type == "cuda":
+            dev = torch.device("cuda", dist.local_rank)
+        max_shard_size = max_shard_size or (1 << 62)  # the output is always a sharded directory
+    options = WriteOptions.make(
+        Path(out), container=container, compression=compression, max_shard_size=max_shard_size, force=force
+    )
+    return PrecomputeJob(
+        ckpt, Path(out), selected, mine, dev, dist, DenseCodec(dtype), matmul_dtype, batch_rows, options
+    )
+
+
+def layer_batches(
+    job: PrecomputeJob, embed: torch.Tensor, ffn: MemoryFFN, stats: LayerStats, progress: Progress
+) -> Iterator[torch.Tensor]:
+    """One layer's stored rows, ``batch_rows`` at a time, on the job's device; ``stats`` sees every batch."""
+    mm = MATMUL_DTYPES[job.matmul_dtype]
+    if mm != torch.float32:
+        ffn.mlp.to(mm)
+
+    def run_mlp(x: torch.Tensor) -> torch.Tensor:
+        return ffn.mlp(x.to(mm)).float()
+
+    with torch.no_grad():
+        for b0 in range(0, embed.shape[0], job.batch_rows):
+            x0 = embed[b0 : b0 + job.batch_rows].to(device=job.device, dtype=torch.float32, non_blocking=True)
+            exact = context_free_term(ffn.memory_layernorm, run_mlp, ffn.alpha, x0)  # (rows, h) fp32
+            stored = job.codec.encode(exact)["table"]
+            stats.update(exact, stored)
+            progress.advance(exact.shape[0])
+            yield stored
+
+
+def compute_layer(job: PrecomputeJob, staging: Staging, embed: torch.Tensor, i: int, progress: Progress) -> None:
+    """Compute layer ``i``'s ToL into the staging area and commit its manifest entry."""
+    V, h = job.ckpt.config.vocab_size, job.ckpt.config.hidden_size
+    ffn = load_memory_ffn(job.ckpt, i, device=job.device)
+    stats = LayerStats(job.device)
+    name = layer_tensor(i, "table")
+    blocks = pipelined(layer_batches(job, embed, ffn, stats, progress), job.device)
+    staging.stage(name, job.codec.dtype, (V, h), blocks, background=True)
+    if stats.nonfinite:
+        raise InputError(
+            f"layer {i}: {stats.nonfinite:,} non-finite values (NaN/Inf) in the computed ToL"
+            + nonfinite_weights(job.ckpt, i),
+            path=job.ckpt.path,
+            hint="fix the checkpoint; nothing was written",
+        )
+    staging.commit_layer(i, layer_entry(i, job.codec, {"table": name}, V, h, stats.result()))
+
+
+def layer_entry(
+    index: int, codec: Codec, tensors: dict[str, str], rows: int, width: int, stats: dict[str, Any]
+) -> dict[str, Any]:
+    """A present layer's manifest entry: codec, its tensors, stored size, and the measured ``stats``."""
+    stored = codec.stored_bytes(rows, width)
+    return {
+        "index": index,
+        "status": "present",
+        "codec": codec.name,
+        "params": codec.params(),
+        "tensors": tensors,
+        "stored_bytes": stored,
+        "bits_per_value": 8 * stored / (rows * width),
+        **stats,
+    }
+
+
+def overflow_warnings(entries: list[dict[str, Any]], codec: DenseCodec) -> list[str]:
+    return [
+        f"layer {e['index']}: {e['fp16_overflow']} values exceed the fp16 range (|x| > {FP16_MAX:.0f}) and are stored"
+        " as inf; use --dtype bf16 or fp32"
+        for e in entries
+        if e["status"] == "present" and e["fp16_overflow"] and codec.dtype == "F16"
+    ]
+
+
+def bundle_manifest(job: PrecomputeJob, entries: list[dict[str, Any]], tok: bytes | None) -> dict[str, Any]:
+    """The manifest of a freshly precomputed bundle (``tensors`` is filled in by the writer)."""
+    cfg = job.ckpt.config
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tolcli_version": __version__,
+        "source": source_description(job.ckpt),
+        "model": {
+            "type": cfg.model_type,
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_hidden_layers,
+            "ffn_alpha": cfg.ffn_alpha,
+            "memory_norm_type": cfg.memory_norm_type,
+        },
+        "vocabulary": vocabulary_description(cfg.vocab_size, tok),
+        "layers": entries,
+        "tensors": {},
+        "warnings": overflow_warnings(entries, job.codec),
+        "history": [
+            {"command": "precompute", "dtype": job.codec.dtype, "layers": job.layers, "matmul_dtype": job.matmul_dtype}
+        ],
+    }
+    created = created_timestamp()
+    if created:
+        manifest["created"] = created
+    return manifest
+
+
+def all_entries(job: PrecomputeJob, staging: Staging) -> list[dict[str, Any]]:
+    """Every layer's manifest entry (dropped when not selected); under torchrun, gathered from every rank."""
+    done = {i: staging.layer_done(i) for i in job.mine}
+    if job.dist is not None:
+        done = {k: v for part in all_gather(done) for k, v in part.items()}
+    return [done.get(i) or {"index": i, "status": "dropped"} for i in range(job.ckpt.config.num_hidden_layers)]
+
+
 def precompute(
     checkpoint: str | Path | Checkpoint,
     out: str | Path,
@@ -206,140 +387,38 @@ def precompute(
         (['dense', 'dense'], {'dtype': 'BF16'})
     """
     t0 = time.monotonic()
-    out = Path(out)
     progress = progress or NullProgress()
-    if batch_rows < 1:
-        raise UsageError(f"`batch_rows` must be >= 1, got {batch_rows}")
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint, tensor_map=tensor_map)
-    cfg = ckpt.config
-    if not cfg.has_memory:
-        raise UsageError(
-            f"{ckpt.path}: model_type {cfg.model_type!r} has no context-free FFN, so there is nothing to precompute",
-            hint="precompute needs a memoryllm or flex_memoryllm checkpoint",
-        )
-    L, V, h = cfg.num_hidden_layers, cfg.vocab_size, cfg.hidden_size
-    selected = parse_layer_spec(layers, L) if isinstance(layers, str) else sorted(set(layers or range(L)))
-    if any(not 0 <= i < L for i in selected):
-        raise UsageError(f"layers must be within 0..{L - 1}")
-    dev = resolve_device(device)
-    dist = from_env(dev.type)
-    mine = selected
-    if dist is not None:  # torchrun: this rank computes every world-th layer and writes its own shards
-        mine = [i for i in selected if i % dist.world == dist.rank]
-        if dev.type == "cuda":
-            dev = torch.device("cuda", dist.local_rank)
-        max_shard_size = max_shard_size or (1 << 62)  # the output is always a sharded directory
-    options = WriteOptions.make(
-        out, container=container, compression=compression, max_shard_size=max_shard_size, force=force
+    job = plan_precompute(
+        checkpoint,
+        out,
+        container=container,
+        dtype=dtype,
+        device=device,
+        layers=layers,
+        batch_rows=batch_rows,
+        matmul_dtype=matmul_dtype,
+        force=force,
+        compression=compression,
+        max_shard_size=max_shard_size,
+        tensor_map=tensor_map,
     )
-    codec = DenseCodec(dtype)
-    if matmul_dtype not in MATMUL_DTYPES:
-        raise UsageError(f"`matmul_dtype` must be one of {', '.join(MATMUL_DTYPES)}, got {matmul_dtype!r}")
-    mm = MATMUL_DTYPES[matmul_dtype]
-    source = source_description(ckpt)
-    job = {
-        "command": "precompute",
-        "source": source,
-        "codec": codec.params(),
-        "layers": selected,
-        "batch_rows": batch_rows,
-        "matmul_dtype": matmul_dtype,
-        "device": dev.type,
-        **options.job(),
-        "rank": None if dist is None else [dist.rank, dist.world],
-    }
-    staging = Staging(
-        out, job, resume=resume, options=options, note=note, tag="" if dist is None else f".rank{dist.rank}"
-    )
-
-    embed = ckpt.load(EMBED, dtype=None)  # kept in its stored dtype; batches are cast to fp32
-    todo = [i for i in mine if staging.layer_done(i) is None]
-    progress.start(f"precompute {len(todo)} layer(s)", len(todo) * V)
+    rank = job.dist
+    tag = "" if rank is None else f".rank{rank.rank}"  # one staging area per distributed rank
+    staging = Staging(job.out, job.record(), resume=resume, options=job.options, note=note, tag=tag)
+    embed = job.ckpt.load(EMBED, dtype=None)  # kept in its stored dtype; batches are cast to fp32
+    todo = [i for i in job.mine if staging.layer_done(i) is None]
+    progress.start(f"precompute {len(todo)} layer(s)", len(todo) * job.ckpt.config.vocab_size)
     for i in todo:
-        ffn = load_memory_ffn(ckpt, i, device=dev)
-        stats = LayerStats(dev)
-        if mm != torch.float32:
-            ffn.mlp.to(mm)
-
-        def run_mlp(x: torch.Tensor, mlp: torch.nn.Module = ffn.mlp) -> torch.Tensor:
-            return mlp(x.to(mm)).float()
-
-        def batches(ffn: MemoryFFN = ffn, stats: LayerStats = stats, run_mlp=run_mlp) -> Iterator[torch.Tensor]:
-            with torch.no_grad():
-                for b0 in range(0, V, batch_rows):
-                    x0 = embed[b0 : b0 + batch_rows].to(device=dev, dtype=torch.float32, non_blocking=True)
-                    exact = context_free_term(ffn.memory_layernorm, run_mlp, ffn.alpha, x0)  # (rows, h) fp32
-                    stored = codec.encode(exact)["table"]
-                    stats.update(exact, stored)
-                    progress.advance(exact.shape[0])
-                    yield stored
-
-        name = layer_tensor(i, "table")
-        staging.stage(name, codec.dtype, (V, h), pipelined(batches(), dev), background=True)
-        if stats.nonfinite:
-            raise InputError(
-                f"layer {i}: {stats.nonfinite:,} non-finite values (NaN/Inf) in the computed ToL"
-                + nonfinite_weights(ckpt, i),
-                path=ckpt.path,
-                hint="fix the checkpoint; nothing was written",
-            )
-        stored_bytes = codec.stored_bytes(V, h)
-        staging.commit_layer(
-            i,
-            {
-                "index": i,
-                "status": "present",
-                "codec": codec.name,
-                "params": codec.params(),
-                "tensors": {"table": name},
-                "stored_bytes": stored_bytes,
-                "bits_per_value": 8 * stored_bytes / (V * h),
-                **stats.result(),
-            },
-        )
-        del ffn
+        compute_layer(job, staging, embed, i, progress)
     progress.finish()
 
-    tok = ckpt.tokenizer_path.read_bytes() if ckpt.tokenizer_path else None
-    if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"] and (dist is None or dist.rank == 0):
+    tok = job.ckpt.tokenizer_path.read_bytes() if job.ckpt.tokenizer_path else None
+    if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"] and (rank is None or rank.rank == 0):
         staging.stage_extra(TOKENIZER_TENSOR, tok)
-    entries = [staging.layer_done(i) or {"index": i, "status": "dropped"} for i in range(L)]
-    if dist is not None:  # every rank needs every layer's entry for the warnings; rank 0 writes the manifest
-        done = {k: v for part in all_gather({i: staging.layer_done(i) for i in mine}) for k, v in part.items()}
-        entries = [done.get(i) or {"index": i, "status": "dropped"} for i in range(L)]
-    warnings = [
-        f"layer {e['index']}: {e['fp16_overflow']} values exceed the fp16 range (|x| > 65504) and are stored as inf;"
-        " use --dtype bf16 or fp32"
-        for e in entries
-        if e["status"] == "present" and e["fp16_overflow"] and codec.dtype == "F16"
-    ]
-    for w in warnings:
+    manifest = bundle_manifest(job, all_entries(job, staging), tok)
+    for w in manifest["warnings"]:
         note(f"warning: {w}")
-    manifest: dict[str, Any] = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "tolcli_version": __version__,
-        "source": source,
-        "model": {
-            "type": cfg.model_type,
-            "vocab_size": V,
-            "hidden_size": h,
-            "num_layers": L,
-            "ffn_alpha": cfg.ffn_alpha,
-            "memory_norm_type": cfg.memory_norm_type,
-        },
-        "vocabulary": vocabulary_description(V, tok),
-        "layers": entries,
-        "tensors": {},
-        "warnings": warnings,
-        "history": [{"command": "precompute", "dtype": codec.dtype, "layers": selected, "matmul_dtype": matmul_dtype}],
-    }
-    created = created_timestamp()
-    if created:
-        manifest["created"] = created
-    path = staging.finish(manifest) if dist is None else finish_distributed(dist, staging, out, manifest)
-    from tolcli.bundle.reader import open_bundle
-
+    path = staging.finish(manifest) if rank is None else finish_distributed(rank, staging, job.out, manifest)
     with open_bundle(path) as b:  # re-read what was written: the manifest as stored
         written = b.manifest
     return PrecomputeResult(path, written, time.monotonic() - t0, len(todo))
