@@ -9,11 +9,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from tolcli.errors import CheckpointError
 
-ModelType = Literal["memoryllm", "flex_memoryllm", "llama"]
 MODEL_TYPES: tuple[str, ...] = ("memoryllm", "flex_memoryllm", "llama")
 MEMORY_NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
 
@@ -52,15 +51,6 @@ class ModelConfig:
     def has_memory(self) -> bool:
         """True when the model has context-free (token-wise) FFNs, i.e. ToLs."""
         return self.model_type in ("memoryllm", "flex_memoryllm")
-
-    @property
-    def context_ffn_size(self) -> int:
-        """Intermediate size of the context-aware FFN (0 when there is none)."""
-        if self.model_type == "llama":
-            return self.intermediate_size
-        if self.model_type == "flex_memoryllm":
-            return self.context_intermediate_size
-        return 0
 
     @property
     def q_size(self) -> int:

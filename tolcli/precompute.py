@@ -30,10 +30,10 @@ from tolcli.codecs import Codec, DenseCodec
 from tolcli.distributed import Dist, all_gather, finish_distributed, from_env
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
+from tolcli.fsutil import sha256_file
 from tolcli.layout import EMBED, memory_ffn_names, parse_layer_spec
 from tolcli.model import MemoryFFN, context_free_term, load_memory_ffn
 from tolcli.progress import NullProgress, Progress
-from tolcli.text import file_sha256
 
 FP16_MAX = 65504.0
 DEFAULT_BATCH_ROWS = 4096
@@ -58,7 +58,7 @@ def source_description(ckpt: Checkpoint) -> dict[str, Any]:
     """The manifest's ``source``: checkpoint name, its files with sha256, and its config."""
     files = []
     for f in sorted({*ckpt.files, *([ckpt.index_path] if ckpt.index_path else [])}):
-        files.append({"name": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)})
+        files.append({"name": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)})
     return {"checkpoint": ckpt.path.name, "files": files, "config": ckpt.config.to_dict()}
 
 

@@ -23,10 +23,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         ) from None
 
 
-def file_sha256(path: str | Path) -> str:
-    return sha256_file(Path(path))
-
-
 def read_tokens(path: str | Path, tokenizer: Tokenizer | None, vocab_size: int) -> torch.Tensor:
     """Token ids from ``.txt`` (whole file), ``.jsonl`` (a ``text`` field per line, joined by blank
     lines) or ``.npy`` (1-D integer ids). Ids are checked against ``vocab_size``."""
