@@ -12,6 +12,7 @@ from rich.table import Table
 from tolcli.bundle.convert import convert_bundle
 from tolcli.bundle.manifest import MANIFEST_SCHEMA
 from tolcli.bundle.reader import open_bundle
+from tolcli.bundle.summary import bundle_summary
 from tolcli.cli._common import (
     CompressionOpt,
     DeviceOpt,
@@ -141,18 +142,7 @@ def inspect_cmd(
 
         codecs = ", ".join(sorted({e["codec"] for e in m["layers"] if e["status"] == "present"}))
         layer_figure(m, plot, f"{bundle.name}: {codecs}, {m['model']['num_layers']} layers")
-    present = [e for e in m["layers"] if e["status"] == "present"]
-    stored = sum(e["stored_bytes"] for e in present)
-    dense16 = m["model"]["vocab_size"] * m["model"]["hidden_size"] * 2 * m["model"]["num_layers"]
-    summary = {
-        "container": container,
-        "file_bytes": path_bytes(bundle),
-        "layers_present": len(present),
-        "layers_dropped": m["model"]["num_layers"] - len(present),
-        "stored_bytes": stored,
-        "dense_fp16_bytes": dense16,
-        "fraction_of_dense_fp16": stored / dense16,
-    }
+    summary = {"container": container, "file_bytes": path_bytes(bundle), **bundle_summary(m)}
     if json_out:
         out.emit_json({"path": str(bundle), "summary": summary, "manifest": m})
         return
@@ -167,11 +157,11 @@ def inspect_cmd(
     )
     tok = f"embedded (sha256 {voc['tokenizer_sha256'][:12]}...)" if voc["embedded"] else "not embedded"
     head.add_row("vocabulary", f"{voc['size']:,} tokens, tokenizer {tok}")
-    head.add_row("layers", f"{len(present)} present, {summary['layers_dropped']} dropped")
+    head.add_row("layers", f"{summary['layers_present']} present, {summary['layers_dropped']} dropped")
     head.add_row(
         "stored",
-        f"{fmt_bytes(stored)} = {100 * summary['fraction_of_dense_fp16']:.1f}% of dense fp16 "
-        f"({fmt_bytes(dense16)}); file {fmt_bytes(summary['file_bytes'])}",
+        f"{fmt_bytes(summary['stored_bytes'])} = {100 * summary['fraction_of_dense_fp16']:.1f}% of dense fp16 "
+        f"({fmt_bytes(summary['dense_fp16_bytes'])}); file {fmt_bytes(summary['file_bytes'])}",
     )
     head.add_row("written by", f"tolcli {m['tolcli_version']}" + (f" at {m['created']}" if "created" in m else ""))
     out.print(head)
