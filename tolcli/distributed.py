@@ -8,6 +8,7 @@ machine, or a shared filesystem for ``--nnodes`` > 1). gloo on CPU, nccl on GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,8 +18,7 @@ from typing import Any
 from tolcli.bundle.manifest import canonical_json, validate_schema
 from tolcli.bundle.sharded import INDEX_NAME, index_document, partition, shard_name, write_shards
 from tolcli.bundle.writer import Staging, checked_entry
-from tolcli.errors import OutputError
-from tolcli.fsutil import fsync_dir
+from tolcli.fsutil import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -64,36 +64,29 @@ def finish_distributed(
     already holds every rank's layer entries) and the tensors of all ranks."""
     opts = staging.options
     assert opts.max_shard_size is not None, "a distributed run always writes a sharded directory"
-    tmp = out.with_name(f".{out.name}.tmp-dist")
-    if d.rank == 0:
-        if out.exists() and not opts.force:
-            raise OutputError("output exists", path=out, hint="pass --force to replace it")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    entries = [checked_entry(e) for e in staging.entries()]
-    groups = partition(entries, opts.max_shard_size) if entries else []
-    counts = all_gather(len(groups))
-    start, total = sum(counts[: d.rank]), sum(counts)
-    names = [shard_name(start + k, total, opts.container) for k in range(len(groups))]
-    records = write_shards(tmp, groups, names, opts.container, opts.compression)
-    weight_map = {e.name: n for g, n in zip(groups, names, strict=True) for e in g}
-    tensors = {
-        e.name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "sha256": e.sha256} for e in entries
-    }
-    gathered = all_gather((records, weight_map, tensors))
-    if d.rank == 0:
-        all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r["name"])
-        merged_map = {k: v for g in gathered for k, v in g[1].items()}
-        merged = dict(manifest)
-        merged["tensors"] = {k: v for g in gathered for k, v in g[2].items()}
-        validate_schema(merged, where=str(out))
-        (tmp / INDEX_NAME).write_text(canonical_json(index_document(merged, all_records, merged_map)), encoding="utf-8")
-        fsync_dir(tmp)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+    shared = out.with_name(f".{out.name}.tmp-dist")  # one temp directory for all ranks; rank 0 owns it
+    owner = atomic_dir(out, force=opts.force, temp=shared) if d.rank == 0 else contextlib.nullcontext(shared)
+    with owner as tmp:
+        barrier()
+        entries = [checked_entry(e) for e in staging.entries()]
+        groups = partition(entries, opts.max_shard_size) if entries else []
+        counts = all_gather(len(groups))
+        start, total = sum(counts[: d.rank]), sum(counts)
+        names = [shard_name(start + k, total, opts.container) for k in range(len(groups))]
+        records = write_shards(tmp, groups, names, opts.container, opts.compression)
+        weight_map = {e.name: n for g, n in zip(groups, names, strict=True) for e in g}
+        tensors = {
+            e.name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "sha256": e.sha256} for e in entries
+        }
+        gathered = all_gather((records, weight_map, tensors))
+        if d.rank == 0:
+            all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r["name"])
+            merged_map = {k: v for g in gathered for k, v in g[1].items()}
+            merged = dict(manifest)
+            merged["tensors"] = {k: v for g in gathered for k, v in g[2].items()}
+            validate_schema(merged, where=str(out))
+            index = index_document(merged, all_records, merged_map)
+            (tmp / INDEX_NAME).write_text(canonical_json(index), encoding="utf-8")
     barrier()
     shutil.rmtree(staging.dir, ignore_errors=True)
     return out

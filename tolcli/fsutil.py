@@ -1,4 +1,4 @@
-"""Crash-safe file output: write a temp file beside the target, fsync, rename, fsync the directory."""
+"""Crash-safe output: write a temp file (or directory) beside the target, fsync, rename, fsync the directory."""
 
 from __future__ import annotations
 
@@ -61,6 +61,15 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _output_error(e: OSError, path: Path) -> OutputError | None:
+    """What an OSError while writing ``path`` means to a user (None: a bug or something unexpected, re-raise)."""
+    if e.errno == errno.ENOSPC:
+        return OutputError("no space left on the device; nothing was written", path=path)
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"cannot write: {e.strerror}", path=path)
+    return None
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temp path; on success it becomes ``path`` atomically, on any failure it is removed."""
@@ -75,10 +84,8 @@ def atomic_output(path: Path, *, force: bool) -> Iterator[Path]:
         fsync_dir(path.parent)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise OutputError("no space left on the device; nothing was written", path=path) from None
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise OutputError(f"cannot write: {e.strerror}", path=path) from None
+        if (err := _output_error(e, path)) is not None:
+            raise err from None
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -113,15 +120,16 @@ def write_sha256sums(target: Path, files: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temp directory beside ``path``; on success it replaces ``path``, on failure it is removed."""
+def atomic_dir(path: Path, *, force: bool, temp: Path | None = None) -> Iterator[Path]:
+    """Yield a new, empty temp directory beside ``path`` (``temp``: a fixed one that other processes can find);
+    on success its files are fsynced and it replaces ``path``, on any failure it is removed."""
     if path.exists() and not force:
         raise OutputError("output exists", path=path, hint="pass --force to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create the output directory: {e.strerror}", path=path.parent) from None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp if temp is not None else temp_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -136,8 +144,8 @@ def atomic_dir(path: Path, *, force: bool) -> Iterator[Path]:
         fsync_dir(path.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            raise OutputError("no space left on the device; nothing was written", path=path) from None
+        if (err := _output_error(e, path)) is not None:
+            raise err from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,7 +9,7 @@ stripped checkpoint keeps the canonical layout, marks itself with ``"tolcli_stri
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,8 +18,8 @@ from tolcli.bundle import st_format
 from tolcli.bundle.entries import TensorEntry
 from tolcli.checkpoint import CONFIG_NAME, ST_SINGLE, TOKENIZER_NAME, Checkpoint, open_checkpoint
 from tolcli.dtypes import TORCH_TO_DTYPE, tensor_to_numpy
-from tolcli.errors import OutputError, UsageError
-from tolcli.fsutil import fsync_dir
+from tolcli.errors import UsageError
+from tolcli.fsutil import atomic_dir
 from tolcli.layout import MEMORY_FFN
 
 
@@ -48,8 +48,6 @@ def strip_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, *, fo
     if cfg.stripped:
         raise UsageError(f"{ckpt.path} is already stripped")
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputError("output exists", path=out, hint="pass --force to replace it")
     keep = [n for n in sorted(ckpt.tensors) if ckpt.specs[n].group != MEMORY_FFN and ckpt.has(n)]
     removed = [n for n in ckpt.tensors if ckpt.specs[n].group == MEMORY_FFN]
 
@@ -63,32 +61,13 @@ def strip_checkpoint(checkpoint: str | Path | Checkpoint, out: str | Path, *, fo
             lambda: iter([tensor_to_numpy(ckpt.load(name, dtype=None))]),
         )
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_dir(out, force=force) as tmp:
         with open(tmp / ST_SINGLE, "wb") as f:
             st_format.write(f, [entry(n) for n in keep], None)
-            f.flush()
-            os.fsync(f.fileno())
         stripped = replace(cfg, stripped=True)
         (tmp / CONFIG_NAME).write_text(json.dumps(stripped.to_dict(), indent=2, sort_keys=True) + "\n")
         if ckpt.tokenizer_path is not None:
             shutil.copyfile(ckpt.tokenizer_path, tmp / TOKENIZER_NAME)
         open_checkpoint(tmp)  # what we wrote must read back as a valid stripped checkpoint
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    nbytes = sum(ckpt.tensors[n].dtype.itemsize * _numel(ckpt.tensors[n].shape) for n in removed)
+    nbytes = sum(ckpt.tensors[n].dtype.itemsize * math.prod(ckpt.tensors[n].shape) for n in removed)
     return StripResult(out, len(keep), len(removed), nbytes)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,10 +23,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPES[self.dtype].itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return DTYPES[self.dtype].itemsize * math.prod(self.shape)
 
     @property
     def row_bytes(self) -> int:

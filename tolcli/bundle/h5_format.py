@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tolcli.errors import InputError, TolcliError, VerifyError
 CHUNK_TARGET_BYTES = 256 << 10
 CHUNK_CACHE_BYTES = 32 << 20
 COMPRESSIONS = ("gzip", "lzf")
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _NUMPY_TO_DTYPE = {"<f4": "F32", "<f2": "F16", "<u2": "BF16", "|u1": "U8", "|i1": "I8"}
 
 
@@ -37,9 +39,7 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None
     tensors (the tokenizer) are always read whole: contiguous, so no partly empty edge chunk is stored."""
     if len(shape) < 2 or 0 in shape:
         return None
-    row = itemsize
-    for s in shape[1:]:
-        row *= s
+    row = itemsize * math.prod(shape[1:])
     rows = max(1, min(shape[0], CHUNK_TARGET_BYTES // max(1, row)))
     return (rows, *shape[1:])
 
@@ -95,7 +95,7 @@ class HDF5Reader:
         self.path = path
         with open(path, "rb") as fh:
             sig = fh.read(8)
-        if sig != b"\x89HDF\r\n\x1a\n":
+        if sig != SIGNATURE:
             raise InputError("not an HDF5 file (bad signature)", path=path)
         with _guard(path, "open it"):
             self.file = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=10007, rdcc_w0=0.75)
@@ -185,3 +185,21 @@ class HDF5Reader:
     def close(self) -> None:
         with contextlib.suppress(Exception):  # closing a corrupted file may fail; nothing to keep
             self.file.close()
+
+
+class HDF5:
+    """The HDF5 :class:`~tolcli.bundle.container.Container`."""
+
+    name = HDF5Reader.container
+    label = "HDF5"
+    suffixes = (".h5", ".hdf5")
+    compressions = COMPRESSIONS
+
+    def sniff(self, head: bytes) -> bool:
+        return head.startswith(SIGNATURE)
+
+    def open(self, path: Path, *, shard: bool = False) -> HDF5Reader:
+        return HDF5Reader(path, shard=shard)
+
+    def write(self, path: Path, entries: list[TensorEntry], manifest_json: str | None, compression: str | None) -> None:
+        write(path, entries, manifest_json, compression)

@@ -8,6 +8,7 @@ bundle's actual tensors on every read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -195,9 +196,7 @@ def check_against_tensors(
                 f"tensor {name!r} is stored as {dtype}{list(shape)} but the manifest says {d['dtype']}{d['shape']}",
                 path=where,
             )
-        n = DTYPES[dtype].itemsize
-        for s in shape:
-            n *= s
+        n = DTYPES[dtype].itemsize * math.prod(shape)
         if d["bytes"] != n:
             raise InputError(f"tensor {name!r}: manifest says {d['bytes']} bytes, shape implies {n}", path=where)
     model = manifest["model"]

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tolcli.bundle.container import ContainerReader, container_of
 from tolcli.bundle.entries import TensorEntry, rows_per_block
-from tolcli.bundle.h5_format import HDF5Reader
 from tolcli.bundle.manifest import check_against_tensors, parse_manifest
 from tolcli.bundle.sharded import ShardedReader
 from tolcli.bundle.spec import TOKENIZER_TENSOR
-from tolcli.bundle.st_format import SafetensorsReader
 from tolcli.codecs import Codec, codec_from_manifest
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, VerifyError
@@ -63,7 +62,7 @@ def nonfinite_counts(arr: np.ndarray, dtype: str) -> tuple[int, int]:
 class Bundle:
     """An open, validated ToL bundle. Use :func:`open_bundle`."""
 
-    def __init__(self, path: Path, reader: SafetensorsReader | HDF5Reader):
+    def __init__(self, path: Path, reader: ContainerReader):
         self.path = path
         self._reader = reader
         self.container: str = reader.container
@@ -222,8 +221,9 @@ class BundleSource:
 
 
 def open_bundle(path: str | Path, *, verify: bool = False) -> Bundle:
-    """Open and validate a ToL bundle: a ``.safetensors`` or ``.h5``/``.hdf5`` file (told apart by content),
-    or a sharded bundle directory (``tol.index.json`` + shards).
+    """Open and validate a ToL bundle: a container file such as ``.safetensors`` or ``.h5``/``.hdf5`` (told apart
+    by content, :func:`~tolcli.bundle.container.container_of`), or a sharded bundle directory (``tol.index.json`` +
+    shards).
 
     ``verify=True`` also recomputes every tensor's sha256 before returning.
 
@@ -239,18 +239,9 @@ def open_bundle(path: str | Path, *, verify: bool = False) -> Bundle:
     path = Path(path)
     if not path.exists():
         raise InputError("bundle not found", path=path)
-    reader: SafetensorsReader | HDF5Reader | ShardedReader
-    if path.is_dir():
-        reader = ShardedReader(path)
-    else:
-        try:
-            with open(path, "rb") as f:
-                sig = f.read(8)
-        except OSError as e:
-            raise InputError(f"cannot read: {e.strerror}", path=path) from None
-        reader = HDF5Reader(path) if sig == b"\x89HDF\r\n\x1a\n" else SafetensorsReader(path)
+    reader: ContainerReader = ShardedReader(path) if path.is_dir() else container_of(path).open(path)
     try:
-        bundle = Bundle(path, reader)  # type: ignore[arg-type]
+        bundle = Bundle(path, reader)
         if verify:
             bundle.verify()
     except BaseException:

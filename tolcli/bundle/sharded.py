@@ -7,7 +7,7 @@
      "shards": [{"name": "tol-00001-of-00003.safetensors", "bytes": N, "sha256": "..."}, ...],
      "weight_map": {"layers.0.table": "tol-00001-of-00003.safetensors", ...}}
 
-Each shard is a plain safetensors or HDF5 container (the same layout as a single-file bundle) without
+Each shard is a plain container file, such as safetensors or HDF5 (the layout of a single-file bundle), without
 a manifest of its own. Tensors are assigned to shards in data order, starting a new shard when the next
 tensor would push the current one past ``max_shard_size`` (a tensor larger than that gets a shard to
 itself). :class:`ShardedReader` exposes the same interface as the single-file readers, so everything
@@ -17,12 +17,14 @@ that reads bundles reads both forms identically.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tolcli.bundle import h5_format, st_format
+from tolcli.bundle import container as registry
+from tolcli.bundle.container import ContainerReader
 from tolcli.bundle.entries import TensorEntry, data_order
 from tolcli.bundle.manifest import canonical_json
 from tolcli.errors import InputError, VerifyError
@@ -32,7 +34,6 @@ INDEX_NAME = "tol.index.json"
 SHARDED_FORMAT = "tolcli.tol.sharded"
 SHARDED_VERSION = 1
 MAX_INDEX_BYTES = 64 << 20
-SUFFIX = {"safetensors": ".safetensors", "hdf5": ".h5"}
 
 
 def partition(entries: list[TensorEntry], max_bytes: int) -> list[list[TensorEntry]]:
@@ -48,7 +49,7 @@ def partition(entries: list[TensorEntry], max_bytes: int) -> list[list[TensorEnt
 
 
 def shard_name(k: int, n: int, container: str) -> str:
-    return f"tol-{k + 1:05d}-of-{n:05d}{SUFFIX[container]}"
+    return f"tol-{k + 1:05d}-of-{n:05d}{registry.get(container).suffixes[0]}"
 
 
 def write_shards(
@@ -58,11 +59,7 @@ def write_shards(
     records = []
     for group, name in zip(groups, names, strict=True):
         path = directory / name
-        if container == "safetensors":
-            with open(path, "wb") as f:
-                st_format.write(f, group, None)
-        else:
-            h5_format.write(path, group, None, compression)
+        registry.get(container).write(path, group, None, compression)
         records.append({"name": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     return records
 
@@ -103,9 +100,6 @@ class ShardedReader:
     """Reads a sharded bundle through per-shard readers; validates the index against the shards."""
 
     def __init__(self, directory: Path):
-        from tolcli.bundle.h5_format import HDF5Reader
-        from tolcli.bundle.st_format import SafetensorsReader
-
         self.path = directory
         index_path = directory / INDEX_NAME
         try:
@@ -132,8 +126,8 @@ class ShardedReader:
                 hint="upgrade tolcli",
             )
         self.manifest_text = canonical_json(index["manifest"])
-        self.shards: dict[str, SafetensorsReader | HDF5Reader] = {}
-        containers = set()
+        self.shards: dict[str, ContainerReader] = {}
+        kinds: set[str] = set()
         try:
             for rec in index["shards"]:
                 name = rec.get("name") if isinstance(rec, dict) else None
@@ -146,10 +140,8 @@ class ShardedReader:
                     raise VerifyError(
                         f"shard {name} has {f.stat().st_size} bytes, the index says {rec.get('bytes')}", path=directory
                     )
-                with open(f, "rb") as fh:
-                    is_h5 = fh.read(8) == b"\x89HDF\r\n\x1a\n"
-                self.shards[name] = HDF5Reader(f, shard=True) if is_h5 else SafetensorsReader(f, shard=True)
-                containers.add(self.shards[name].container)
+                self.shards[name] = registry.container_of(f).open(f, shard=True)
+                kinds.add(self.shards[name].container)
             self.weight_map: dict[str, str] = index["weight_map"]
             for name, reader in self.shards.items():
                 held = set(reader.stored())
@@ -166,7 +158,7 @@ class ShardedReader:
             self.close()
             raise
         self.records = index["shards"]
-        self.container = "hdf5" if containers == {"hdf5"} else "safetensors"
+        self.container = kinds.pop() if len(kinds) == 1 else registry.DEFAULT  # mixed (or no) shards: the default
 
     def stored(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         out: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -174,7 +166,7 @@ class ShardedReader:
             out.update(reader.stored())
         return out
 
-    def _reader(self, name: str):
+    def _reader(self, name: str) -> ContainerReader:
         return self.shards[self.weight_map[name]]
 
     def array(self, name: str) -> np.ndarray:
@@ -183,7 +175,7 @@ class ShardedReader:
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         return self._reader(name).rows(name, ids)
 
-    def blocks(self, name: str, rows: int):
+    def blocks(self, name: str, rows: int) -> Iterator[np.ndarray]:
         return self._reader(name).blocks(name, rows)
 
     def close(self) -> None:

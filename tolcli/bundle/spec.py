@@ -10,13 +10,11 @@ from __future__ import annotations
 FORMAT_NAME = "tolcli.tol"
 FORMAT_VERSION = 1
 
+# Containers, their suffixes and how files are told apart: tolcli.bundle.container.
 # safetensors: the manifest is one __metadata__ entry (canonical JSON); "format": "pt" as torch expects.
 ST_MANIFEST_KEY = "tol.manifest"
-ST_SUFFIXES = (".safetensors",)
 # HDF5: the manifest is a root attribute; tensor ``layers.3.table`` is dataset ``/layers/3/table``.
 H5_MANIFEST_ATTR = "tol.manifest"
-H5_SUFFIXES = (".h5", ".hdf5")
-CONTAINERS = ("safetensors", "hdf5")
 
 TOKENIZER_TENSOR = "tokenizer"
 LAYER_PREFIX = "layers."

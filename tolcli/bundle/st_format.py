@@ -8,7 +8,9 @@ order. tolcli's header holds ``__metadata__ = {"format": "pt", "tol.manifest": <
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -53,8 +55,11 @@ def not_safetensors_reason(start: bytes) -> str | None:
         return "this is a Git LFS pointer, not the file itself (run `git lfs pull`)"
     if start.lstrip()[:1] == b"<":
         return "this looks like HTML (a download error page?), not a safetensors file"
-    if start.startswith(b"\x89HDF"):
-        return "this is an HDF5 file; name it .h5"
+    from tolcli.bundle.container import sniff  # the registry imports this module
+
+    other = sniff(start)
+    if other is not None and other.name != SafetensorsReader.container:
+        return f"this is an {other.label} file; name it {other.suffixes[0]}"
     if start.startswith(b"PK\x03\x04"):
         return "this is a zip archive (a torch .pt/.bin file?), not safetensors"
     return None
@@ -136,9 +141,7 @@ class SafetensorsReader:
             raise InputError(f"corrupted header entry for tensor {name!r}", path=self.path)
         if dtype not in DTYPES:
             raise InputError(f"tensor {name!r} has dtype {dtype}, not one tolcli bundles use", path=self.path)
-        n = DTYPES[dtype].itemsize
-        for s in shape:
-            n *= s
+        n = DTYPES[dtype].itemsize * math.prod(shape)
         begin, end = offs
         if end - begin != n:
             raise InputError(
@@ -160,7 +163,7 @@ class SafetensorsReader:
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         return self.array(name)[ids]
 
-    def blocks(self, name: str, rows: int):
+    def blocks(self, name: str, rows: int) -> Iterator[np.ndarray]:
         arr = self.array(name)
         if arr.ndim == 0 or arr.shape[0] == 0:
             yield np.asarray(arr)
@@ -170,3 +173,23 @@ class SafetensorsReader:
 
     def close(self) -> None:
         self._mm = None
+
+
+class Safetensors:
+    """The safetensors :class:`~tolcli.bundle.container.Container`."""
+
+    name = SafetensorsReader.container
+    label = "safetensors"
+    suffixes = (".safetensors",)
+    compressions = ()
+
+    def sniff(self, head: bytes) -> bool:
+        """No magic number: a plausible header length, then the header's ``{``."""
+        return len(head) > 8 and 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES and head[8:9] == b"{"
+
+    def open(self, path: Path, *, shard: bool = False) -> SafetensorsReader:
+        return SafetensorsReader(path, shard=shard)
+
+    def write(self, path: Path, entries: list[TensorEntry], manifest_json: str | None, compression: str | None) -> None:
+        with open(path, "wb") as f:
+            write(f, entries, manifest_json)

@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from tolcli.bundle import h5_format, st_format
+from tolcli.bundle import container as registry
 from tolcli.bundle.entries import TensorEntry, rows_per_block
 from tolcli.bundle.manifest import canonical_json, validate_schema
 from tolcli.bundle.sharded import write_sharded
-from tolcli.bundle.spec import H5_SUFFIXES, ST_SUFFIXES
 from tolcli.dtypes import DTYPES
 from tolcli.errors import OutputError, UsageError, VerifyError
 from tolcli.fsutil import atomic_output, check_output, fsync_dir, parse_bytes, sha256_file
@@ -35,21 +34,21 @@ from tolcli.fsutil import atomic_output, check_output, fsync_dir, parse_bytes, s
 
 def container_for(path: Path, container: str | None = None, *, sharded: bool = False) -> str:
     """The container of an output path: from ``--format`` or the suffix (a sharded bundle is a directory:
-    safetensors shards unless ``--format hdf5`` or a ``.h5`` directory name)."""
+    :data:`~tolcli.bundle.container.DEFAULT` shards unless ``--format`` or a suffix such as ``.h5`` names one)."""
     if path.is_dir() and not sharded:
         raise UsageError(f"{path} is a directory: a directory output needs --max-shard-size")
     if container is not None:
-        if container not in ("safetensors", "hdf5"):
-            raise UsageError(f"--format must be safetensors or hdf5, got {container!r}")
+        if container not in registry.names():
+            raise UsageError(f"--format must be {' or '.join(registry.names())}, got {container!r}")
         return container
-    if path.suffix in ST_SUFFIXES:
-        return "safetensors"
-    if path.suffix in H5_SUFFIXES:
-        return "hdf5"
+    found = registry.by_suffix(path.suffix)
+    if found is not None:
+        return found.name
     if sharded:
-        return "safetensors"
+        return registry.DEFAULT
+    suffixes = " or ".join(c.suffixes[0] for c in registry.containers())
     raise UsageError(
-        f"cannot tell the format of {path.name!r} from its suffix", hint="name it .safetensors or .h5, or pass --format"
+        f"cannot tell the format of {path.name!r} from its suffix", hint=f"name it {suffixes}, or pass --format"
     )
 
 
@@ -57,8 +56,9 @@ def container_for(path: Path, container: str | None = None, *, sharded: bool = F
 class WriteOptions:
     """How a bundle is written: parsed and checked once, at the API boundary (:meth:`make`), then passed whole.
 
-    ``container`` is resolved (``safetensors`` or ``hdf5``); ``max_shard_size`` in bytes makes the output a
-    sharded directory; ``compression`` is HDF5's (``gzip``/``lzf``); ``force`` replaces an existing output."""
+    ``container`` is a resolved container name (``safetensors``, ``hdf5``, ...); ``max_shard_size`` in bytes makes
+    the output a sharded directory; ``compression`` is the container's (HDF5: ``gzip``/``lzf``); ``force`` replaces
+    an existing output."""
 
     container: str
     compression: str | None = None
@@ -78,8 +78,12 @@ class WriteOptions:
         """Validate the user's choices for output ``out`` (``max_shard_size`` may be text such as ``"2GB"``)."""
         shard = None if max_shard_size is None else parse_bytes(max_shard_size)
         kind = container_for(out, container, sharded=shard is not None)
-        if compression is not None and kind != "hdf5":
-            raise UsageError("compression applies to HDF5 bundles only", hint="write a .h5 bundle, or drop it")
+        if compression is not None and not registry.get(kind).compressions:
+            takers = [c for c in registry.containers() if c.compressions]
+            raise UsageError(
+                f"compression applies to {' or '.join(c.label for c in takers)} bundles only",
+                hint=f"write a {takers[0].suffixes[0]} bundle, or drop it",
+            )
         return cls(kind, compression, shard, force)
 
     @property
@@ -133,11 +137,7 @@ def write_bundle(
             force=options.force,
         )
     with atomic_output(path, force=options.force) as tmp:
-        if options.container == "safetensors":
-            with open(tmp, "wb") as f:
-                st_format.write(f, checked, text)
-        else:
-            h5_format.write(tmp, checked, text, options.compression)
+        registry.get(options.container).write(tmp, checked, text, options.compression)
     return path
 
 
@@ -269,9 +269,7 @@ class Staging:
         except OSError as e:
             raise OutputError(f"cannot write staged data: {e.strerror}", path=self.dir / fname) from None
         rec = {"dtype": dtype, "shape": list(shape), "bytes": n, "sha256": h.hexdigest(), "file": fname}
-        expected = DTYPES[dtype].itemsize
-        for s in shape:
-            expected *= s
+        expected = DTYPES[dtype].itemsize * math.prod(shape)
         if n != expected:  # pragma: no cover - a bug in a block producer
             raise AssertionError(f"{name}: staged {n} bytes, expected {expected}")
         self.state["tensors"][name] = rec

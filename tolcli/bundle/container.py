@@ -1,0 +1,125 @@
+"""Containers: the file formats a bundle (or one shard of a sharded bundle) is stored in, and their registry.
+
+A container is one module holding an object that satisfies :class:`Container`, plus one :func:`register`
+line (the built-ins are registered at the bottom of this module). Files are told apart by content
+(:func:`container_of`); outputs pick a container by name or suffix (:func:`by_suffix`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from tolcli.bundle import h5_format, st_format
+from tolcli.bundle.entries import TensorEntry
+from tolcli.errors import InputError
+
+SNIFF_BYTES = 64
+# Written when nothing names a container (a sharded directory without a suffix), and opened when no container
+# recognises a file: safetensors has no magic number, and its reader says what such a file is instead.
+DEFAULT = "safetensors"
+
+
+class ContainerReader(Protocol):
+    """An open container: what :class:`~tolcli.bundle.reader.Bundle` reads through."""
+
+    container: str  # the container's name
+    manifest_text: str  # "" for a shard
+
+    def stored(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Tensor name -> (dtype, shape), as stored."""
+
+    def array(self, name: str) -> np.ndarray:
+        """A whole tensor, in its storage numpy dtype."""
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` (int64, any order, repeats allowed) of a tensor."""
+
+    def blocks(self, name: str, rows: int) -> Iterator[np.ndarray]:
+        """A tensor in blocks of ``rows`` rows; a 0-d or empty tensor is one block."""
+
+    def close(self) -> None: ...
+
+
+class Container(Protocol):
+    """A file format for bundles and shards: recognises, opens and writes whole files."""
+
+    @property
+    def name(self) -> str:
+        """For ``--format`` and ``Bundle.container``."""
+
+    @property
+    def label(self) -> str:
+        """How messages name it ("HDF5")."""
+
+    @property
+    def suffixes(self) -> tuple[str, ...]:
+        """Output suffixes; the first one names shards and is suggested in messages."""
+
+    @property
+    def compressions(self) -> tuple[str, ...]:
+        """Accepted values of ``compression`` (empty: none)."""
+
+    def sniff(self, head: bytes) -> bool:
+        """Whether a file whose first bytes (up to :data:`SNIFF_BYTES`) are ``head`` is in this container."""
+
+    def open(self, path: Path, *, shard: bool = False) -> ContainerReader:
+        """A validating reader; ``shard=True``: a shard of a sharded bundle, without a manifest."""
+
+    def write(self, path: Path, entries: list[TensorEntry], manifest_json: str | None, compression: str | None) -> None:
+        """Write a whole file at ``path``; with ``manifest_json`` None, a shard."""
+
+
+_REGISTRY: dict[str, Container] = {}
+
+
+def register(container: Container) -> Container:
+    """Add a container (its name and suffixes must be new); returns it."""
+    taken = {s for c in _REGISTRY.values() for s in c.suffixes}
+    if container.name in _REGISTRY or taken & set(container.suffixes):
+        raise ValueError(f"container {container.name!r} or one of its suffixes {container.suffixes} is registered")
+    _REGISTRY[container.name] = container
+    return container
+
+
+def unregister(name: str) -> None:
+    del _REGISTRY[name]
+
+
+def containers() -> tuple[Container, ...]:
+    """The registered containers, in registration order."""
+    return tuple(_REGISTRY.values())
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Container:
+    return _REGISTRY[name]
+
+
+def by_suffix(suffix: str) -> Container | None:
+    return next((c for c in _REGISTRY.values() if suffix in c.suffixes), None)
+
+
+def sniff(head: bytes) -> Container | None:
+    """The container that recognises a file starting with ``head``, or None."""
+    return next((c for c in _REGISTRY.values() if c.sniff(head)), None)
+
+
+def container_of(path: Path) -> Container:
+    """The container of an existing file, by content (:data:`DEFAULT` when none recognises it)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror}", path=path) from None
+    return sniff(head) or get(DEFAULT)
+
+
+register(st_format.Safetensors())
+register(h5_format.HDF5())
