@@ -4,6 +4,7 @@ fires (and, where it matters, that the same input without the fault passes)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -214,6 +215,21 @@ def test_gate_fails_on_a_nan_bundle(tmp_path: Path, make_ckpt) -> None:
     with pytest.raises(QualityGateError) as e:
         eval_ppl(ckpt, [data], tols=[bad], ctx=32, max_increase=1000.0)
     assert math.isnan(e.value.report.variants[1]["ppl"])  # type: ignore[attr-defined]
+
+
+def test_cli_reports_a_nan_perplexity_as_strict_json_and_exit_3(tmp_path: Path, make_ckpt, cli) -> None:
+    ckpt = make_ckpt("memoryllm")
+    good = precompute(ckpt, tmp_path / "good.safetensors").path
+    bad = _rewrite(good, tmp_path / "nan.safetensors", edit=lambda name, a: a.__setitem__((slice(None), 0), np.nan))
+    data = tmp_path / "ids.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 101, 200))
+    r = cli("eval-ppl", ckpt, "--data", data, "--tol", bad, "--ctx", "32", "--max-increase", "1", "--json")
+    assert r.code == 3
+    doc = json.loads(r.out, parse_constant=lambda c: pytest.fail(f"bare {c} in --json output"))
+    assert doc["variants"][1]["ppl"] is None and doc["variants"][0]["ppl"] > 1
+    assert "quality gate failed" in r.err and "nan" in r.err
+    r = cli("eval-ppl", ckpt, "--data", data, "--max-increase", "nan", "--drop-last", "1")
+    assert r.code == 2 and "--max-increase must be a finite number" in r.err
 
 
 # ---- verify: recorded fp16 overflow passes, anything beyond it fails --------------------------------------------

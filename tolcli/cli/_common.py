@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -54,12 +55,24 @@ class Output:
         return not (self.json or self.quiet) and self.console.is_terminal
 
     def emit_json(self, doc: Any) -> None:
-        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        """One strict JSON document: NaN and infinities (a diverged perplexity) become ``null``."""
+        sys.stdout.write(json.dumps(finite_json(doc), indent=2, sort_keys=True, allow_nan=False) + "\n")
         sys.stdout.flush()
 
     def print(self, *objects: Any) -> None:
         if not (self.json or self.quiet):
             self.console.print(*objects)
+
+
+def finite_json(doc: Any) -> Any:
+    """``doc`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: finite_json(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [finite_json(v) for v in doc]
+    return doc
 
 
 def fmt_bytes(n: float) -> str:
