@@ -182,11 +182,11 @@ def test_calibration_text_uses_the_embedded_tokenizer(dense: Path, tmp_path: Pat
 @pytest.mark.parametrize(
     ("opts", "msg"),
     [
-        (CompressOptions("svd"), "exactly one of --rank R and --ratio F"),
+        (CompressOptions("svd"), "exactly one of rank and ratio"),
         (CompressOptions("svd", rank=8, ratio=0.2), "exactly one"),
-        (CompressOptions("adaptive-svd"), "exactly one of --budget and --energy"),
+        (CompressOptions("adaptive-svd"), "exactly one of budget and energy"),
         (CompressOptions("int4", rank=8), "apply to SVD schemes"),
-        (CompressOptions("nf4", symmetric=True), "--symmetric applies to int4"),
+        (CompressOptions("nf4", symmetric=True), "symmetric applies to int4"),
         (CompressOptions("int4", group_size=48), "group size must be one of"),
         (CompressOptions("svd", rank=9999), "outside"),
         (CompressOptions("zip"), "unknown scheme"),

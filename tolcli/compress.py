@@ -1,10 +1,11 @@
 """Compress a ToL bundle layer by layer: casts, quantisation, uniform and adaptive-rank SVD, combinations.
 
-Every scheme writes bundle format v1 through the same resumable staging as ``precompute``. Each layer's
+Every codec writes bundle format v1 through the same resumable staging as ``precompute``. Each layer's
 manifest entry records its codec and parameters, stored bytes, bits per value, and its relative
 Frobenius error against the input (token-weighted too, when weights are given).
 
-Schemes:
+The codec is a spec from :mod:`tolcli.codecs` (``svd(rank=64,a=int4(group=32))``), or one of these
+schemes, which map to specs:
 
 - ``fp32`` / ``fp16`` / ``bf16``: dense casts;
 - ``int4`` / ``nf4`` / ``int8``: group-wise quantisation along the hidden axis;
@@ -12,6 +13,9 @@ Schemes:
 - ``adaptive-svd``: per-layer ranks minimising the total squared error under one byte budget
   (``--budget``), or the smallest rank keeping a fraction of each layer's energy (``--energy``);
 - ``svd+int4``, ``adaptive-svd+int4`` (and ``+nf4``, ``+int8``): the ``A`` factor quantised, ``B`` fp16.
+
+The work is three steps: plan (the spec, token weights, and ranks for a ranked spec such as SVD),
+encode each layer (:func:`encode_layer`, pure), write (the staging, then the manifest).
 
 SVD errors can be weighted per token (``--token-weights`` counts, or ``--calibration`` text counted with
 the bundle's tokenizer), or per layer *and* token in estimated loss units (``--sensitivity CHECKPOINT``
@@ -27,7 +31,7 @@ import heapq
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +42,7 @@ from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, WriteOptions
-from tolcli.codecs import Codec, DenseCodec, DictAccess, Int4Codec, Int8Codec, NF4Codec, SVDCodec
-from tolcli.codecs.svd import gram_spectrum
+from tolcli.codecs import NF4, SVD, Codec, CodecSpec, Dense, DictAccess, Int4, Int8, RankedSpec, parse_spec
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import parse_size, sha256_file
@@ -55,15 +58,35 @@ SCHEMES: tuple[str, ...] = (
     *SVD_KINDS,
     *(f"{k}+{q}" for k in SVD_KINDS for q in QUANT_SCHEMES),
 )
-DEFAULT_GROUP = {"int4": 64, "nf4": 64}
-DEFAULT_A_GROUP = 32  # the A factor's group size (ranks are kept multiples of it)
+DEFAULT_GROUP = 64  # int4 / nf4
+DEFAULT_A_GROUP = 32  # the A factor's group size in the svd+int4/nf4 schemes (ranks are kept multiples of it)
+# The CompressOptions fields that weight tokens; the others besides scheme and codec are the scheme's options.
+_WEIGHTING_FIELDS = ("token_weights", "calibration", "sensitivity", "weight_floor")
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """How layer errors are weighted per token: by counts (a ``token_weights`` ``.npy``, or ``calibration``
+    text), or per layer and token by the loss's sensitivity (``sensitivity``: a checkpoint, with
+    ``calibration``); ``floor`` is added to every weight."""
+
+    token_weights: str | None = None
+    calibration: str | None = None
+    sensitivity: str | None = None
+    floor: float = 1.0
 
 
 @dataclass
 class CompressOptions:
-    """Everything ``tolcli compress`` takes besides input and output (see the CLI reference)."""
+    """Everything ``tolcli compress`` takes besides input and output (see the CLI reference).
 
-    scheme: str
+    The codec is either a ``scheme`` with the scheme options (``CompressOptions("svd+int4", rank=64)``), or
+    ``codec``: a spec string or a spec from :mod:`tolcli.codecs`, which carries its own options
+    (``CompressOptions(codec="svd(rank=64,a=int4(group=32))")``). The token-weighting options
+    (``token_weights``, ``calibration``, ``sensitivity``, ``weight_floor``) apply to both.
+    """
+
+    scheme: str | None = None
     rank: int | None = None
     ratio: float | None = None
     budget: str | None = None
@@ -82,12 +105,39 @@ class CompressOptions:
     calibration: str | None = None
     sensitivity: str | None = None
     weight_floor: float = 1.0
+    codec: str | CodecSpec | None = None
+
+    def codec_spec(self) -> CodecSpec:
+        """The codec spec these options choose, validated."""
+        if self.codec is None:
+            return scheme_spec(self)
+        if self.scheme is not None:
+            raise UsageError("give `scheme` or `codec`, not both")
+        scheme_options = [f for f in fields(self) if f.name not in ("scheme", "codec", *_WEIGHTING_FIELDS)]
+        given = [f"`{f.name}`" for f in scheme_options if getattr(self, f.name) != f.default]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: only with `scheme`; a `codec` spec carries its own options, "
+                "e.g. svd(rank=64,a=int4(group=32))"
+            )
+        return parse_spec(self.codec) if isinstance(self.codec, str) else self.codec
+
+    def weighting(self) -> Weighting:
+        return Weighting(self.token_weights, self.calibration, self.sensitivity, self.weight_floor)
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest's history records of these options."""
+        if self.codec is None:  # every scheme option that is set, as tolcli always recorded them
+            return {"scheme": self.scheme, **{k: v for k, v in asdict(self).items() if v is not None and k != "scheme"}}
+        weighting = {k: getattr(self, k) for k in _WEIGHTING_FIELDS if getattr(self, k) is not None}
+        return {"codec": str(self.codec_spec()), **weighting}
 
 
+# ---- schemes: shorthands for specs ---------------------------------------------------------------------------
 def parse_scheme(scheme: str) -> tuple[str, str | None]:
     """``"adaptive-svd+int4"`` -> ``("adaptive-svd", "int4")``; ``"int4"`` -> ``("quant", "int4")``."""
     if scheme not in SCHEMES:
-        raise UsageError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        raise UsageError(f"unknown `scheme` {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if scheme in DENSE_SCHEMES:
         return "dense", None
     if scheme in QUANT_SCHEMES:
@@ -96,22 +146,66 @@ def parse_scheme(scheme: str) -> tuple[str, str | None]:
     return kind, quant or None
 
 
-def quant_codec(quant: str, group_size: int | None, symmetric: bool, width: int) -> Codec:
+def quant_spec(quant: str, group: int | None, symmetric: bool) -> CodecSpec:
+    """The spec of scheme ``quant`` (int4, nf4 or int8) with a group size (``None``: the default)."""
     if symmetric and quant != "int4":
-        raise UsageError("--symmetric applies to int4 only (nf4 and int8 are symmetric already)")
+        raise UsageError("`symmetric` applies to int4 only (nf4 and int8 are symmetric already)")
     if quant == "int8":
-        return Int8Codec(group_size or width)
-    group = group_size or DEFAULT_GROUP[quant]
-    return Int4Codec(group, symmetric) if quant == "int4" else NF4Codec(group)
+        return Int8(group or None)
+    return Int4(group or DEFAULT_GROUP, symmetric) if quant == "int4" else NF4(group or DEFAULT_GROUP)
 
 
+def scheme_spec(o: CompressOptions) -> CodecSpec:
+    """The spec that ``o.scheme`` and its options stand for."""
+    if o.scheme is None:
+        raise UsageError("give a `scheme` or a `codec` spec")
+    kind, quant = parse_scheme(o.scheme)
+    if kind not in SVD_KINDS:
+        if any(x is not None for x in (o.rank, o.ratio, o.budget, o.energy)):
+            raise UsageError(f"`rank`/`ratio`/`budget`/`energy` apply to SVD schemes, not {o.scheme}")
+        return Dense(o.scheme) if kind == "dense" else quant_spec(o.scheme, o.group_size, o.symmetric)
+    _check_rank_choice(kind, o)
+    if quant is None:
+        a = Dense(o.factor_dtype)
+    else:
+        a = quant_spec(quant, o.group_size or (DEFAULT_A_GROUP if quant != "int8" else None), o.symmetric)
+    return SVD(
+        rank=o.rank,
+        ratio=o.ratio,
+        budget=o.budget,
+        energy=o.energy,
+        min_rank=o.min_rank,
+        max_rank=o.max_rank,
+        rank_multiple=o.rank_multiple,
+        a=a,
+        method=o.svd_method,
+        oversample=o.oversample,
+        power_iters=o.power_iters,
+        seed=o.seed,
+    )
+
+
+def _check_rank_choice(kind: str, o: CompressOptions) -> None:
+    if kind == "svd":
+        if (o.rank is None) == (o.ratio is None):
+            raise UsageError("svd needs exactly one of `rank` and `ratio`")
+        if o.budget is not None or o.energy is not None:
+            raise UsageError("`budget`/`energy` apply to adaptive-svd; svd takes `rank` or `ratio`")
+    else:
+        if (o.budget is None) == (o.energy is None):
+            raise UsageError("adaptive-svd needs exactly one of `budget` and `energy`")
+        if o.rank is not None or o.ratio is not None:
+            raise UsageError("`rank`/`ratio` apply to svd; adaptive-svd takes `budget` or `energy`")
+
+
+# ---- planning: ranks -----------------------------------------------------------------------------------------
 def parse_budget(text: str, dense_fp16_bytes: int) -> int:
     """``"0.25"`` (a fraction of dense fp16), ``"12MB"``, ``"1.5GiB"`` or ``"123456"`` -> bytes."""
     try:
         value, unit = parse_size(text)
     except UsageError:
         raise UsageError(
-            f"--budget {text!r}: expected a fraction such as 0.25, or bytes such as 12MB or 1.5GiB"
+            f"budget {text!r}: expected a fraction such as 0.25, or bytes such as 12MB or 1.5GiB"
         ) from None
     if not unit and value <= 1.0:
         return int(value * dense_fp16_bytes)
@@ -140,7 +234,7 @@ def allocate_ranks(
     if spent > budget:
         raise UsageError(
             f"the budget ({budget:,} bytes) is below the minimum rank {min_rank} on every layer ({int(spent):,} bytes)",
-            hint="raise --budget or lower --min-rank",
+            hint="raise the budget or lower the minimum rank",
         )
     step_cost = bytes_per_rank * multiple
     heap: list[tuple[float, int]] = []
@@ -165,8 +259,6 @@ def energy_ranks(
     spectra: dict[int, torch.Tensor], energy: float, *, multiple: int, min_rank: int, max_rank: int
 ) -> dict[int, int]:
     """Per layer, the smallest rank (a multiple of ``multiple``) keeping ``energy`` of the squared norm."""
-    if not 0 < energy <= 1:
-        raise UsageError(f"--energy must be in (0, 1], got {energy}")
     out = {}
     for layer, ev in spectra.items():
         cum = torch.cumsum(ev, 0) / ev.sum().clamp_min(1e-300)
@@ -175,6 +267,135 @@ def energy_ranks(
     return out
 
 
+def plan_ranks(
+    spec: CodecSpec, b: Bundle, weights: dict[int, torch.Tensor] | None, progress: Progress
+) -> dict[int, int]:
+    """Each layer's rank under a ranked spec (``{}`` for any other): given, from a ratio, or allocated."""
+    if not isinstance(spec, RankedSpec):
+        return {}
+    V, h = b.vocab_size, b.hidden_size
+    layers = sorted(b.layers)
+    top, step = min(V, h), spec.rank_step()
+    min_rank = spec.min_rank if spec.min_rank is not None else step
+    max_rank = min(top, spec.max_rank if spec.max_rank is not None else top)
+    if min_rank < 1 or min_rank > max_rank:
+        raise UsageError(f"{spec.name} needs 1 <= min rank ({min_rank}) <= max rank ({max_rank})")
+    per_rank = spec.with_rank(step).build(h).stored_bytes(V, h) / step
+    dense16 = V * h * 2
+    if not spec.adaptive:
+        rank = spec.rank if spec.ratio is None else _round_to(spec.ratio * dense16 / per_rank, step)
+        if not 1 <= rank <= top:
+            raise UsageError(f"rank {rank} is outside 1..{top}")
+        return dict.fromkeys(layers, rank)
+    progress.start(f"spectra of {len(layers)} layer(s)", len(layers))
+    spectra = {}
+    for i in layers:
+        spectra[i] = spec.spectrum(b.dense_layer(i), None if weights is None else weights[i])
+        progress.advance(1)
+    progress.finish()
+    kw = {"multiple": step, "min_rank": min_rank, "max_rank": max_rank}
+    if spec.energy is not None:
+        return energy_ranks(spectra, spec.energy, **kw)
+    return allocate_ranks(spectra, per_rank, parse_budget(str(spec.budget), dense16 * len(layers)), **kw)
+
+
+# ---- planning: token weights --------------------------------------------------------------------------------
+def load_weights(
+    w: Weighting, b: Bundle, progress: Progress
+) -> tuple[dict[int, torch.Tensor] | None, dict[str, Any] | None]:
+    """Per-layer token weights (the same vector for every layer unless ``sensitivity``), and their record."""
+    if w.sensitivity is not None:
+        return _sensitivity_weights(w, b, progress)
+    if w.token_weights is None and w.calibration is None:
+        return None, None
+    weights, info = load_token_weights(
+        b.vocab_size,
+        weights_file=w.token_weights,
+        calibration=w.calibration,
+        tokenizer=b.tokenizer() if w.calibration else None,
+        floor=w.floor,
+    )
+    return dict.fromkeys(b.layers, weights), info
+
+
+def _sensitivity_weights(w: Weighting, b: Bundle, progress: Progress) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    from tolcli.checkpoint import open_checkpoint
+    from tolcli.demo import resolve_checkpoint_arg
+    from tolcli.model import load_model
+    from tolcli.sensitivity import sensitivity_weights, token_sensitivity
+    from tolcli.text import read_tokens
+
+    if w.calibration is None or w.token_weights is not None:
+        raise UsageError("--sensitivity needs --calibration TEXT (and no --token-weights)")
+    ckpt = open_checkpoint(resolve_checkpoint_arg(w.sensitivity))  # type: ignore[arg-type]
+    cfg = ckpt.config
+    if not cfg.has_memory:
+        raise InputError(
+            f"`sensitivity` {ckpt.path}: model_type {cfg.model_type!r} has no context-free FFN",
+            hint="pass the memoryllm checkpoint the bundle was computed from",
+        )
+    if (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) != (b.vocab_size, b.hidden_size, b.num_layers):
+        raise InputError(
+            f"checkpoint {ckpt.path} (vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
+            f"layers) does not match the bundle (vocab {b.vocab_size}, hidden {b.hidden_size}, {b.num_layers} layers)"
+        )
+    tok = b.tokenizer()
+    if tok is None:
+        raise InputError("the bundle has no embedded tokenizer to read the calibration text with")
+    tokens = read_tokens(w.calibration, tok, b.vocab_size)
+    S, counts = token_sensitivity(load_model(ckpt), tokens, progress=progress)
+    info = {
+        "source": "sensitivity",
+        "checkpoint": ckpt.path.name,
+        "name": Path(w.calibration).name,
+        "sha256": sha256_file(Path(w.calibration)),
+        "tokens": tokens.numel(),
+        "floor": w.floor,
+        "layer_sensitivity": [float(x) for x in (S.sum(1) / counts.sum())],
+    }
+    weights = sensitivity_weights(S, counts, w.floor)
+    return {i: weights[i] for i in b.layers}, info
+
+
+# ---- encoding one layer ---------------------------------------------------------------------------------------
+@dataclass
+class EncodedLayer:
+    """One layer as stored: tensor name -> (dtype, tensor), and its manifest entry."""
+
+    tensors: dict[str, tuple[str, torch.Tensor]]
+    entry: dict[str, Any]
+
+
+def encode_layer(index: int, table: torch.Tensor, codec: Codec, weights: torch.Tensor | None = None) -> EncodedLayer:
+    """Encode layer ``index``'s [V, h] fp32 table; the entry records the codec, bytes and reconstruction error
+    (``weights``: per-token weights of the error, recorded as ``weighted_rel_error`` too)."""
+    V, h = table.shape
+    tensors = codec.encode(table)
+    dtypes = {role: dtype for role, (_, dtype) in codec.tensor_specs(V, h).items()}
+    decoded = codec.decode_rows(DictAccess(tensors), torch.arange(V))
+    err = (decoded - table).double().pow(2).sum(1)  # (V,) squared error per row
+    norm = table.double().pow(2).sum(1)
+    stored = codec.stored_bytes(V, h)
+    entry: dict[str, Any] = {
+        "index": index,
+        "status": "present",
+        "codec": codec.name,
+        "params": codec.params(),
+        "tensors": {role: layer_tensor(index, role) for role in tensors},
+        "stored_bytes": stored,
+        "bits_per_value": 8 * stored / (V * h),
+        "rel_error": math.sqrt(float(err.sum()) / max(float(norm.sum()), 1e-300)),
+        "max_abs": float(table.abs().max()),
+        "fp16_overflow": int((table.abs() > 65504).sum()),
+    }
+    if weights is not None:
+        entry["weighted_rel_error"] = math.sqrt(
+            float((weights * err).sum()) / max(float((weights * norm).sum()), 1e-300)
+        )
+    return EncodedLayer({layer_tensor(index, r): (dtypes[r], t) for r, t in tensors.items()}, entry)
+
+
+# ---- the whole job ----------------------------------------------------------------------------------------------
 @dataclass
 class CompressResult:
     path: Path
@@ -187,158 +408,59 @@ class CompressResult:
         return sum(e.get("stored_bytes", 0) for e in self.manifest["layers"])
 
 
-class _Planner:
-    """Builds each layer's codec from the options (ranks need spectra for adaptive-svd)."""
-
-    def __init__(
-        self, opts: CompressOptions, bundle: Bundle, weights: dict[int, torch.Tensor] | None, progress: Progress
-    ):
-        self.opts, self.b, self.weights = opts, bundle, weights
-        self.kind, self.quant = parse_scheme(opts.scheme)
-        V, h = bundle.vocab_size, bundle.hidden_size
-        self.layers = sorted(bundle.layers)
-        self.ranks: dict[int, int] = {}
-        if self.kind in SVD_KINDS:
-            self._plan_svd(V, h, progress)
-        elif any(x is not None for x in (opts.rank, opts.ratio, opts.budget, opts.energy)):
-            raise UsageError(f"--rank/--ratio/--budget/--energy apply to SVD schemes, not {opts.scheme}")
-
-    def _a_codec(self, rank: int) -> Codec:
-        if self.quant is None:
-            return DenseCodec(self.opts.factor_dtype)
-        return quant_codec(
-            self.quant,
-            self.opts.group_size or (DEFAULT_A_GROUP if self.quant != "int8" else None),
-            self.opts.symmetric,
-            rank,
-        )
-
-    def _multiple(self) -> int:
-        m = self.opts.rank_multiple
-        if m < 1:
-            raise UsageError(f"--rank-multiple must be >= 1, got {m}")
-        if self.quant in ("int4", "nf4"):
-            g = self.opts.group_size or DEFAULT_A_GROUP
-            m = m * g // math.gcd(m, g)  # ranks must fill whole quantisation groups
-        return m
-
-    def _plan_svd(self, V: int, h: int, progress: Progress) -> None:
-        o = self.opts
-        top = min(V, h)
-        mult = self._multiple()
-        min_rank = o.min_rank if o.min_rank is not None else mult
-        max_rank = min(top, o.max_rank if o.max_rank is not None else top)
-        if min_rank < 1 or min_rank > max_rank:
-            raise UsageError(f"need 1 <= --min-rank ({min_rank}) <= --max-rank ({max_rank})")
-        per_rank = self.codec_for_rank(mult).stored_bytes(V, h) / mult
-        dense16 = V * h * 2
-        if self.kind == "svd":
-            if (o.rank is None) == (o.ratio is None):
-                raise UsageError("svd needs exactly one of --rank R and --ratio F")
-            if o.budget is not None or o.energy is not None:
-                raise UsageError("--budget/--energy apply to adaptive-svd; svd takes --rank or --ratio")
-            if o.rank is not None:
-                rank = o.rank
-            else:
-                if not 0 < o.ratio <= 4:  # type: ignore[operator]
-                    raise UsageError(f"--ratio must be in (0, 4], got {o.ratio}")
-                rank = _round_to(o.ratio * dense16 / per_rank, mult)  # type: ignore[operator]
-            if not 1 <= rank <= top:
-                raise UsageError(f"rank {rank} is outside 1..{top}")
-            self.ranks = dict.fromkeys(self.layers, rank)
-            return
-        if (o.budget is None) == (o.energy is None):
-            raise UsageError("adaptive-svd needs exactly one of --budget and --energy")
-        if o.rank is not None or o.ratio is not None:
-            raise UsageError("--rank/--ratio apply to svd; adaptive-svd takes --budget or --energy")
-        progress.start(f"spectra of {len(self.layers)} layer(s)", len(self.layers))
-        spectra = {}
-        for i in self.layers:
-            spectra[i] = gram_spectrum(self.b.dense_layer(i), self.weights_for(i))[0]
-            progress.advance(1)
-        progress.finish()
-        if o.energy is not None:
-            self.ranks = energy_ranks(spectra, o.energy, multiple=mult, min_rank=min_rank, max_rank=max_rank)
-        else:
-            budget = parse_budget(o.budget, dense16 * len(self.layers))  # type: ignore[arg-type]
-            self.ranks = allocate_ranks(spectra, per_rank, budget, multiple=mult, min_rank=min_rank, max_rank=max_rank)
-
-    def weights_for(self, layer: int) -> torch.Tensor | None:
-        return None if self.weights is None else self.weights[layer]
-
-    def codec_for_rank(self, rank: int, layer: int | None = None) -> SVDCodec:
-        o = self.opts
-        return SVDCodec(
-            rank,
-            self._a_codec(rank),
-            "F16",
-            method=o.svd_method,
-            oversample=o.oversample,
-            power_iters=o.power_iters,
-            seed=o.seed,
-            weights=None if layer is None else self.weights_for(layer),
-        )
-
-    def codec(self, layer: int) -> Codec:
-        if self.kind == "dense":
-            return DenseCodec(self.opts.scheme)
-        if self.kind == "quant":
-            return quant_codec(self.quant, self.opts.group_size, self.opts.symmetric, self.b.hidden_size)  # type: ignore[arg-type]
-        return self.codec_for_rank(self.ranks[layer], layer)
-
-
-def _weights(
-    o: CompressOptions, b: Bundle, progress: Progress
-) -> tuple[dict[int, torch.Tensor] | None, dict[str, Any] | None]:
-    """Per-layer token weights (the same vector for every layer unless --sensitivity), and their record."""
-    V = b.vocab_size
-    if o.sensitivity is None:
-        if o.token_weights is None and o.calibration is None:
-            return None, None
-        w, info = load_token_weights(
-            V,
-            weights_file=o.token_weights,
-            calibration=o.calibration,
-            tokenizer=b.tokenizer() if o.calibration else None,
-            floor=o.weight_floor,
-        )
-        return dict.fromkeys(b.layers, w), info
-    from tolcli.checkpoint import open_checkpoint
-    from tolcli.demo import resolve_checkpoint_arg
-    from tolcli.model import load_model
-    from tolcli.sensitivity import sensitivity_weights, token_sensitivity
-    from tolcli.text import read_tokens
-
-    if o.calibration is None or o.token_weights is not None:
-        raise UsageError("--sensitivity needs --calibration TEXT (and no --token-weights)")
-    ckpt = open_checkpoint(resolve_checkpoint_arg(o.sensitivity))
-    cfg = ckpt.config
-    if not cfg.has_memory:
+def _finite_table(b: Bundle, layer: int) -> torch.Tensor:
+    table = b.dense_layer(layer)  # (V, h) fp32
+    bad = int((~torch.isfinite(table)).sum())
+    if bad:
         raise InputError(
-            f"--sensitivity {ckpt.path}: model_type {cfg.model_type!r} has no context-free FFN",
-            hint="pass the memoryllm checkpoint the bundle was computed from",
+            f"layer {layer}: {bad:,} non-finite values (NaN/Inf) in the input table",
+            path=b.path,
+            hint="recompute the bundle from a checkpoint with finite weights",
         )
-    if (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) != (V, b.hidden_size, b.num_layers):
-        raise InputError(
-            f"checkpoint {ckpt.path} (vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
-            f"layers) does not match the bundle (vocab {V}, hidden {b.hidden_size}, {b.num_layers} layers)"
-        )
-    tok = b.tokenizer()
-    if tok is None:
-        raise InputError("the bundle has no embedded tokenizer to read the calibration text with")
-    tokens = read_tokens(o.calibration, tok, V)
-    S, counts = token_sensitivity(load_model(ckpt), tokens, progress=progress)
-    w = sensitivity_weights(S, counts, o.weight_floor)
-    info = {
-        "source": "sensitivity",
-        "checkpoint": ckpt.path.name,
-        "name": Path(o.calibration).name,
-        "sha256": sha256_file(Path(o.calibration)),
-        "tokens": tokens.numel(),
-        "floor": o.weight_floor,
-        "layer_sensitivity": [float(x) for x in (S.sum(1) / counts.sum())],
-    }
-    return {i: w[i] for i in b.layers}, info
+    return table
+
+
+def _encode_layers(
+    b: Bundle,
+    spec: CodecSpec,
+    ranks: dict[int, int],
+    weights: dict[int, torch.Tensor] | None,
+    staging: Staging,
+    progress: Progress,
+) -> None:
+    """Encode and stage every layer the staging does not hold yet."""
+    todo = [i for i in sorted(b.layers) if staging.layer_done(i) is None]
+    progress.start(f"compress {len(todo)} layer(s) ({spec})", len(todo))
+    for i in todo:
+        table = _finite_table(b, i)
+        w = None if weights is None else weights[i]
+        layer_spec = spec.with_rank(ranks[i]) if isinstance(spec, RankedSpec) else spec
+        layer = encode_layer(i, table, layer_spec.build(b.hidden_size, weights=w), w)
+        for name, (dtype, t) in layer.tensors.items():
+            staging.stage(name, dtype, tuple(t.shape), [tensor_to_numpy(t)])
+        staging.commit_layer(i, layer.entry)
+        progress.advance(1)
+    progress.finish()
+
+
+def _manifest(
+    b: Bundle, staging: Staging, record: dict[str, Any], weight_info: dict[str, Any] | None, ranks: dict[int, int]
+) -> dict[str, Any]:
+    """The output's manifest: the input's, with the new layer entries and a history entry for this run."""
+    layers = [staging.layer_done(e["index"]) or e for e in b.manifest["layers"]]
+    manifest = {k: v for k, v in b.manifest.items() if k not in ("tensors", "created")}
+    manifest["tolcli_version"] = __version__
+    manifest["layers"] = layers
+    hist: dict[str, Any] = {"command": "compress", **record}
+    if weight_info:
+        hist["token_weights"] = weight_info
+    if ranks:
+        hist["ranks"] = [ranks.get(e["index"], 0) for e in layers]
+    manifest["history"] = [*b.manifest.get("history", []), hist]
+    created = created_timestamp()
+    if created:
+        manifest["created"] = created
+    return manifest
 
 
 def compress(
@@ -355,7 +477,7 @@ def compress(
     progress: Progress | None = None,
     note: Callable[[str], None] = lambda s: None,
 ) -> CompressResult:
-    """Compress bundle ``src`` into ``out`` with ``options.scheme``; returns the manifest and per-layer errors.
+    """Compress bundle ``src`` into ``out`` with the codec ``options`` choose; returns the manifest and ranks.
 
     Example:
         >>> import tempfile, pathlib
@@ -365,86 +487,35 @@ def compress(
         >>> r = compress(d / "dense.safetensors", d / "int4.safetensors", CompressOptions("int4"))
         >>> r.manifest["layers"][0]["codec"], r.manifest["layers"][0]["bits_per_value"]
         ('int4', 4.5)
+        >>> opts = CompressOptions(codec="svd(rank=32,a=int8)")
+        >>> compress(d / "dense.safetensors", d / "svd.safetensors", opts).ranks[0]
+        32
     """
     t0 = time.monotonic()
+    spec, record = options.codec_spec(), options.record()
     out = Path(out)
-    options_w = WriteOptions.make(
+    write = WriteOptions.make(
         out, container=container, compression=compression, max_shard_size=max_shard_size, force=force
     )
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
-        V, h = b.vocab_size, b.hidden_size
-        weights, weight_info = _weights(options, b, progress)
-        plan = _Planner(options, b, weights, progress)
+        weights, weight_info = load_weights(options.weighting(), b, progress)
+        ranks = plan_ranks(spec, b, weights, progress)
         job = {
             "command": "compress",
             "input": {n: t["sha256"] for n, t in b.manifest["tensors"].items()},
-            "options": asdict(options),
+            "codec": str(spec),
+            "options": record,
             "weights": weight_info,
-            "ranks": {str(k): v for k, v in plan.ranks.items()},
-            **options_w.job(),
+            "ranks": {str(k): v for k, v in ranks.items()},
+            **write.job(),
         }
-        staging = Staging(out, job, resume=resume, options=options_w, note=note)
-        result = CompressResult(out, {}, 0.0, dict(plan.ranks))
-        todo = [i for i in plan.layers if staging.layer_done(i) is None]
-        progress.start(f"compress {len(todo)} layer(s) ({options.scheme})", len(todo))
-        for i in todo:
-            table = b.dense_layer(i)  # (V, h) fp32
-            bad = int((~torch.isfinite(table)).sum())
-            if bad:
-                raise InputError(
-                    f"layer {i}: {bad:,} non-finite values (NaN/Inf) in the input table",
-                    path=src,
-                    hint="recompute the bundle from a checkpoint with finite weights",
-                )
-            codec = plan.codec(i)
-            tensors = codec.encode(table)
-            names = {}
-            for role, t in tensors.items():
-                names[role] = layer_tensor(i, role)
-                dtype = codec.tensor_specs(V, h)[role][1]
-                staging.stage(names[role], dtype, tuple(t.shape), [tensor_to_numpy(t)])
-            decoded = codec.decode_rows(DictAccess(tensors), torch.arange(V))
-            err = (decoded - table).double().pow(2).sum(1)  # (V,) squared error per row
-            norm = table.double().pow(2).sum(1)
-            stored = codec.stored_bytes(V, h)
-            entry: dict[str, Any] = {
-                "index": i,
-                "status": "present",
-                "codec": codec.name,
-                "params": codec.params(),
-                "tensors": names,
-                "stored_bytes": stored,
-                "bits_per_value": 8 * stored / (V * h),
-                "rel_error": math.sqrt(float(err.sum()) / max(float(norm.sum()), 1e-300)),
-                "max_abs": float(table.abs().max()),
-                "fp16_overflow": int((table.abs() > 65504).sum()),
-            }
-            if weights is not None:
-                w = weights[i]
-                entry["weighted_rel_error"] = math.sqrt(float((w * err).sum()) / max(float((w * norm).sum()), 1e-300))
-            staging.commit_layer(i, entry)
-            progress.advance(1)
-        progress.finish()
+        staging = Staging(out, job, resume=resume, options=write, note=note)
+        _encode_layers(b, spec, ranks, weights, staging, progress)
         tok = b.tokenizer_bytes()
         if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
             staging.stage_extra(TOKENIZER_TENSOR, tok)
-        layers = [staging.layer_done(e["index"]) or e for e in b.manifest["layers"]]
-        manifest = {k: v for k, v in b.manifest.items() if k not in ("tensors", "created")}
-        manifest["tolcli_version"] = __version__
-        manifest["layers"] = layers
-        hist: dict[str, Any] = {"command": "compress", "scheme": options.scheme}
-        hist.update({k: v for k, v in asdict(options).items() if v is not None and k not in ("scheme",)})
-        if weight_info:
-            hist["token_weights"] = weight_info
-        if plan.ranks:
-            hist["ranks"] = [plan.ranks.get(e["index"], 0) for e in layers]
-        manifest["history"] = [*b.manifest.get("history", []), hist]
-        created = created_timestamp()
-        if created:
-            manifest["created"] = created
+        manifest = _manifest(b, staging, record, weight_info, ranks)
     path = staging.finish(manifest)
     with open_bundle(path) as written:
-        result.manifest = written.manifest
-    result.path, result.seconds = path, time.monotonic() - t0
-    return result
+        return CompressResult(path, written.manifest, time.monotonic() - t0, ranks)

@@ -10,17 +10,18 @@ from collections.abc import Iterable
 from typing import Any
 
 from tolcli.checkpoint import Checkpoint
+from tolcli.codecs import CodecSpec, Dense, Int4
 from tolcli.config import ModelConfig
 from tolcli.layout import ATTENTION, CONTEXT_FFN, EMBEDDING, GROUPS, HEAD, MEMORY_FFN, TensorSpec, expected_tensors
 
-# Bytes one ToL value takes in each storage, written as sums of parts (codes + per-group metadata).
-# int4-g64: 4-bit codes, plus an fp16 scale and an fp16 offset per group of 64 values.
-TOL_STORAGE_BYTES_PER_VALUE: dict[str, float] = {
-    "fp32": 4.0,
-    "fp16": 2.0,
-    "bf16": 2.0,
-    "int4-g64": 4 / 8 + (2 + 2) / 64,
+# The storages ``info`` sizes ToL tables in; each codec says what one value costs (codes + per-group metadata).
+TOL_STORAGES: dict[str, CodecSpec] = {
+    "fp32": Dense("fp32"),
+    "fp16": Dense("fp16"),
+    "bf16": Dense("bf16"),
+    "int4-g64": Int4(group=64),
 }
+TOL_STORAGE_BYTES_PER_VALUE: dict[str, float] = {k: spec.bytes_per_value() for k, spec in TOL_STORAGES.items()}
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -99,6 +100,7 @@ __all__ = [
     "EMBEDDING",
     "HEAD",
     "MEMORY_FFN",
+    "TOL_STORAGES",
     "TOL_STORAGE_BYTES_PER_VALUE",
     "describe_checkpoint",
     "describe_config",

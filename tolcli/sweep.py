@@ -1,10 +1,10 @@
 """``tolcli sweep``: what every compression choice costs, on one model and one text, in one table.
 
 Builds the dense bundle once, then a grid of compressed bundles (uniform SVD ranks, adaptive budgets at
-the same bytes as each uniform rank, int4 group sizes, nf4, int8, adaptive-svd+int4), evaluates all of
-them and every drop-last-K on the same windows, and writes ``results.json``, ``results.csv`` and two
-plots (with matplotlib, an optional dependency): bytes vs perplexity change, and layers dropped vs
-perplexity.
+the same bytes as each uniform rank, int4 group sizes, nf4, int8, adaptive-svd+int4, and any codec spec
+strings asked for), evaluates all of them and every drop-last-K on the same windows, and writes
+``results.json``, ``results.csv`` and two plots (with matplotlib, an optional dependency): bytes vs
+perplexity change, and layers dropped vs perplexity.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tolcli.bundle.reader import open_bundle
 from tolcli.checkpoint import open_checkpoint
+from tolcli.codecs import parse_spec
 from tolcli.compress import CompressOptions, compress
 from tolcli.errors import OutputError, UsageError
 from tolcli.fsutil import write_text_atomic
@@ -33,7 +34,8 @@ FAMILIES = ("svd", "adaptive-svd", "int4", "nf4", "int8", "adaptive-svd+int4", "
 @dataclass
 class SweepOptions:
     """The grid. ``ranks`` default to h/16, h/8, h/4 and h/2; ``calibration`` adds loss-weighted SVD
-    variants (token counts for uniform ranks, ``--sensitivity`` for adaptive ones)."""
+    variants (token counts for uniform ranks, ``--sensitivity`` for adaptive ones); ``codecs`` adds one
+    bundle per codec spec string (``"svd(budget=0.1,a=nf4(group=32))"``), named by its canonical spelling."""
 
     families: Sequence[str] = FAMILIES
     ranks: Sequence[int] | None = None
@@ -45,6 +47,7 @@ class SweepOptions:
     max_tokens: int | None = None
     batch_size: int = 4
     device: str = "auto"
+    codecs: Sequence[str] = ()
 
 
 @dataclass
@@ -86,7 +89,70 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
             (f"adaptive-svd+int4-{b}", "adaptive-svd+int4", CompressOptions("adaptive-svd+int4", budget=str(b)))
             for b in opts.int4_budgets
         ]
-    return grid
+    specs = [parse_spec(c) for c in opts.codecs]
+    return grid + [(str(s), s.name, CompressOptions(codec=s)) for s in specs]
+
+
+def _at_uniform_bytes(name: str, built: dict[str, Path], opts: SweepOptions, checkpoint: str) -> CompressOptions:
+    """adaptive-svd at the stored bytes of the uniform bundle ``name`` refers to (``adaptive-svd@r16``: ``svd-r16``)."""
+    uniform = name.split("@", 1)[1].removesuffix("-sensitivity")
+    with open_bundle(built[f"svd-{uniform}"]) as u:
+        budget = sum(e["stored_bytes"] for e in u.manifest["layers"] if e["status"] == "present")
+    copts = CompressOptions("adaptive-svd", budget=str(budget))
+    if name.endswith("-sensitivity"):
+        copts.calibration, copts.sensitivity = opts.calibration, checkpoint
+    return copts
+
+
+def _build(
+    grid: list[tuple[str, str, CompressOptions | None]],
+    dense: Path,
+    opts: SweepOptions,
+    checkpoint: str,
+    progress: Progress,
+    note: Callable[[str], None],
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Compress every bundle of the grid next to ``dense``; returns name -> path and name -> family."""
+    built: dict[str, Path] = {}
+    families: dict[str, str] = {}
+    progress.start(f"sweep: build {len(grid)} bundle(s)", len(grid))
+    for name, family, copts in grid:
+        copts = copts or _at_uniform_bytes(name, built, opts, checkpoint)
+        try:
+            built[name] = compress(dense, dense.parent / f"{name}.safetensors", copts, force=True).path
+            families[name] = family
+        except UsageError as e:  # e.g. a budget below the minimum rank at this model's size
+            note(f"skipping {name}: {e.one_line()}")
+        progress.advance(1)
+    progress.finish()
+    return built, families
+
+
+def _row(name: str, variant: dict[str, Any], family: str, path: Path | None, dense16: int) -> dict[str, Any]:
+    """One row of the results: the variant's scores, and what its bundle (if any) stores."""
+    row: dict[str, Any] = {
+        "name": name,
+        "family": family,
+        "ppl": variant["ppl"],
+        "ppl_change_pct": variant["ppl_change_pct"],
+        "mean_kl": variant["mean_kl"],
+        "top1_agreement": variant["top1_agreement"],
+        "stored_bytes": None,
+        "fraction_of_dense_fp16": None,
+        "mean_rel_error": None,
+        "ranks": None,
+    }
+    if path is not None:
+        with open_bundle(path) as b:
+            present = [e for e in b.manifest["layers"] if e["status"] == "present"]
+            row["stored_bytes"] = sum(e["stored_bytes"] for e in present)
+            row["fraction_of_dense_fp16"] = row["stored_bytes"] / dense16
+            row["mean_rel_error"] = sum(e["rel_error"] for e in present) / len(present)
+            if "rank" in present[0]["params"]:
+                row["ranks"] = [e["params"]["rank"] for e in present]
+    if name.startswith("drop-last-"):
+        row["layers_dropped"] = int(name.rsplit("-", 1)[1])
+    return row
 
 
 def sweep(
@@ -97,7 +163,7 @@ def sweep(
     *,
     force: bool = False,
     progress: Progress | None = None,
-    note=lambda s: None,
+    note: Callable[[str], None] = lambda s: None,
 ) -> SweepResult:
     """Run the grid; see the module docstring. Returns the rows written to ``results.json``.
 
@@ -119,27 +185,10 @@ def sweep(
     ckpt = open_checkpoint(checkpoint)
     dense = out / "bundles" / "dense-fp32.safetensors"
     precompute(ckpt, dense, device=opts.device, force=True)
-    h, V = ckpt.config.hidden_size, ckpt.config.vocab_size
-    grid = _grid(opts, h)
-    built: dict[str, Path] = {}
-    families: dict[str, str] = {}
-    progress.start(f"sweep: build {len(grid)} bundle(s)", len(grid))
-    for name, family, copts in grid:
-        if copts is None:  # adaptive at the bytes of the uniform rank
-            uniform = name.split("@", 1)[1].removesuffix("-sensitivity")
-            with open_bundle(built[f"svd-{uniform}"]) as u:
-                budget = sum(e["stored_bytes"] for e in u.manifest["layers"] if e["status"] == "present")
-            copts = CompressOptions("adaptive-svd", budget=str(budget))
-            if name.endswith("-sensitivity"):
-                copts.calibration, copts.sensitivity = opts.calibration, str(checkpoint)
-        try:
-            built[name] = compress(dense, out / "bundles" / f"{name}.safetensors", copts, force=True).path
-            families[name] = family
-        except UsageError as e:  # e.g. a budget below the minimum rank at this model's size
-            note(f"skipping {name}: {e.one_line()}")
-        progress.advance(1)
-    progress.finish()
-    L = ckpt.config.num_hidden_layers
+    cfg = ckpt.config
+    grid = _grid(opts, cfg.hidden_size)
+    built, families = _build(grid, dense, opts, str(checkpoint), progress, note)
+    L = cfg.num_hidden_layers
     drops = [(f"drop-last-{k}", set(range(L - k))) for k in range(1, L + 1)] if "drop" in opts.families else []
     report = eval_ppl(
         ckpt,
@@ -154,34 +203,12 @@ def sweep(
         progress=progress,
         note=note,
     )
-    dense16 = V * h * 2 * L
-    rows = []
+    dense16 = cfg.vocab_size * cfg.hidden_size * 2 * L
     names = ["baseline", "dense-fp32", *built, *(d[0] for d in drops)]
+    rows = []
     for name, v in zip(names, report.variants, strict=True):
-        row: dict[str, Any] = {
-            "name": name,
-            "family": "dense fp32" if name == "dense-fp32" else families.get(name, v["kind"]),
-            "ppl": v["ppl"],
-            "ppl_change_pct": v["ppl_change_pct"],
-            "mean_kl": v["mean_kl"],
-            "top1_agreement": v["top1_agreement"],
-            "stored_bytes": None,
-            "fraction_of_dense_fp16": None,
-            "mean_rel_error": None,
-            "ranks": None,
-        }
-        path = dense if name == "dense-fp32" else built.get(name)
-        if path is not None:
-            with open_bundle(path) as b:
-                present = [e for e in b.manifest["layers"] if e["status"] == "present"]
-                row["stored_bytes"] = sum(e["stored_bytes"] for e in present)
-                row["fraction_of_dense_fp16"] = row["stored_bytes"] / dense16
-                row["mean_rel_error"] = sum(e["rel_error"] for e in present) / len(present)
-                if present[0]["codec"] == "svd":
-                    row["ranks"] = [e["params"]["rank"] for e in present]
-        if name.startswith("drop-last-"):
-            row["layers_dropped"] = int(name.rsplit("-", 1)[1])
-        rows.append(row)
+        family = "dense fp32" if name == "dense-fp32" else families.get(name, v["kind"])
+        rows.append(_row(name, v, family, dense if name == "dense-fp32" else built.get(name), dense16))
     protocol = {**report.protocol, "options": asdict(opts)}
     protocol["options"]["families"] = list(opts.families)
     write_text_atomic(out / "results.json", json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n")

@@ -23,7 +23,7 @@ from tolcli.cli._common import (
     note_to_stderr,
 )
 from tolcli.cli.bundles import BundleArg, OutputOpt
-from tolcli.compress import SCHEMES, CompressOptions, compress
+from tolcli.compress import SCHEMES, CompressOptions, CompressResult, compress
 from tolcli.fsutil import path_bytes, write_sha256sums
 from tolcli.transport import pack, unpack
 
@@ -35,7 +35,18 @@ _W = "Token weighting"
 def compress_cmd(
     bundle: BundleArg,
     output: OutputOpt,
-    scheme: Annotated[str, typer.Option("--scheme", "-s", help=f"One of: {', '.join(SCHEMES)}.")],
+    scheme: Annotated[
+        str | None, typer.Option("--scheme", "-s", help=f"One of: {', '.join(SCHEMES)} (or give --codec).")
+    ] = None,
+    codec: Annotated[
+        str | None,
+        typer.Option(
+            "--codec",
+            metavar="SPEC",
+            help="A codec spec instead of --scheme and its options, e.g. 'int4(group=32,symmetric=true)' or "
+            "'svd(budget=0.1,a=nf4(group=32))' (docs/compression.md).",
+        ),
+    ] = None,
     rank: Annotated[
         int | None, typer.Option("--rank", help="svd: the rank of every layer.", rich_help_panel=_SVD)
     ] = None,
@@ -140,6 +151,8 @@ def compress_cmd(
         tolcli compress dense.safetensors -o svd.h5 --scheme svd --ratio 0.25
 
         tolcli compress dense.safetensors -o ad.h5 -s adaptive-svd+int4 --budget 0.1 --calibration text.txt
+
+        tolcli compress dense.safetensors -o ad.h5 --codec 'svd(budget=0.1,a=int4(group=32))'
     """
     out = Output(json=json_out, quiet=quiet)
     opts = CompressOptions(
@@ -162,6 +175,7 @@ def compress_cmd(
         calibration=calibration,
         sensitivity=sensitivity,
         weight_floor=weight_floor,
+        codec=codec,
     )
     res = compress(
         bundle,
@@ -178,9 +192,14 @@ def compress_cmd(
     )
     if sha256sums:
         write_sha256sums(Path(sha256sums), [res.path])
+    _report(out, res, scheme or codec or "")
+
+
+def _report(out: Output, res: CompressResult, what: str) -> None:
+    """Print what compress wrote: one JSON document, or the ranks and one summary line."""
     present = [e for e in res.manifest["layers"] if e["status"] == "present"]
     dense16 = res.manifest["model"]["vocab_size"] * res.manifest["model"]["hidden_size"] * 2 * max(1, len(present))
-    if json_out:
+    if out.json:
         out.emit_json(
             {
                 "output": str(res.path),
@@ -198,7 +217,7 @@ def compress_cmd(
         out.print("ranks: " + ", ".join(f"{k}:{v}" for k, v in sorted(res.ranks.items())))
     worst = max((e["rel_error"] for e in present), default=0.0)
     out.print(
-        f"wrote {res.path} ({fmt_bytes(path_bytes(res.path))}; {scheme}: {fmt_bytes(res.stored_bytes)} = "
+        f"wrote {res.path} ({fmt_bytes(path_bytes(res.path))}; {what}: {fmt_bytes(res.stored_bytes)} = "
         f"{100 * res.stored_bytes / dense16:.1f}% of dense fp16, worst layer error {worst:.2e}) "
         f"in {res.seconds:.1f}s"
     )

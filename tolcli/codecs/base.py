@@ -1,20 +1,27 @@
-"""The codec interface: how one layer's ToL table is stored.
+"""The codec interface: how one layer's ToL table is stored, and how a user chooses a codec (a spec).
 
 A codec turns a [rows, width] fp32 table into named tensors (its *roles*) and decodes any set of rows
 back from them. Its parameters live in the manifest (``layers[i].params``) and in its tensors, never in
 names. Row-wise codecs (``row_wise = True``) encode each row independently, so a table can be encoded
 in row batches and streamed.
+
+A :class:`CodecSpec` is a codec *choice*: a frozen dataclass of user options (``Int4(group=32)``),
+validated when constructed, that builds the codec for a table of a given width. Each spec class names
+the codec it builds (``codec = Int4Codec``), which registers it: ``Codec.registry`` maps a codec name to
+its class, and the class to its spec (``Int4Codec.spec``). A :class:`RankedSpec` is a spec whose codecs
+have a rank, which ``compress`` chooses per layer.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Protocol, Self
 
 from torch import Tensor
 
 from tolcli.dtypes import DTYPES
-from tolcli.errors import InputError, TolcliError
+from tolcli.errors import InputError, TolcliError, UsageError
 
 
 class TensorAccess(Protocol):
@@ -31,6 +38,7 @@ class Codec(ABC):
     name: ClassVar[str]
     row_wise: ClassVar[bool] = False
     registry: ClassVar[dict[str, type[Codec]]] = {}
+    spec: ClassVar[type[CodecSpec] | None] = None  # set by the CodecSpec subclass that builds this codec
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -65,6 +73,95 @@ class Codec(ABC):
                 n *= s
             total += n
         return total
+
+
+@dataclass(frozen=True)
+class CodecSpec(ABC):
+    """A codec and its options as a user chooses them (``Int4(group=32)``, ``int4(group=32)`` as a string).
+
+    Subclasses are frozen dataclasses whose fields are the options (int, float, bool, str, optional ones,
+    or a nested spec), validated in ``__post_init__`` (raising :class:`UsageError`); ``str(spec)`` is the
+    spec string (:mod:`tolcli.codecs.spec`).
+    """
+
+    codec: ClassVar[type[Codec]]  # the codec this spec builds; setting it registers the spec
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "codec" in cls.__dict__:
+            cls.codec.spec = cls
+
+    @property
+    def name(self) -> str:
+        return self.codec.name
+
+    @abstractmethod
+    def build(self, width: int, *, weights: Tensor | None = None) -> Codec:
+        """The codec for a [rows, width] table; ``weights`` (one per row) for codecs that fit the data."""
+
+    @property
+    def width_multiple(self) -> int:
+        """Widths this spec's codecs can encode are multiples of this."""
+        return 1
+
+    def bytes_per_value(self) -> float:
+        """Stored bytes per table value of a row-wise codec, on a table one ``width_multiple`` wide."""
+        w = self.width_multiple
+        return self.build(w).stored_bytes(1, w) / w
+
+    def __str__(self) -> str:
+        from tolcli.codecs.spec import format_spec
+
+        return format_spec(self)
+
+
+@dataclass(frozen=True)
+class RankedSpec(CodecSpec):
+    """A spec whose codecs have a rank, chosen by ``compress``: the same for every layer (``rank``, or the
+    rank whose bytes are ``ratio`` of dense fp16), or per layer under a byte ``budget`` (a fraction of
+    dense fp16 such as ``0.25``, or bytes such as ``12MB``) or keeping a fraction ``energy`` of each layer's
+    squared norm. Ranks are multiples of :meth:`rank_step`, within ``min_rank`` .. ``max_rank``."""
+
+    rank: int | None = None
+    ratio: float | None = None
+    budget: str | None = None
+    energy: float | None = None
+    min_rank: int | None = None
+    max_rank: int | None = None
+    rank_multiple: int = 8
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            object.__setattr__(self, "budget", str(self.budget))  # 0.25 -> "0.25", as a spec string gives it
+        given = [k for k in ("rank", "ratio", "budget", "energy") if getattr(self, k) is not None]
+        if len(given) != 1:
+            got = " and ".join(given) or "none"
+            raise UsageError(f"{self.name} needs exactly one of rank, ratio, budget and energy, got {got}")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"{self.name} rank must be >= 1, got {self.rank}")
+        if self.ratio is not None and not 0 < self.ratio <= 4:
+            raise UsageError(f"{self.name} ratio must be in (0, 4], got {self.ratio}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise UsageError(f"{self.name} energy must be in (0, 1], got {self.energy}")
+        if self.rank_multiple < 1:
+            raise UsageError(f"{self.name} rank multiple must be >= 1, got {self.rank_multiple}")
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether ranks differ per layer (``budget`` or ``energy``)."""
+        return self.budget is not None or self.energy is not None
+
+    def with_rank(self, rank: int) -> Self:
+        """This spec at one given rank (what ``build`` needs)."""
+        return replace(self, rank=rank, ratio=None, budget=None, energy=None)
+
+    def rank_step(self) -> int:
+        """Ranks are multiples of this: ``rank_multiple``, and whatever the factor codecs need."""
+        return self.rank_multiple
+
+    @abstractmethod
+    def spectrum(self, table: Tensor, weights: Tensor | None) -> Tensor:
+        """The squared error each unit of rank removes, in rank order (non-increasing), for adaptive ranks."""
 
 
 def codec_from_manifest(name: str, params: dict[str, Any]) -> Codec:

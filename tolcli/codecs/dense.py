@@ -1,15 +1,18 @@
-"""The dense codec: the table itself in fp32, fp16 or bf16."""
+"""The dense codec: the table itself in fp32, fp16 or bf16 (spec ``dense(dtype=fp16)``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from tolcli.codecs.base import Codec, TensorAccess
+from tolcli.codecs.base import Codec, CodecSpec, TensorAccess
 from tolcli.dtypes import DTYPES, FLOAT_ALIASES
 from tolcli.errors import UsageError
+
+_ALIAS = {v: k for k, v in FLOAT_ALIASES.items()}  # "F16" -> "fp16"
 
 
 class DenseCodec(Codec):
@@ -39,3 +42,23 @@ class DenseCodec(Codec):
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         return access.rows("table", ids).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class Dense(CodecSpec):
+    """``dense(dtype=fp32)``: the table cast to ``dtype`` (fp32, fp16 or bf16).
+
+    Example:
+        >>> Dense("F16"), str(Dense("fp16")), Dense().bytes_per_value()
+        (Dense(dtype='fp16'), 'dense(dtype=fp16)', 4.0)
+    """
+
+    codec: ClassVar[type[Codec]] = DenseCodec
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", _ALIAS.get(self.dtype, self.dtype))
+        DenseCodec(self.dtype)  # validates
+
+    def build(self, width: int, *, weights: Tensor | None = None) -> DenseCodec:
+        return DenseCodec(self.dtype)

@@ -1,7 +1,8 @@
 """Row-wise quantisers: int4 (asymmetric or symmetric), nf4 and int8, group-wise along the hidden axis.
 
 Pure function pairs (``quantize_*`` / ``dequantize_*``) do the math; one codec class per type stores
-the results. Scales (and offsets) are fp16, rounded *outward* (offsets down, scales up) so that every
+the results, and one spec per type chooses it (``int4(group=32,symmetric=true)``, ``nf4``, ``int8``).
+Scales (and offsets) are fp16, rounded *outward* (offsets down, scales up) so that every
 value lies inside its group's grid: the reconstruction error of int4/int8 is at most half a step.
 
 Nibble order of packed 4-bit codes: byte ``k`` of a row holds element ``2k`` in bits 0-3 and element
@@ -10,12 +11,13 @@ Nibble order of packed 4-bit codes: byte ``k`` of a row holds element ``2k`` in 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from tolcli.codecs.base import Codec, TensorAccess
+from tolcli.codecs.base import Codec, CodecSpec, TensorAccess
 from tolcli.errors import InputError, UsageError
 
 GROUP_SIZES_4BIT = (32, 64, 128)
@@ -143,7 +145,7 @@ class _GroupCodec(Codec):
         if width % self.group_size:
             raise UsageError(
                 f"{self.name}: width {width} is not a multiple of the group size {self.group_size}",
-                hint="pick a --group-size that divides the hidden size (or the rank)",
+                hint="pick a group size that divides the hidden size (or the rank)",
             )
 
     def encode(self, table: Tensor) -> dict[str, Tensor]:
@@ -252,3 +254,57 @@ class Int8Codec(_GroupCodec):
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         return dequantize_int8(access.rows("codes", ids), access.rows("scales", ids), self.group_size)
+
+
+# ---- specs ------------------------------------------------------------------------------------------------
+class _GroupSpec(CodecSpec):
+    """A spec with a ``group`` field (values per scale; ``None``: one group per row)."""
+
+    group: int | None
+
+    def __post_init__(self) -> None:
+        if self.group is not None:
+            self.build(self.group)  # the codec validates its group size
+
+    @property
+    def width_multiple(self) -> int:
+        return self.group or 1
+
+
+@dataclass(frozen=True)
+class Int4(_GroupSpec):
+    """``int4(group=64,symmetric=false)``: :class:`Int4Codec`; ``group`` is 32, 64 or 128.
+
+    Example:
+        >>> str(Int4(group=32, symmetric=True)), Int4().bytes_per_value()
+        ('int4(group=32,symmetric=true)', 0.5625)
+    """
+
+    codec: ClassVar[type[Codec]] = Int4Codec
+    group: int = 64
+    symmetric: bool = False
+
+    def build(self, width: int, *, weights: Tensor | None = None) -> Int4Codec:
+        return Int4Codec(self.group, self.symmetric)
+
+
+@dataclass(frozen=True)
+class NF4(_GroupSpec):
+    """``nf4(group=64)``: :class:`NF4Codec`; ``group`` is 32, 64 or 128."""
+
+    codec: ClassVar[type[Codec]] = NF4Codec
+    group: int = 64
+
+    def build(self, width: int, *, weights: Tensor | None = None) -> NF4Codec:
+        return NF4Codec(self.group)
+
+
+@dataclass(frozen=True)
+class Int8(_GroupSpec):
+    """``int8(group=G)``: :class:`Int8Codec`; by default one group (one scale) per row."""
+
+    codec: ClassVar[type[Codec]] = Int8Codec
+    group: int | None = None
+
+    def build(self, width: int, *, weights: Tensor | None = None) -> Int8Codec:
+        return Int8Codec(self.group or width)

@@ -11,22 +11,31 @@ rows, ``A = T V_r`` is each row's exact projection whatever the weights.
   ``r << h``; deterministic given the seed.
 
 The ``A`` factor is stored by any row-wise codec (dense fp16 by default, or int4/nf4/int8: the
-``svd+int4`` schemes); ``B`` is stored dense (fp16 by default).
+``svd+int4`` schemes); ``B`` is stored dense (fp16 by default). The spec :class:`SVD`
+(``svd(rank=64,a=int4(group=32))``) is a :class:`~tolcli.codecs.base.RankedSpec`: ``compress`` chooses
+its rank per layer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from tolcli.codecs.base import Codec, PrefixedAccess, TensorAccess, codec_from_manifest
-from tolcli.codecs.dense import DenseCodec
+from tolcli.codecs.base import Codec, CodecSpec, PrefixedAccess, RankedSpec, TensorAccess, codec_from_manifest
+from tolcli.codecs.dense import Dense, DenseCodec
 from tolcli.errors import UsageError
 
 SVD_METHODS = ("exact", "randomized")
 _BLOCK = 8192
+
+
+def check_method(method: str) -> None:
+    if method not in SVD_METHODS:
+        raise UsageError(f"svd method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
 
 
 def gram_spectrum(table: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -91,7 +100,7 @@ def factorize(
             table, rank, weights=weights, oversample=oversample, power_iters=power_iters, seed=seed
         )
     else:
-        raise UsageError(f"--svd-method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
+        check_method(method)
     return _project(table, basis), basis.T.float().contiguous()
 
 
@@ -118,12 +127,10 @@ class SVDCodec(Codec):
     ):
         if rank < 1:
             raise UsageError(f"rank must be >= 1, got {rank}")
-        if method not in SVD_METHODS:
-            raise UsageError(f"--svd-method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
+        check_method(method)
         self.rank = rank
         self.a_codec = a_codec or DenseCodec("F16")
-        if not self.a_codec.row_wise:
-            raise UsageError("the A factor needs a row-wise codec (dense, int4, nf4, int8)")
+        _check_row_wise(self.a_codec)
         self.b = DenseCodec(b_dtype)
         self.method, self.oversample, self.power_iters, self.seed = method, oversample, power_iters, seed
         self.weights = weights
@@ -172,3 +179,57 @@ class SVDCodec(Codec):
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         a = self.a_codec.decode_rows(PrefixedAccess(access, "A."), ids)  # (n, r)
         return a @ access.full("B").float()  # (n, h)
+
+
+def _check_row_wise(codec: Codec | type[Codec]) -> None:
+    if not codec.row_wise:
+        row_wise = ", ".join(sorted(n for n, c in Codec.registry.items() if c.row_wise))
+        raise UsageError(f"the svd A factor needs a row-wise codec ({row_wise}), not {codec.name}")
+
+
+@dataclass(frozen=True)
+class SVD(RankedSpec):
+    """``svd(rank=R|ratio=F|budget=B|energy=E, a=dense(dtype=fp16), method=exact, ...)``: :class:`SVDCodec`.
+
+    ``a`` is the spec of the ``A`` factor's codec (any row-wise one: ``a=int4(group=32)``); ``B`` is fp16.
+    ``method`` is ``exact`` or ``randomized`` (with ``oversample``, ``power_iters`` and ``seed``). The rank
+    options are :class:`~tolcli.codecs.base.RankedSpec`'s.
+
+    Example:
+        >>> from tolcli.codecs import Int4
+        >>> s = SVD(budget="0.25", a=Int4(group=32))
+        >>> str(s), s.rank_step(), s.with_rank(64).build(128).params()["a"]["params"]
+        ('svd(budget=0.25,a=int4(group=32))', 32, {'bits': 4, 'group_size': 32, 'symmetric': False})
+    """
+
+    codec: ClassVar[type[Codec]] = SVDCodec
+    a: CodecSpec = field(default_factory=lambda: Dense("fp16"))
+    method: str = "exact"
+    oversample: int = 10
+    power_iters: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_method(self.method)
+        _check_row_wise(self.a.codec)
+
+    def rank_step(self) -> int:
+        return math.lcm(self.rank_multiple, self.a.width_multiple)  # ranks fill whole groups of A's codec
+
+    def build(self, width: int, *, weights: Tensor | None = None) -> SVDCodec:
+        if self.rank is None:
+            raise UsageError(f"{self}: the rank is chosen per layer (build with_rank(r))")
+        return SVDCodec(
+            self.rank,
+            self.a.build(self.rank),
+            "F16",
+            method=self.method,
+            oversample=self.oversample,
+            power_iters=self.power_iters,
+            seed=self.seed,
+            weights=weights,
+        )
+
+    def spectrum(self, table: Tensor, weights: Tensor | None) -> Tensor:
+        return gram_spectrum(table, weights)[0]
