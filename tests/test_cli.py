@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tolcli import __version__
 
 
@@ -52,7 +54,8 @@ def test_ctrl_c_exits_130_with_one_line() -> None:
         "def slow(*a, **k):\n"
         "    print('ready', flush=True)\n"
         "    time.sleep(120)\n"
-        "sys.modules['tolcli.cli.info'].describe_checkpoint = slow\n"
+        "import tolcli\n"
+        "tolcli.describe_checkpoint = slow\n"
         "raise SystemExit(main(['info', 'demo']))\n"
     )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -74,9 +77,23 @@ def test_a_bug_is_one_line_exit_1_and_debug_shows_the_traceback(cli, monkeypatch
     def broken(*a, **k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(sys.modules["tolcli.cli.info"], "describe_checkpoint", broken)
+    monkeypatch.setattr("tolcli.describe_checkpoint", broken)
     r = cli("info", "demo")
     assert r.code == 1 and r.err.count("\n") == 1
     assert "internal error: ZeroDivisionError: a bug" in r.err and "--debug" in r.err
     r = cli("--debug", "info", "demo")
     assert r.code == 1 and "Traceback" in r.err
+
+
+@pytest.mark.parametrize("args", [["--version"], ["schema"], ["--help"], ["compress", "--help"]])
+def test_fast_commands_do_not_import_torch(args: list[str]) -> None:
+    """--version, --help and schema answer without loading torch or h5py (about 2 s saved per call)."""
+    code = (
+        "import sys\n"
+        "from tolcli.cli import main\n"
+        f"rc = main({args!r})\n"
+        "loaded = sorted(m for m in ('torch._C', 'h5py', 'tolcli.model') if m in sys.modules)\n"
+        "sys.stderr.write(f'LOADED={loaded} RC={rc}')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stderr.endswith("LOADED=[] RC=0"), r.stderr[-500:]

@@ -42,6 +42,7 @@ from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, WriteOptions
+from tolcli.choices import DENSE_SCHEMES, QUANT_SCHEMES, SCHEMES, SVD_KINDS
 from tolcli.codecs import NF4, SVD, Codec, CodecSpec, Dense, DictAccess, Int4, Int8, RankedSpec, parse_spec
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
@@ -49,15 +50,6 @@ from tolcli.fsutil import parse_size, sha256_file
 from tolcli.progress import NullProgress, Progress
 from tolcli.text import load_token_weights
 
-DENSE_SCHEMES = ("fp32", "fp16", "bf16")
-QUANT_SCHEMES = ("int4", "nf4", "int8")
-SVD_KINDS = ("svd", "adaptive-svd")
-SCHEMES: tuple[str, ...] = (
-    *DENSE_SCHEMES,
-    *QUANT_SCHEMES,
-    *SVD_KINDS,
-    *(f"{k}+{q}" for k in SVD_KINDS for q in QUANT_SCHEMES),
-)
 DEFAULT_GROUP = 64  # int4 / nf4
 DEFAULT_A_GROUP = 32  # the A factor's group size in the svd+int4/nf4 schemes (ranks are kept multiples of it)
 # The CompressOptions fields that weight tokens; the others besides scheme and codec are the scheme's options.

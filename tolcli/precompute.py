@@ -26,6 +26,7 @@ from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, WriteOptions
 from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
+from tolcli.choices import DEFAULT_BATCH_ROWS
 from tolcli.codecs import Codec, DenseCodec
 from tolcli.distributed import Dist, all_gather, finish_distributed, from_env
 from tolcli.dtypes import tensor_to_numpy
@@ -36,7 +37,6 @@ from tolcli.model import MemoryFFN, context_free_term, load_memory_ffn
 from tolcli.progress import NullProgress, Progress
 
 FP16_MAX = 65504.0
-DEFAULT_BATCH_ROWS = 4096
 
 
 def resolve_device(device: str) -> torch.device:

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from tolcli.bundle.reader import open_bundle
+from tolcli.bundle.summary import bundle_summary
 from tolcli.checkpoint import open_checkpoint
+from tolcli.choices import SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
 from tolcli.compress import CompressOptions, compress
 from tolcli.errors import OutputError, UsageError
@@ -28,7 +30,7 @@ from tolcli.plots import sweep_figures
 from tolcli.precompute import precompute
 from tolcli.progress import NullProgress, Progress
 
-FAMILIES = ("svd", "adaptive-svd", "int4", "nf4", "int8", "adaptive-svd+int4", "drop")
+FAMILIES = SWEEP_FAMILIES
 
 
 @dataclass
@@ -128,7 +130,7 @@ def _build(
     return built, families
 
 
-def _row(name: str, variant: dict[str, Any], family: str, path: Path | None, dense16: int) -> dict[str, Any]:
+def _row(name: str, variant: dict[str, Any], family: str, path: Path | None) -> dict[str, Any]:
     """One row of the results: the variant's scores, and what its bundle (if any) stores."""
     row: dict[str, Any] = {
         "name": name,
@@ -145,8 +147,9 @@ def _row(name: str, variant: dict[str, Any], family: str, path: Path | None, den
     if path is not None:
         with open_bundle(path) as b:
             present = [e for e in b.manifest["layers"] if e["status"] == "present"]
-            row["stored_bytes"] = sum(e["stored_bytes"] for e in present)
-            row["fraction_of_dense_fp16"] = row["stored_bytes"] / dense16
+            summary = bundle_summary(b.manifest)
+            row["stored_bytes"] = summary["stored_bytes"]
+            row["fraction_of_dense_fp16"] = summary["fraction_of_dense_fp16"]
             row["mean_rel_error"] = sum(e["rel_error"] for e in present) / len(present)
             if "rank" in present[0]["params"]:
                 row["ranks"] = [e["params"]["rank"] for e in present]
@@ -203,12 +206,11 @@ def sweep(
         progress=progress,
         note=note,
     )
-    dense16 = cfg.vocab_size * cfg.hidden_size * 2 * L
     names = ["baseline", "dense-fp32", *built, *(d[0] for d in drops)]
     rows = []
     for name, v in zip(names, report.variants, strict=True):
         family = "dense fp32" if name == "dense-fp32" else families.get(name, v["kind"])
-        rows.append(_row(name, v, family, dense if name == "dense-fp32" else built.get(name), dense16))
+        rows.append(_row(name, v, family, dense if name == "dense-fp32" else built.get(name)))
     protocol = {**report.protocol, "options": asdict(opts)}
     protocol["options"]["families"] = list(opts.families)
     write_text_atomic(out / "results.json", json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n")

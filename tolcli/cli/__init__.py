@@ -16,11 +16,13 @@ import typer
 
 from tolcli import __version__
 from tolcli.cli._common import flag_for
-from tolcli.cli.bundles import convert_cmd, inspect_cmd, precompute_cmd, schema_cmd, verify_cmd
-from tolcli.cli.compress import compress_cmd, pack_cmd, unpack_cmd
-from tolcli.cli.evaluate import drop_cmd, eval_ppl_cmd, strip_cmd, sweep_cmd
+from tolcli.cli.bundles import convert_cmd, drop_cmd, inspect_cmd, schema_cmd, verify_cmd
+from tolcli.cli.compress import compress_cmd
+from tolcli.cli.deploy import bench_lookup_cmd, strip_cmd
+from tolcli.cli.evaluate import eval_ppl_cmd, sweep_cmd
 from tolcli.cli.info import info
-from tolcli.cli.runtime import bench_lookup_cmd
+from tolcli.cli.precompute import precompute_cmd
+from tolcli.cli.transport import pack_cmd, unpack_cmd
 from tolcli.errors import ExitCode, TolcliError
 
 try:  # typer >= 0.2x vendors its own click; older releases use click itself

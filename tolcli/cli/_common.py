@@ -7,10 +7,13 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+
+from tolcli.fsutil import path_bytes
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summaries; errors only.")]
@@ -162,3 +165,19 @@ def note_to_stderr(out: Output):
             sys.stderr.write(f"tolcli: {text}\n")
 
     return note
+
+
+OutputOpt = Annotated[
+    Path, typer.Option("--output", "-o", metavar="OUT", help="The bundle to write (.safetensors or .h5).")
+]
+BundleArg = Annotated[Path, typer.Argument(help="A ToL bundle (.safetensors or .h5).")]
+CheckpointArg = Annotated[str, typer.Argument(help="Checkpoint directory or weights file, or 'demo' / 'demo:llama'.")]
+DropLastOpt = Annotated[int | None, typer.Option("--drop-last", metavar="K", help="Drop the last K layers.")]
+KeepLayersOpt = Annotated[
+    str | None, typer.Option("--keep-layers", metavar="SPEC", help="Keep only these layers, e.g. '0-9,12'.")
+]
+
+
+def print_written(out: Output, path: Path, what: str, seconds: float) -> None:
+    """One line on what a command wrote."""
+    out.print(f"wrote {path} ({fmt_bytes(path_bytes(path))}, {what}) in {seconds:.1f}s")

@@ -1,4 +1,4 @@
-"""``tolcli precompute``, ``inspect``, ``verify``, ``convert`` and ``schema``."""
+"""``tolcli inspect``, ``verify``, ``convert``, ``drop`` and ``schema``: bundles in, bundles or reports out."""
 
 from __future__ import annotations
 
@@ -9,109 +9,32 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from tolcli.bundle.convert import convert_bundle
+import tolcli
+from tolcli._lazy import lazy_import
 from tolcli.bundle.manifest import MANIFEST_SCHEMA
-from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.summary import bundle_summary
 from tolcli.cli._common import (
+    BundleArg,
     CompressionOpt,
-    DeviceOpt,
+    DropLastOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
+    KeepLayersOpt,
     MaxShardOpt,
     Output,
+    OutputOpt,
     QuietOpt,
     RichProgress,
     Sha256sumsOpt,
-    TensorMapOpt,
     VerifyOpt,
     fmt_bytes,
-    note_to_stderr,
+    print_written,
 )
-from tolcli.demo import resolve_checkpoint_arg
 from tolcli.errors import VerifyError
 from tolcli.fsutil import path_bytes, write_sha256sums
-from tolcli.precompute import DEFAULT_BATCH_ROWS, precompute
 
-OutputOpt = Annotated[
-    Path, typer.Option("--output", "-o", metavar="OUT", help="The bundle to write (.safetensors or .h5).")
-]
-BundleArg = Annotated[Path, typer.Argument(help="A ToL bundle (.safetensors or .h5).")]
-
-
-def _summary(out: Output, path: Path, what: str, seconds: float) -> None:
-    out.print(f"wrote {path} ({fmt_bytes(path_bytes(path))}, {what}) in {seconds:.1f}s")
-
-
-def precompute_cmd(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory or weights file, or 'demo'.")],
-    output: OutputOpt,
-    fmt: FormatOpt = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored element type: fp32, fp16 or bf16.")] = "fp32",
-    device: DeviceOpt = "auto",
-    layers: Annotated[
-        str | None, typer.Option("--layers", metavar="SPEC", help="Only these layers, e.g. '0-3,7' (others: dropped).")
-    ] = None,
-    batch_tokens: Annotated[
-        int, typer.Option("--batch-tokens", metavar="N", help="Vocabulary rows computed per batch.")
-    ] = DEFAULT_BATCH_ROWS,
-    matmul_dtype: Annotated[
-        str, typer.Option("--matmul-dtype", help="fp32, or bf16/fp16 matmuls with fp32 accumulation (GPU speed).")
-    ] = "fp32",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same job.")] = False,
-    force: ForceOpt = False,
-    compression: CompressionOpt = None,
-    max_shard_size: MaxShardOpt = None,
-    tensor_map: TensorMapOpt = None,
-    sha256sums: Sha256sumsOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Compute every context-free layer's ToL into a dense bundle (streamed, resumable).
-
-    Example:
-
-        tolcli precompute demo -o demo.safetensors
-
-        tolcli precompute ./my-memoryllm -o tol.h5 --dtype bf16 --device cuda
-
-        tolcli precompute ./my-memoryllm -o tol.safetensors --resume   # after an interruption
-    """
-    out = Output(json=json_out, quiet=quiet)
-    res = precompute(
-        resolve_checkpoint_arg(checkpoint),
-        output,
-        container=fmt,
-        dtype=dtype,
-        device=device,
-        layers=layers,
-        batch_rows=batch_tokens,
-        matmul_dtype=matmul_dtype,
-        resume=resume,
-        force=force,
-        compression=compression,
-        max_shard_size=max_shard_size,
-        tensor_map=tensor_map,
-        progress=RichProgress(out),
-        note=note_to_stderr(out),
-    )
-    if sha256sums:
-        write_sha256sums(Path(sha256sums), [res.path])
-    present = [e for e in res.manifest["layers"] if e["status"] == "present"]
-    if json_out:
-        out.emit_json(
-            {
-                "output": str(res.path),
-                "bytes": path_bytes(res.path),
-                "seconds": round(res.seconds, 3),
-                "layers_computed": res.layers_computed,
-                "manifest": res.manifest,
-            }
-        )
-        return
-    dtype_name = present[0]["params"]["dtype"] if present else "-"
-    _summary(out, res.path, f"{len(present)} layers, dense {dtype_name}", res.seconds)
+plots = lazy_import("tolcli.plots")
 
 
 def _layer_params(e: dict[str, Any]) -> str:
@@ -134,14 +57,12 @@ def inspect_cmd(
         tolcli inspect tol.h5 --json | jq '.manifest.layers[] | {index, codec, stored_bytes}'
     """
     out = Output(json=json_out)
-    with open_bundle(bundle) as b:
+    with tolcli.open_bundle(bundle) as b:
         m = b.manifest
         container = b.container
     if plot is not None:
-        from tolcli.plots import layer_figure
-
         codecs = ", ".join(sorted({e["codec"] for e in m["layers"] if e["status"] == "present"}))
-        layer_figure(m, plot, f"{bundle.name}: {codecs}, {m['model']['num_layers']} layers")
+        plots.layer_figure(m, plot, f"{bundle.name}: {codecs}, {m['model']['num_layers']} layers")
     summary = {"container": container, "file_bytes": path_bytes(bundle), **bundle_summary(m)}
     if json_out:
         out.emit_json({"path": str(bundle), "summary": summary, "manifest": m})
@@ -199,7 +120,7 @@ def verify_cmd(bundle: BundleArg, json_out: JsonOpt = False, quiet: QuietOpt = F
     out = Output(json=json_out, quiet=quiet)
     t0 = time.monotonic()
     try:
-        with open_bundle(bundle) as b:
+        with tolcli.open_bundle(bundle) as b:
             prog = RichProgress(out)
             prog.start("verify", sum(v["bytes"] for v in b.manifest["tensors"].values()))
             try:
@@ -239,7 +160,7 @@ def convert_cmd(
     """
     out = Output(json=json_out, quiet=quiet)
     t0 = time.monotonic()
-    path = convert_bundle(
+    path = tolcli.convert_bundle(
         src,
         dst,
         container=fmt,
@@ -254,7 +175,49 @@ def convert_cmd(
     if json_out:
         out.emit_json({"input": str(src), "output": str(path), "bytes": path_bytes(path)})
         return
-    _summary(out, path, "converted", time.monotonic() - t0)
+    print_written(out, path, "converted", time.monotonic() - t0)
+
+
+def drop_cmd(
+    bundle: BundleArg,
+    output: OutputOpt,
+    drop_last: DropLastOpt = None,
+    keep_layers: KeepLayersOpt = None,
+    fmt: FormatOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    force: ForceOpt = False,
+    verify: VerifyOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a bundle without some layers; the manifest keeps every original index, marked dropped.
+
+    Example:
+
+        tolcli drop tol.safetensors -o tol-18.safetensors --drop-last 6
+
+        tolcli drop tol.h5 -o some.h5 --keep-layers 0-3,8
+    """
+    out = Output(json=json_out, quiet=quiet)
+    t0 = time.monotonic()
+    path, manifest = tolcli.drop_layers(
+        bundle,
+        output,
+        drop_last=drop_last,
+        keep_layers=keep_layers,
+        container=fmt,
+        force=force,
+        max_shard_size=max_shard_size,
+        verify_input=verify,
+    )
+    kept = [e["index"] for e in manifest["layers"] if e["status"] == "present"]
+    if json_out:
+        out.emit_json({"output": str(path), "bytes": path_bytes(path), "layers_present": kept})
+        return
+    out.print(
+        f"wrote {path} ({fmt_bytes(path_bytes(path))}; {len(kept)} of {len(manifest['layers'])} layers) "
+        f"in {time.monotonic() - t0:.1f}s"
+    )
 
 
 def schema_cmd() -> None:

@@ -1,20 +1,24 @@
-"""``tolcli compress``, ``pack`` and ``unpack``."""
+"""``tolcli compress``."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+import tolcli
+from tolcli.bundle.summary import bundle_summary
+from tolcli.choices import SCHEMES
 from tolcli.cli._common import (
+    BundleArg,
     CompressionOpt,
     ForceOpt,
     FormatOpt,
     JsonOpt,
     MaxShardOpt,
     Output,
+    OutputOpt,
     QuietOpt,
     RichProgress,
     Sha256sumsOpt,
@@ -22,10 +26,10 @@ from tolcli.cli._common import (
     fmt_bytes,
     note_to_stderr,
 )
-from tolcli.cli.bundles import BundleArg, OutputOpt
-from tolcli.compress import SCHEMES, CompressOptions, CompressResult, compress
 from tolcli.fsutil import path_bytes, write_sha256sums
-from tolcli.transport import pack, unpack
+
+if TYPE_CHECKING:
+    from tolcli.compress import CompressResult
 
 _SVD = "SVD"
 _Q = "Quantisation"
@@ -155,7 +159,7 @@ def compress_cmd(
         tolcli compress dense.safetensors -o ad.h5 --codec 'svd(budget=0.1,a=int4(group=32))'
     """
     out = Output(json=json_out, quiet=quiet)
-    opts = CompressOptions(
+    opts = tolcli.CompressOptions(
         scheme=scheme,
         rank=rank,
         ratio=ratio,
@@ -177,7 +181,7 @@ def compress_cmd(
         weight_floor=weight_floor,
         codec=codec,
     )
-    res = compress(
+    res = tolcli.compress(
         bundle,
         output,
         opts,
@@ -198,15 +202,15 @@ def compress_cmd(
 def _report(out: Output, res: CompressResult, what: str) -> None:
     """Print what compress wrote: one JSON document, or the ranks and one summary line."""
     present = [e for e in res.manifest["layers"] if e["status"] == "present"]
-    dense16 = res.manifest["model"]["vocab_size"] * res.manifest["model"]["hidden_size"] * 2 * max(1, len(present))
+    summary = bundle_summary(res.manifest)
     if out.json:
         out.emit_json(
             {
                 "output": str(res.path),
                 "bytes": path_bytes(res.path),
                 "seconds": round(res.seconds, 3),
-                "stored_bytes": res.stored_bytes,
-                "fraction_of_dense_fp16": res.stored_bytes / dense16,
+                "stored_bytes": summary["stored_bytes"],
+                "fraction_of_dense_fp16": summary["fraction_of_dense_fp16"],
                 "ranks": {str(k): v for k, v in res.ranks.items()},
                 "rel_error": {str(e["index"]): e["rel_error"] for e in present},
                 "manifest": res.manifest,
@@ -218,65 +222,6 @@ def _report(out: Output, res: CompressResult, what: str) -> None:
     worst = max((e["rel_error"] for e in present), default=0.0)
     out.print(
         f"wrote {res.path} ({fmt_bytes(path_bytes(res.path))}; {what}: {fmt_bytes(res.stored_bytes)} = "
-        f"{100 * res.stored_bytes / dense16:.1f}% of dense fp16, worst layer error {worst:.2e}) "
+        f"{100 * summary['fraction_of_dense_fp16']:.1f}% of dense fp16, worst layer error {worst:.2e}) "
         f"in {res.seconds:.1f}s"
     )
-
-
-def pack_cmd(
-    bundle: BundleArg,
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT.zst", help="The .zst to write.")],
-    level: Annotated[int, typer.Option("--level", help="zstd level, 1-22.")] = 3,
-    threads: Annotated[int, typer.Option("--threads", help="Compression threads (-1: every core).")] = -1,
-    force: ForceOpt = False,
-    sha256sums: Sha256sumsOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Compress a bundle for transport: one standard zstd frame with a content checksum (zstd -d reads it).
-
-    Example:
-
-        tolcli pack tol.safetensors -o tol.safetensors.zst --level 19
-    """
-    out = Output(json=json_out, quiet=quiet)
-    t0 = time.monotonic()
-    res = pack(bundle, output, level=level, threads=threads, force=force, progress=RichProgress(out))
-    if sha256sums:
-        write_sha256sums(Path(sha256sums), [res.path])
-    if json_out:
-        out.emit_json(
-            {
-                "input": str(bundle),
-                "output": str(res.path),
-                "bytes_in": res.bytes_in,
-                "bytes_out": res.bytes_out,
-                "ratio": res.ratio,
-            }
-        )
-        return
-    out.print(
-        f"wrote {res.path} ({fmt_bytes(res.bytes_out)}, x{res.ratio:.3f} smaller) in {time.monotonic() - t0:.1f}s"
-    )
-
-
-def unpack_cmd(
-    archive: Annotated[Path, typer.Argument(help="A .zst written by tolcli pack.")],
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", help="The bundle to write.")],
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Decompress a packed bundle; refuses corrupted or truncated input, and checks the result is a bundle.
-
-    Example:
-
-        tolcli unpack tol.safetensors.zst -o tol.safetensors && tolcli verify tol.safetensors
-    """
-    out = Output(json=json_out, quiet=quiet)
-    t0 = time.monotonic()
-    res = unpack(archive, output, force=force, progress=RichProgress(out))
-    if json_out:
-        out.emit_json({"input": str(archive), "output": str(res.path), "bytes": res.bytes_out})
-        return
-    out.print(f"wrote {res.path} ({fmt_bytes(res.bytes_out)}) in {time.monotonic() - t0:.1f}s")

@@ -1,21 +1,22 @@
-"""``tolcli eval-ppl``, ``drop`` and ``strip``."""
+"""``tolcli eval-ppl`` and ``sweep``."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from tolcli.bundle.drop import drop_layers
+import tolcli
+from tolcli.choices import SWEEP_FAMILIES
 from tolcli.cli._common import (
+    CheckpointArg,
     DeviceOpt,
+    DropLastOpt,
     ForceOpt,
-    FormatOpt,
     JsonOpt,
-    MaxShardOpt,
+    KeepLayersOpt,
     Output,
     QuietOpt,
     RichProgress,
@@ -23,19 +24,11 @@ from tolcli.cli._common import (
     fmt_bytes,
     note_to_stderr,
 )
-from tolcli.cli.bundles import BundleArg, OutputOpt
 from tolcli.demo import resolve_checkpoint_arg
 from tolcli.errors import QualityGateError
-from tolcli.fsutil import path_bytes
-from tolcli.perplexity import EvalReport, eval_ppl
-from tolcli.strip import strip_checkpoint
-from tolcli.sweep import FAMILIES, SweepOptions, sweep
 
-CheckpointArg = Annotated[str, typer.Argument(help="Checkpoint directory or weights file, or 'demo' / 'demo:llama'.")]
-DropLastOpt = Annotated[int | None, typer.Option("--drop-last", metavar="K", help="Drop the last K layers.")]
-KeepLayersOpt = Annotated[
-    str | None, typer.Option("--keep-layers", metavar="SPEC", help="Keep only these layers, e.g. '0-9,12'.")
-]
+if TYPE_CHECKING:
+    from tolcli.perplexity import EvalReport
 
 
 def _print_report(out: Output, report: EvalReport) -> None:
@@ -112,7 +105,7 @@ def eval_ppl_cmd(
     """
     out = Output(json=json_out, quiet=quiet)
     try:
-        report = eval_ppl(
+        report = tolcli.eval_ppl(
             resolve_checkpoint_arg(checkpoint),
             data,
             tols=tol or [],
@@ -143,87 +136,13 @@ def _emit(out: Output, report: EvalReport, json_out: bool) -> None:
         _print_report(out, report)
 
 
-def drop_cmd(
-    bundle: BundleArg,
-    output: OutputOpt,
-    drop_last: DropLastOpt = None,
-    keep_layers: KeepLayersOpt = None,
-    fmt: FormatOpt = None,
-    max_shard_size: MaxShardOpt = None,
-    force: ForceOpt = False,
-    verify: VerifyOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Write a bundle without some layers; the manifest keeps every original index, marked dropped.
-
-    Example:
-
-        tolcli drop tol.safetensors -o tol-18.safetensors --drop-last 6
-
-        tolcli drop tol.h5 -o some.h5 --keep-layers 0-3,8
-    """
-    out = Output(json=json_out, quiet=quiet)
-    t0 = time.monotonic()
-    path, manifest = drop_layers(
-        bundle,
-        output,
-        drop_last=drop_last,
-        keep_layers=keep_layers,
-        container=fmt,
-        force=force,
-        max_shard_size=max_shard_size,
-        verify_input=verify,
-    )
-    kept = [e["index"] for e in manifest["layers"] if e["status"] == "present"]
-    if json_out:
-        out.emit_json({"output": str(path), "bytes": path_bytes(path), "layers_present": kept})
-        return
-    out.print(
-        f"wrote {path} ({fmt_bytes(path_bytes(path))}; {len(kept)} of {len(manifest['layers'])} layers) "
-        f"in {time.monotonic() - t0:.1f}s"
-    )
-
-
-def strip_cmd(
-    checkpoint: CheckpointArg,
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="The stripped checkpoint directory.")],
-    force: ForceOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-) -> None:
-    """Write the deployable checkpoint without the context-free FFN weights (run it with a bundle).
-
-    Example:
-
-        tolcli strip ./my-memoryllm -o ./my-memoryllm-active && tolcli info ./my-memoryllm-active
-    """
-    out = Output(json=json_out, quiet=quiet)
-    t0 = time.monotonic()
-    res = strip_checkpoint(resolve_checkpoint_arg(checkpoint), output, force=force)
-    if json_out:
-        out.emit_json(
-            {
-                "output": str(res.path),
-                "tensors_kept": res.kept,
-                "tensors_removed": res.removed,
-                "bytes_removed": res.bytes_removed,
-            }
-        )
-        return
-    out.print(
-        f"wrote {res.path} ({res.kept} tensors; removed {res.removed} context-free FFN tensors, "
-        f"{fmt_bytes(res.bytes_removed)}) in {time.monotonic() - t0:.1f}s"
-    )
-
-
 def sweep_cmd(
     checkpoint: CheckpointArg,
     data: Annotated[list[Path], typer.Option("--data", help="Evaluation text or token ids; repeatable.")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Where bundles and results go.")],
     schemes: Annotated[
-        str, typer.Option("--schemes", help=f"Comma-separated families: {','.join(FAMILIES)}.")
-    ] = ",".join(FAMILIES),
+        str, typer.Option("--schemes", help=f"Comma-separated families: {','.join(SWEEP_FAMILIES)}.")
+    ] = ",".join(SWEEP_FAMILIES),
     ranks: Annotated[
         str | None, typer.Option("--ranks", metavar="R,R,...", help="Uniform SVD ranks (default h/16,h/8,h/4,h/2).")
     ] = None,
@@ -248,7 +167,7 @@ def sweep_cmd(
         tolcli sweep ./my-memoryllm --data wiki.txt -o sweep/ --schemes svd,adaptive-svd --ranks 256,512
     """
     out = Output(json=json_out, quiet=quiet)
-    opts = SweepOptions(
+    opts = tolcli.SweepOptions(
         families=[f.strip() for f in schemes.split(",") if f.strip()],
         ranks=[int(r) for r in ranks.split(",")] if ranks else None,
         calibration=calibration,
@@ -258,7 +177,7 @@ def sweep_cmd(
         batch_size=batch_size,
         device=device,
     )
-    res = sweep(
+    res = tolcli.sweep(
         resolve_checkpoint_arg(checkpoint),
         data,
         output,

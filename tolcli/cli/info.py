@@ -7,10 +7,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tolcli.checkpoint import open_checkpoint
+import tolcli
 from tolcli.cli._common import JsonOpt, Output, TensorMapOpt, fmt_bytes, fmt_count
 from tolcli.demo import resolve_checkpoint_arg
-from tolcli.info import describe_checkpoint
 
 
 def info(
@@ -27,8 +26,8 @@ def info(
         tolcli info ./my-memoryllm --json | jq .tol.bytes_total.fp16
     """
     out = Output(json=json_out)
-    with open_checkpoint(resolve_checkpoint_arg(checkpoint), tensor_map=tensor_map) as ckpt:
-        doc = describe_checkpoint(ckpt)
+    with tolcli.open_checkpoint(resolve_checkpoint_arg(checkpoint), tensor_map=tensor_map) as ckpt:
+        doc = tolcli.describe_checkpoint(ckpt)
     if json_out:
         out.emit_json(doc)
         return

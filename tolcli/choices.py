@@ -1,0 +1,16 @@
+"""The names and defaults the CLI offers (schemes, sweep families, batch sizes): plain data, importable
+without torch so that ``--help`` and ``--version`` stay fast. The library modules use the same values."""
+
+from __future__ import annotations
+
+DENSE_SCHEMES = ("fp32", "fp16", "bf16")
+QUANT_SCHEMES = ("int4", "nf4", "int8")
+SVD_KINDS = ("svd", "adaptive-svd")
+SCHEMES: tuple[str, ...] = (
+    *DENSE_SCHEMES,
+    *QUANT_SCHEMES,
+    *SVD_KINDS,
+    *(f"{k}+{q}" for k in SVD_KINDS for q in QUANT_SCHEMES),
+)
+SWEEP_FAMILIES = ("svd", "adaptive-svd", "int4", "nf4", "int8", "adaptive-svd+int4", "drop")
+DEFAULT_BATCH_ROWS = 4096  # precompute: vocabulary rows per batch

@@ -1,0 +1,99 @@
+"""``tolcli precompute``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import tolcli
+from tolcli.choices import DEFAULT_BATCH_ROWS
+from tolcli.cli._common import (
+    CompressionOpt,
+    DeviceOpt,
+    ForceOpt,
+    FormatOpt,
+    JsonOpt,
+    MaxShardOpt,
+    Output,
+    OutputOpt,
+    QuietOpt,
+    RichProgress,
+    Sha256sumsOpt,
+    TensorMapOpt,
+    note_to_stderr,
+    print_written,
+)
+from tolcli.demo import resolve_checkpoint_arg
+from tolcli.fsutil import path_bytes, write_sha256sums
+
+
+def precompute_cmd(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory or weights file, or 'demo'.")],
+    output: OutputOpt,
+    fmt: FormatOpt = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Stored element type: fp32, fp16 or bf16.")] = "fp32",
+    device: DeviceOpt = "auto",
+    layers: Annotated[
+        str | None, typer.Option("--layers", metavar="SPEC", help="Only these layers, e.g. '0-3,7' (others: dropped).")
+    ] = None,
+    batch_tokens: Annotated[
+        int, typer.Option("--batch-tokens", metavar="N", help="Vocabulary rows computed per batch.")
+    ] = DEFAULT_BATCH_ROWS,
+    matmul_dtype: Annotated[
+        str, typer.Option("--matmul-dtype", help="fp32, or bf16/fp16 matmuls with fp32 accumulation (GPU speed).")
+    ] = "fp32",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same job.")] = False,
+    force: ForceOpt = False,
+    compression: CompressionOpt = None,
+    max_shard_size: MaxShardOpt = None,
+    tensor_map: TensorMapOpt = None,
+    sha256sums: Sha256sumsOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compute every context-free layer's ToL into a dense bundle (streamed, resumable).
+
+    Example:
+
+        tolcli precompute demo -o demo.safetensors
+
+        tolcli precompute ./my-memoryllm -o tol.h5 --dtype bf16 --device cuda
+
+        tolcli precompute ./my-memoryllm -o tol.safetensors --resume   # after an interruption
+    """
+    out = Output(json=json_out, quiet=quiet)
+    res = tolcli.precompute(
+        resolve_checkpoint_arg(checkpoint),
+        output,
+        container=fmt,
+        dtype=dtype,
+        device=device,
+        layers=layers,
+        batch_rows=batch_tokens,
+        matmul_dtype=matmul_dtype,
+        resume=resume,
+        force=force,
+        compression=compression,
+        max_shard_size=max_shard_size,
+        tensor_map=tensor_map,
+        progress=RichProgress(out),
+        note=note_to_stderr(out),
+    )
+    if sha256sums:
+        write_sha256sums(Path(sha256sums), [res.path])
+    present = [e for e in res.manifest["layers"] if e["status"] == "present"]
+    if json_out:
+        out.emit_json(
+            {
+                "output": str(res.path),
+                "bytes": path_bytes(res.path),
+                "seconds": round(res.seconds, 3),
+                "layers_computed": res.layers_computed,
+                "manifest": res.manifest,
+            }
+        )
+        return
+    dtype_name = present[0]["params"]["dtype"] if present else "-"
+    print_written(out, res.path, f"{len(present)} layers, dense {dtype_name}", res.seconds)
