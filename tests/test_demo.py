@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tolcli.demo import DEMO_DIR, demo_figures
+from tolcli.demo import DEMO_DIR
+from tolcli.demo.figures import demo_figures
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -42,13 +42,17 @@ from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, WriteOptions
+from tolcli.checkpoint import open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, QUANT_SCHEMES, SCHEMES, SVD_KINDS
 from tolcli.codecs import NF4, SVD, Codec, CodecSpec, Dense, DictAccess, Int4, Int8, RankedSpec, parse_spec
+from tolcli.demo import resolve_checkpoint_arg
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import parse_size, sha256_file
+from tolcli.model import load_model
 from tolcli.progress import NullProgress, Progress
-from tolcli.text import load_token_weights
+from tolcli.sensitivity import sensitivity_weights, token_sensitivity
+from tolcli.text import load_token_weights, read_tokens
 
 DEFAULT_GROUP = 64  # int4 / nf4
 DEFAULT_A_GROUP = 32  # the A factor's group size in the svd+int4/nf4 schemes (ranks are kept multiples of it)
@@ -311,12 +315,6 @@ def load_weights(
 
 
 def _sensitivity_weights(w: Weighting, b: Bundle, progress: Progress) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    from tolcli.checkpoint import open_checkpoint
-    from tolcli.demo import resolve_checkpoint_arg
-    from tolcli.model import load_model
-    from tolcli.sensitivity import sensitivity_weights, token_sensitivity
-    from tolcli.text import read_tokens
-
     if w.calibration is None or w.token_weights is not None:
         raise UsageError("--sensitivity needs --calibration TEXT (and no --token-weights)")
     ckpt = open_checkpoint(resolve_checkpoint_arg(w.sensitivity))  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tolcli.config import ModelConfig
+from tolcli.errors import UsageError
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -78,8 +79,6 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
 
 def parse_layer_spec(spec: str, num_layers: int) -> list[int]:
     """``"0-3,7,10-"`` -> sorted layer indices (ranges inclusive; an open end runs to the last layer)."""
-    from tolcli.errors import UsageError
-
     out: set[int] = set()
     for part in spec.replace(" ", "").split(","):
         if not part:

@@ -1,6 +1,6 @@
 """``python -m tolcli.demo``: print the demo models' figures (the README quotes them)."""
 
-from tolcli.demo import DEMO_CTX, DEMO_STRIDE, demo_figures
+from tolcli.demo.figures import DEMO_CTX, DEMO_STRIDE, demo_figures
 
 figures = demo_figures()
 print(f"held-out tokens: {figures['heldout_tokens']} (ctx {DEMO_CTX}, stride {DEMO_STRIDE})")
