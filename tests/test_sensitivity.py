@@ -123,7 +123,7 @@ def test_compress_with_sensitivity(tmp_path: Path, make_ckpt) -> None:
     assert tw["source"] == "sensitivity" and len(tw["layer_sensitivity"]) == 6
     assert tw["layer_sensitivity"][0] > tw["layer_sensitivity"][5]  # later layers matter less
     assert all(e["params"]["weighted"] for e in res.manifest["layers"])
-    with pytest.raises(UsageError, match="needs --calibration"):
+    with pytest.raises(UsageError, match="sensitivity needs calibration text"):
         compress(dense, tmp_path / "x.safetensors", CompressOptions("svd", rank=8, sensitivity="demo"))
     for other, msg in (("demo:llama", "no context-free FFN"), (str(make_ckpt("memoryllm")), "does not match")):
         with pytest.raises(InputError, match=msg):

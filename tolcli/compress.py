@@ -316,7 +316,7 @@ def load_weights(
 
 def _sensitivity_weights(w: Weighting, b: Bundle, progress: Progress) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
     if w.calibration is None or w.token_weights is not None:
-        raise UsageError("--sensitivity needs --calibration TEXT (and no --token-weights)")
+        raise UsageError("`sensitivity` needs `calibration` text (and no `token_weights`)")
     ckpt = open_checkpoint(resolve_checkpoint_arg(w.sensitivity))  # type: ignore[arg-type]
     cfg = ckpt.config
     if not cfg.has_memory:
