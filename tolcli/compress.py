@@ -147,8 +147,9 @@ def quant_spec(quant: str, group: int | None, symmetric: bool) -> CodecSpec:
     if symmetric and quant != "int4":
         raise UsageError("`symmetric` applies to int4 only (nf4 and int8 are symmetric already)")
     if quant == "int8":
-        return Int8(group or None)
-    return Int4(group or DEFAULT_GROUP, symmetric) if quant == "int4" else NF4(group or DEFAULT_GROUP)
+        return Int8(group)
+    group = DEFAULT_GROUP if group is None else group
+    return Int4(group, symmetric) if quant == "int4" else NF4(group)
 
 
 def scheme_spec(o: CompressOptions) -> CodecSpec:
@@ -164,7 +165,8 @@ def scheme_spec(o: CompressOptions) -> CodecSpec:
     if quant is None:
         a = Dense(o.factor_dtype)
     else:
-        a = quant_spec(quant, o.group_size or (DEFAULT_A_GROUP if quant != "int8" else None), o.symmetric)
+        group = o.group_size if o.group_size is not None or quant == "int8" else DEFAULT_A_GROUP
+        a = quant_spec(quant, group, o.symmetric)
     return SVD(
         rank=o.rank,
         ratio=o.ratio,

@@ -109,7 +109,8 @@ def compare(
     """
     device = next(model.parameters()).device
     stats = [VariantStats(name) for name, _ in variants]
-    for idx, keep in window_batches(tokens, ctx=ctx, stride=stride or ctx, batch_size=batch_size, device=device):
+    stride = ctx if stride is None else stride
+    for idx, keep in window_batches(tokens, ctx=ctx, stride=stride, batch_size=batch_size, device=device):
         targets = idx[:, 1:][keep]  # (N,)
         ref_logp = None
         for st, (_, source) in zip(stats, variants, strict=True):

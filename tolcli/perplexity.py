@@ -271,7 +271,9 @@ def eval_ppl(
     """
     t0 = time.monotonic()
     progress = progress or NullProgress()
-    stride = stride or ctx
+    stride = ctx if stride is None else stride
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError(f"`max_tokens` must be >= 2 (one token of context and one to score), got {max_tokens}")
     _check_options(ctx, stride, batch_size, drop_last, keep_layers, data, max_increase)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     bundles = open_bundles(tols, verify=verify_input)

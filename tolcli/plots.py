@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tolcli.errors import UsageError
+from tolcli.errors import OutputError, UsageError
 
 
 def _pyplot(note=None):
@@ -49,8 +49,12 @@ def layer_figure(manifest: dict[str, Any], out: Path, title: str) -> Path:
                 ax.text(i, 0, "dropped", ha="center", va="bottom", rotation=90, fontsize=8, color="gray")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        fig.savefig(out)
+    except OSError as e:
+        raise OutputError(f"cannot write the plot: {e.strerror}", path=out) from None
+    finally:
+        plt.close(fig)
     return out
 
 

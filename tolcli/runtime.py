@@ -59,8 +59,11 @@ class HotTokenCache:
         return sum(t.numel() * t.element_size() for t in self.rows.values())
 
     def lookup(self, layer: int, token_ids: Tensor) -> Tensor:
+        """Rows of ``layer`` for ``token_ids`` (any shape); ids outside the vocabulary are refused."""
         ids = token_ids.to(torch.long).cpu()
         flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.bundle.vocab_size):
+            raise InputError(f"token id outside the vocabulary [0, {self.bundle.vocab_size})", path=self.bundle.path)
         slots = self.slot[flat]
         hit = slots >= 0
         out = torch.empty(flat.numel(), self.bundle.hidden_size, dtype=torch.float32, device=self.device)

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from tolcli.errors import UsageError
 from tolcli.fsutil import path_bytes
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
@@ -76,6 +77,14 @@ def finite_json(doc: Any) -> Any:
     if isinstance(doc, list | tuple):
         return [finite_json(v) for v in doc]
     return doc
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    """``"8,16,32"`` -> [8, 16, 32]; anything else is a usage error naming ``flag``."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated integers such as 8,16,32") from None
 
 
 def fmt_bytes(n: float) -> str:

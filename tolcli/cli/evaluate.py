@@ -23,6 +23,7 @@ from tolcli.cli._common import (
     VerifyOpt,
     fmt_bytes,
     note_to_stderr,
+    parse_ints,
 )
 from tolcli.demo import resolve_checkpoint_arg
 from tolcli.errors import QualityGateError
@@ -169,7 +170,7 @@ def sweep_cmd(
     out = Output(json=json_out, quiet=quiet)
     opts = tolcli.SweepOptions(
         families=[f.strip() for f in schemes.split(",") if f.strip()],
-        ranks=[int(r) for r in ranks.split(",")] if ranks else None,
+        ranks=parse_ints(ranks, "--ranks") if ranks else None,
         calibration=calibration,
         ctx=ctx,
         stride=stride,

@@ -213,6 +213,10 @@ class SVD(RankedSpec):
         super().__post_init__()
         check_method(self.method)
         _check_row_wise(self.a.codec)
+        if self.oversample < 0 or self.power_iters < 0:
+            raise UsageError(f"svd oversample and power_iters must be >= 0, got {self.oversample}, {self.power_iters}")
+        if not 0 <= self.seed < 2**63:
+            raise UsageError(f"svd seed must be within 0..2**63-1, got {self.seed}")
 
     def rank_step(self) -> int:
         return math.lcm(self.rank_multiple, self.a.width_multiple)  # ranks fill whole groups of A's codec
