@@ -21,6 +21,7 @@ from tolcli.bundle.h5_format import chunk_shape
 from tolcli.bundle.manifest import MANIFEST_SCHEMA
 from tolcli.bundle.writer import write_bundle
 from tolcli.errors import ExitCode, InputError, VerifyError
+from tolcli.testing import tiny_manifest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -33,37 +34,6 @@ def demo_bundles(tmp_path_factory) -> dict[str, Path]:
     h5 = d / "demo.h5"
     convert_bundle(st, h5)
     return {"safetensors": st, "hdf5": h5}
-
-
-def tiny_manifest() -> dict:
-    """The manifest of a one-layer, 3 x 2 dense fp32 bundle (``tensors`` is filled in by the writer)."""
-    return {
-        "format": "tolcli.tol",
-        "format_version": 1,
-        "tolcli_version": "test",
-        "source": {"checkpoint": "x", "files": [], "config": {}},
-        "model": {
-            "type": "memoryllm",
-            "vocab_size": 3,
-            "hidden_size": 2,
-            "num_layers": 1,
-            "ffn_alpha": 1.0,
-            "memory_norm_type": "layernorm",
-        },
-        "vocabulary": {"size": 3, "embedded": False, "tokenizer_sha256": None, "special_tokens": []},
-        "layers": [
-            {
-                "index": 0,
-                "status": "present",
-                "codec": "dense",
-                "params": {"dtype": "F32"},
-                "tensors": {"table": "layers.0.table"},
-                "stored_bytes": 24,
-                "bits_per_value": 32.0,
-            }
-        ],
-        "tensors": {},
-    }
 
 
 # The golden file, typed from docs/bundle-format.md (not produced by tolcli): the manifest as canonical JSON

@@ -18,7 +18,7 @@ from tolcli.bundle.entries import TensorEntry
 from tolcli.bundle.writer import Staging, WriteOptions, write_bundle
 from tolcli.errors import InputError, QualityGateError, UsageError, VerifyError
 from tolcli.perplexity import EvalReport
-from tolcli.testing import random_state_dict, tiny_config, write_checkpoint
+from tolcli.testing import random_state_dict, tiny_config, tiny_manifest, write_checkpoint
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_staged_file_changed_before_assembly_is_refused(tmp_path: Path) -> None:
     raw[5] ^= 0x01  # one bit, after staging and before assembly
     (s.dir / rec["file"]).write_bytes(bytes(raw))
     with pytest.raises(VerifyError, match="changed while it was copied"):
-        s.finish(_manifest(6, 2))
+        s.finish(tiny_manifest(6, 2))
     assert not out.exists() and not list(tmp_path.glob(".t.safetensors.tmp*"))
 
 
@@ -46,38 +46,8 @@ def test_staged_file_truncated_before_assembly_is_refused(tmp_path: Path) -> Non
     rec = s.stage("layers.0.table", "F32", (6, 2), [np.zeros((6, 2), "<f4")])
     (s.dir / rec["file"]).write_bytes(b"\0" * 40)
     with pytest.raises(VerifyError, match="shorter than recorded"):
-        s.finish(_manifest(6, 2))
+        s.finish(tiny_manifest(6, 2))
     assert not out.exists()
-
-
-def _manifest(vocab: int, hidden: int) -> dict:
-    return {
-        "format": "tolcli.tol",
-        "format_version": 1,
-        "tolcli_version": "test",
-        "source": {"checkpoint": "x", "files": [], "config": {}},
-        "model": {
-            "type": "memoryllm",
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "num_layers": 1,
-            "ffn_alpha": 1.0,
-            "memory_norm_type": "layernorm",
-        },
-        "vocabulary": {"size": vocab, "embedded": False, "tokenizer_sha256": None, "special_tokens": []},
-        "layers": [
-            {
-                "index": 0,
-                "status": "present",
-                "codec": "dense",
-                "params": {"dtype": "F32"},
-                "tensors": {"table": "layers.0.table"},
-                "stored_bytes": vocab * hidden * 4,
-                "bits_per_value": 32.0,
-            }
-        ],
-        "tensors": {},
-    }
 
 
 class _Interrupt(Exception):

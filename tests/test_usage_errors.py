@@ -17,7 +17,9 @@ HELD = str(Path(__file__).resolve().parent.parent / "tolcli" / "demo" / "heldout
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory) -> Path:
-    return precompute(demo_checkpoint_path(), tmp_path_factory.mktemp("usage") / "d.safetensors", dtype="fp16", layers="0-1").path
+    return precompute(
+        demo_checkpoint_path(), tmp_path_factory.mktemp("usage") / "d.safetensors", dtype="fp16", layers="0-1"
+    ).path
 
 
 @pytest.mark.parametrize(

@@ -120,3 +120,35 @@ def write_random_checkpoint(
     """A random checkpoint of ``cfg`` on disk (see :func:`write_checkpoint`)."""
     state = random_state_dict(cfg, seed=seed, dtype=dtype, memory_norm_bias=memory_norm_bias)
     return write_checkpoint(directory, cfg, state, layout=layout, tokenizer=tokenizer)
+
+
+def tiny_manifest(vocab: int = 3, hidden: int = 2) -> dict[str, Any]:
+    """The manifest of a one-layer ``vocab`` x ``hidden`` dense fp32 bundle, for tests that write bundles by hand
+    (``tensors`` is filled in by the writer)."""
+    return {
+        "format": "tolcli.tol",
+        "format_version": 1,
+        "tolcli_version": "test",
+        "source": {"checkpoint": "x", "files": [], "config": {}},
+        "model": {
+            "type": "memoryllm",
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "num_layers": 1,
+            "ffn_alpha": 1.0,
+            "memory_norm_type": "layernorm",
+        },
+        "vocabulary": {"size": vocab, "embedded": False, "tokenizer_sha256": None, "special_tokens": []},
+        "layers": [
+            {
+                "index": 0,
+                "status": "present",
+                "codec": "dense",
+                "params": {"dtype": "F32"},
+                "tensors": {"table": "layers.0.table"},
+                "stored_bytes": vocab * hidden * 4,
+                "bits_per_value": 32.0,
+            }
+        ],
+        "tensors": {},
+    }
