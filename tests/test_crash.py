@@ -57,6 +57,11 @@ def kill_after_first_layer(args: list[str], partial: Path, cwd: Path) -> int:
     return done
 
 
+def leftovers_of(out: Path) -> list[str]:
+    """Temp files, lock files and staging directories of ``out``."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".h5"])
 def test_kill_9_then_resume(ckpt: Path, tmp_path: Path, suffix: str) -> None:
     ref = precompute(ckpt, tmp_path / f"ref{suffix}", batch_rows=2048).path
@@ -64,12 +69,14 @@ def test_kill_9_then_resume(ckpt: Path, tmp_path: Path, suffix: str) -> None:
     args = ["precompute", str(ckpt), "-o", out.name, "--batch-tokens", "2048"]
     done = kill_after_first_layer(args, tmp_path / f".{out.name}.partial", tmp_path)
     assert not out.exists()  # never a partial file at the output path
+    assert (tmp_path / f".{out.name}.partial.lock").exists()  # the killed run's lock file: no process holds it
     r = subprocess.run(
         [sys.executable, "-m", "tolcli", *args, "--resume"], cwd=tmp_path, capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
     assert f"resuming: {done} layer(s)" in r.stderr
     assert out.read_bytes() == ref.read_bytes()
+    assert not leftovers_of(out)  # the resumed run took the stale lock over and removed it, and left nothing
 
 
 def test_kill_9_during_compress_then_resume(ckpt: Path, tmp_path: Path) -> None:
@@ -92,6 +99,7 @@ def test_kill_9_during_compress_then_resume(ckpt: Path, tmp_path: Path) -> None:
     assert f"resuming: {done} layer(s)" in r.stderr
     assert out.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     assert dense.exists()
+    assert not leftovers_of(out)
 
 
 def test_disk_full_leaves_nothing(ckpt: Path, tmp_path: Path, monkeypatch, cli) -> None:
@@ -136,3 +144,4 @@ def test_ctrl_c_during_precompute_exits_130_and_leaves_no_output(ckpt: Path, tmp
     assert 1 <= layers_done(partial) < 8  # it was interrupted mid-run
     assert not (tmp_path / "c.safetensors").exists() and not list(tmp_path.glob(".c.safetensors.tmp-*"))
     assert os.path.isdir(tmp_path / ".c.safetensors.partial")  # kept for --resume
+    assert leftovers_of(tmp_path / "c.safetensors") == [".c.safetensors.partial"]  # no temp file, no lock

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,29 +63,34 @@ def finish_distributed(
     already holds every rank's layer entries) and the tensors of all ranks."""
     opts = staging.options
     assert opts.max_shard_size is not None, "a distributed run always writes a sharded directory"
-    shared = out.with_name(f".{out.name}.tmp-dist")  # one temp directory for all ranks; rank 0 owns it
-    owner = atomic_dir(out, force=opts.force, temp=shared) if d.rank == 0 else contextlib.nullcontext(shared)
-    with owner as tmp:
+    # One temp directory for all ranks: rank 0 creates it (mkdtemp: an unpredictable name, private, created
+    # exclusively, under the output's lock) and tells the others its name; it renames it into place at the end.
+    owner = atomic_dir(out, force=opts.force) if d.rank == 0 else contextlib.nullcontext(None)
+    try:
+        with owner as mine:
+            tmp = Path(all_gather(None if mine is None else str(mine))[0])
+            entries = [checked_entry(e) for e in staging.entries()]
+            groups = partition(entries, opts.max_shard_size) if entries else []
+            counts = all_gather(len(groups))
+            start, total = sum(counts[: d.rank]), sum(counts)
+            names = [shard_name(start + k, total, opts.container) for k in range(len(groups))]
+            records = write_shards(tmp, groups, names, opts.container, opts.compression)
+            weight_map = {e.name: n for g, n in zip(groups, names, strict=True) for e in g}
+            tensors = {
+                e.name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "sha256": e.sha256}
+                for e in entries
+            }
+            gathered = all_gather((records, weight_map, tensors))
+            if d.rank == 0:
+                all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r["name"])
+                merged_map = {k: v for g in gathered for k, v in g[1].items()}
+                merged = dict(manifest)
+                merged["tensors"] = {k: v for g in gathered for k, v in g[2].items()}
+                validate_schema(merged, where=str(out))
+                index = index_document(merged, all_records, merged_map)
+                (tmp / INDEX_NAME).write_text(canonical_json(index), encoding="utf-8")
         barrier()
-        entries = [checked_entry(e) for e in staging.entries()]
-        groups = partition(entries, opts.max_shard_size) if entries else []
-        counts = all_gather(len(groups))
-        start, total = sum(counts[: d.rank]), sum(counts)
-        names = [shard_name(start + k, total, opts.container) for k in range(len(groups))]
-        records = write_shards(tmp, groups, names, opts.container, opts.compression)
-        weight_map = {e.name: n for g, n in zip(groups, names, strict=True) for e in g}
-        tensors = {
-            e.name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.nbytes, "sha256": e.sha256} for e in entries
-        }
-        gathered = all_gather((records, weight_map, tensors))
-        if d.rank == 0:
-            all_records = sorted((r for g in gathered for r in g[0]), key=lambda r: r["name"])
-            merged_map = {k: v for g in gathered for k, v in g[1].items()}
-            merged = dict(manifest)
-            merged["tensors"] = {k: v for g in gathered for k, v in g[2].items()}
-            validate_schema(merged, where=str(out))
-            index = index_document(merged, all_records, merged_map)
-            (tmp / INDEX_NAME).write_text(canonical_json(index), encoding="utf-8")
-    barrier()
-    shutil.rmtree(staging.dir, ignore_errors=True)
+        staging.discard()
+    finally:
+        staging.close()  # releases the staging lock (a failed run keeps completed layers for --resume)
     return out

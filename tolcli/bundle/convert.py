@@ -7,6 +7,7 @@ from pathlib import Path
 from tolcli.bundle.entries import TensorEntry
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.writer import WriteOptions, write_bundle
+from tolcli.fsutil import check_output
 from tolcli.progress import NullProgress, Progress
 
 
@@ -38,6 +39,8 @@ def convert_bundle(
     options = WriteOptions.make(
         dst, container=container, compression=compression, max_shard_size=max_shard_size, force=force
     )
+    # refuse an existing output (or a directory --force may not replace) before reading and verifying the input
+    check_output(dst, force=force, directory=options.sharded, make_parent=False)
     with open_bundle(src, verify=verify_input) as b:
         manifest = {k: v for k, v in b.manifest.items() if k != "tensors"}
         progress = progress or NullProgress()

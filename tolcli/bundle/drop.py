@@ -9,6 +9,7 @@ from typing import Any
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.writer import WriteOptions, write_bundle
 from tolcli.errors import UsageError
+from tolcli.fsutil import check_output
 from tolcli.layout import parse_layer_spec
 
 
@@ -45,6 +46,7 @@ def drop_layers(
         ['present', 'present', 'present', 'present', 'dropped', 'dropped']
     """
     options = WriteOptions.make(Path(out), container=container, max_shard_size=max_shard_size, force=force)
+    check_output(Path(out), force=force, directory=options.sharded, make_parent=False)  # before reading the input
     with open_bundle(src, verify=verify_input) as b:
         keep = layers_to_keep(b.num_layers, drop_last=drop_last, keep_layers=keep_layers)
         layers, names = [], []

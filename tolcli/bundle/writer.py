@@ -5,17 +5,26 @@ in a hidden directory beside the output (``.OUT.partial/``), recording it in ``s
 layer is complete. Nothing appears at the output path until :meth:`Staging.finish` assembles the
 container into a temp file and renames it. ``--resume`` reuses the completed layers of an interrupted
 run of the *same job* (same inputs and options), so the final bytes equal those of an uninterrupted run.
+
+Two runs never share a staging area: each holds an exclusive lock (``.OUT.partial.lock``) for its whole run,
+and the output's own lock (``.OUT.lock``, :class:`~tolcli.fsutil.OutputLock`) while it writes the output. The
+staging directory is created (``mkdir``, mode 0700, never through a symlink) when the first tensor is staged;
+a run that ends without completing a layer removes it, one that completed layers keeps it for ``--resume``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import queue
 import shutil
+import stat
+import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +38,26 @@ from tolcli.bundle.manifest import canonical_json, validate_schema
 from tolcli.bundle.sharded import write_sharded
 from tolcli.dtypes import DTYPES
 from tolcli.errors import OutputError, UsageError, VerifyError
-from tolcli.fsutil import atomic_output, check_output, fsync_dir, parse_bytes, sha256_file
+from tolcli.fsutil import (
+    OutputLock,
+    atomic_output,
+    check_output,
+    fsync_dir,
+    is_plain_file,
+    lock_path,
+    lstat_or_none,
+    nofollow_opener,
+    parse_bytes,
+    reclaim_leftovers,
+    sha256_file,
+)
 
 
 def container_for(path: Path, container: str | None = None, *, sharded: bool = False) -> str:
     """The container of an output path: from ``--format`` or the suffix (a sharded bundle is a directory:
     :data:`~tolcli.bundle.container.DEFAULT` shards unless ``--format`` or a suffix such as ``.h5`` names one)."""
-    if path.is_dir() and not sharded:
+    st = lstat_or_none(path)  # a symlink at the output is replaced, never followed (fsutil.check_output)
+    if st is not None and stat.S_ISDIR(st.st_mode) and not sharded:
         raise UsageError(f"{path} is a directory: a directory output needs --max-shard-size")
     if container is not None:
         if container not in registry.names():
@@ -179,8 +201,62 @@ def _drain(blocks: Iterable[np.ndarray], dtype: str, sink, background: bool) -> 
     return n
 
 
+_RESUME_HINT = "completed layers are kept: fix the cause (free space, permissions), then rerun with --resume"
+
+
+class _Run:
+    """What a staging run must undo when it ends without finishing (shared with its finalizer, not the Staging)."""
+
+    def __init__(self, lock: OutputLock, directory: Path, state: dict[str, Any]):
+        self.lock, self.dir, self.state = lock, directory, state
+        self.created = False  # this run made (or adopted, to resume) the staging directory
+        self.finished = False
+
+    def end(self) -> None:
+        """Release the lock; a staging directory without a completed layer has nothing to resume: remove it."""
+        if self.lock.superseded:  # a later run on this thread took over: the directory is its business now
+            self.lock.release()
+            return
+        try:
+            if self.created and not self.finished and not self.state["layers"]:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        finally:
+            self.lock.release()
+
+
+def _private_dir(path: Path, st: os.stat_result) -> None:
+    """A staging directory is only used when it is a real directory (not a link) of this user; it is made private
+    (mode 0700) so that nobody else can add to it. Files in it are still never trusted: each is opened without
+    following links, and hashed before it is reused (:meth:`Staging._load_state`) and while it is assembled."""
+    why = None
+    if stat.S_ISLNK(st.st_mode):
+        why = "it is a symbolic link (tolcli never follows one here)"
+    elif not stat.S_ISDIR(st.st_mode):
+        why = "it is not a directory"
+    elif st.st_uid != os.geteuid():
+        why = f"it belongs to another user (uid {st.st_uid})"
+    if why is not None:
+        raise OutputError(
+            f"not a staging directory of this user's tolcli: {why}",
+            path=path,
+            hint="remove it (tolcli never creates it that way)",
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as e:
+            raise OutputError(f"cannot make the staging directory private: {e.strerror}", path=path) from None
+
+
 class Staging:
-    """Finished tensors of a streaming job, on disk beside the output, resumable."""
+    """Finished tensors of a streaming job, on disk beside the output, resumable.
+
+    The run holds an exclusive lock (``.OUT.partial.lock``) from construction until :meth:`finish` or
+    :meth:`close` (or, for a run that raised, until the object is collected or the process exits): a second
+    run on the same output is refused with an :class:`OutputError`. The directory is created (``mkdir``, mode
+    0700, never through a link) only when the first tensor is staged, so a run that fails before leaves nothing;
+    a run that ends without completing a layer removes it; one with completed layers keeps it for ``--resume``.
+    """
 
     def __init__(
         self,
@@ -198,46 +274,117 @@ class Staging:
         self.dir = out.with_name(f".{out.name}.partial{tag}")  # tag: one staging area per distributed rank
         self.job = json.loads(canonical_json(job))
         self.state: dict[str, Any] = {"job": self.job, "tensors": {}, "layers": {}, "extra": {}}
-        if self.dir.exists():
-            old = self._load_state()
-            if resume and old is not None and old.get("job") == self.job:
-                self.state = old
-                note(f"resuming: {len(old['layers'])} layer(s) already done in {self.dir}")
-            elif resume and old is not None:
-                raise UsageError(
-                    f"{self.dir} holds an interrupted run with different inputs or options",
-                    hint="rerun with the same options, or drop --resume to start over",
-                )
-            else:
-                note(f"removing the partial output of an earlier run ({self.dir}); --resume would continue it")
-                shutil.rmtree(self.dir)
-        elif resume:
-            note("nothing to resume; starting from the first layer")
+        self._stale = False  # an earlier run's directory, removed when this run stages its first tensor
+        lock = OutputLock(lock_path(self.dir), out).acquire()
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            if reclaimed := reclaim_leftovers(out):
+                note(f"removed {len(reclaimed)} temp file(s) that an interrupted run left beside {out}")
+            st = lstat_or_none(self.dir)
+            if st is not None:
+                _private_dir(self.dir, st)
+            old = self._load_state() if st is not None and resume else None
+            if st is not None:
+                if resume and old is not None and old.get("job") == self.job:
+                    self.state = old
+                    note(f"resuming: {len(old['layers'])} layer(s) already done in {self.dir}")
+                elif resume and old is not None:
+                    raise UsageError(
+                        f"{self.dir} holds an interrupted run with different inputs or options",
+                        hint="rerun with the same options, or drop --resume to start over",
+                    )
+                else:
+                    note(f"removing the partial output of an earlier run ({self.dir}); --resume would continue it")
+                    self._stale = True
+            elif resume:
+                note("nothing to resume; starting from the first layer")
+        except BaseException:
+            lock.release()
+            raise
+        self._run = _Run(lock, self.dir, self.state)
+        if st is not None and not self._stale:  # resuming: the directory is this run's now
+            self._run.created = True
+            self._tidy()
+        self._finalizer = weakref.finalize(self, self._run.end)
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the run without finishing it: release the lock; keep the directory only if a layer is complete."""
+        self._finalizer()
+
+    def _ensure_dir(self) -> None:
+        """Create the staging directory (first write of this run), replacing an earlier run's."""
+        if self._run.created:
+            return
+        try:
+            if self._stale:
+                _private_dir(self.dir, os.lstat(self.dir))
+                shutil.rmtree(self.dir)
+                self._stale = False
+            os.mkdir(self.dir, 0o700)  # fails on anything already there, a symlink included
+            _private_dir(self.dir, os.lstat(self.dir))
         except OSError as e:
             raise OutputError(f"cannot create the staging directory: {e.strerror}", path=self.dir) from None
+        self._run.created = True
+
+    def _tidy(self) -> None:
+        """Resuming: remove what the interrupted run left that the state does not name (a half-staged tensor,
+        ``state.json.tmp-*``), so that every file this run writes is created afresh."""
+        keep = {"state.json"} | {rec["file"] for rec in self.state["tensors"].values()}
+        try:
+            for name in os.listdir(self.dir):
+                if name not in keep:
+                    p = self.dir / name
+                    if os.path.isdir(p) and not os.path.islink(p):
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(p)
+        except OSError as e:
+            raise OutputError(f"cannot tidy the staging directory: {e.strerror}", path=self.dir) from None
 
     def _load_state(self) -> dict[str, Any] | None:
         try:
-            st = json.loads((self.dir / "state.json").read_text(encoding="utf-8"))
+            with open(self.dir / "state.json", encoding="utf-8", opener=nofollow_opener) as fh:
+                st = json.loads(fh.read())
         except (OSError, ValueError):
             return None
         if not isinstance(st, dict) or not {"job", "tensors", "layers", "extra"} <= set(st):
             return None
-        for info in st["tensors"].values():  # a staged file must be whole and unchanged to be reused
-            f = self.dir / info["file"]
-            if not f.is_file() or f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
-                return None
+        try:
+            for info in st["tensors"].values():  # a staged file must be whole and unchanged to be reused
+                if not isinstance(info, dict) or Path(str(info.get("file"))).name != info.get("file"):
+                    return None
+                f = self.dir / info["file"]
+                if not is_plain_file(f) or f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
+                    return None
+        except (OSError, KeyError, TypeError, AttributeError):
+            return None
         return st
 
     def _save_state(self) -> None:
-        tmp = self.dir / "state.json.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(canonical_json(self.state))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / "state.json")
+        self._ensure_dir()
+        name = None
+        try:
+            fd, name = tempfile.mkstemp(prefix="state.json.tmp-", dir=self.dir)
+            with open(fd, "w", encoding="utf-8") as f:
+                f.write(canonical_json(self.state))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(name, self.dir / "state.json")
+        except BaseException as e:
+            if name is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
+            if isinstance(e, OSError):
+                raise OutputError(
+                    f"cannot write the staging state: {e.strerror}", path=self.dir, hint=_RESUME_HINT
+                ) from None
+            raise
         fsync_dir(self.dir)
 
     # ---- producing ---------------------------------------------------------------------------------
@@ -253,11 +400,15 @@ class Staging:
         ``background=True`` hashes and writes each block on a worker thread while the producer computes
         the next one (hashlib, file writes and torch all release the GIL); blocks must then stay valid
         until two more have been produced."""
+        self._ensure_dir()
         fname = f"{len(self.state['tensors']):05d}.bin"
         h = hashlib.sha256()
         n = 0
         try:
-            with open(self.dir / fname, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / fname)  # a tensor this run staged for a layer it did not complete
+            fd = os.open(self.dir / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
 
                 def sink(buf: memoryview) -> None:
                     h.update(buf)
@@ -267,7 +418,9 @@ class Staging:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise OutputError(f"cannot write staged data: {e.strerror}", path=self.dir / fname) from None
+            raise OutputError(
+                f"cannot write staged data: {e.strerror}", path=self.dir / fname, hint=_RESUME_HINT
+            ) from None
         rec = {"dtype": dtype, "shape": list(shape), "bytes": n, "sha256": h.hexdigest(), "file": fname}
         expected = DTYPES[dtype].itemsize * math.prod(shape)
         if n != expected:  # pragma: no cover - a bug in a block producer
@@ -300,7 +453,11 @@ class Staging:
                 if shape and shape[0]:
                     step = rows_per_block(row_bytes)
                     spans = [(min(step, shape[0] - s), row_bytes) for s in range(0, shape[0], step)]
-                with open(path, "rb") as f:
+                try:
+                    f = open(path, "rb", opener=nofollow_opener)  # noqa: SIM115 - closed below
+                except OSError as e:
+                    raise OutputError(f"cannot read staged data: {e.strerror}", path=path) from None
+                with f:
                     for k, nb in spans:
                         raw = f.read(k * nb)
                         if len(raw) != k * nb:
@@ -311,6 +468,15 @@ class Staging:
         return out
 
     def finish(self, manifest: dict[str, Any]) -> Path:
-        path = write_bundle(self.out, self.entries(), manifest, self.options)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Assemble the bundle at the output, remove the staging directory, release the lock."""
+        try:
+            path = write_bundle(self.out, self.entries(), manifest, self.options)
+            self.discard()
+        finally:
+            self.close()
         return path
+
+    def discard(self) -> None:
+        """The run is complete (its output is in place): remove the staging directory."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self._run.finished = True
