@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,8 @@ def test_console_script_and_module_entry_points() -> None:
     assert r.stdout == "" and r.stderr.count("\n") == 1
 
 
-def test_ctrl_c_exits_130_with_one_line() -> None:
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_exit_130_with_one_line(sig: str) -> None:
     import signal
 
     # A process started in the background (as CI may start this suite) inherits SIGINT as ignored, and Python
@@ -61,7 +63,7 @@ def test_ctrl_c_exits_130_with_one_line() -> None:
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert p.stdout is not None
     assert p.stdout.readline() == "ready\n"  # inside the command: now a Ctrl-C must be handled by tolcli
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err == "tolcli: error: interrupted\n" and out == ""
 
@@ -97,3 +99,9 @@ def test_fast_commands_do_not_import_torch(args: list[str]) -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stderr.endswith("LOADED=[] RC=0"), r.stderr[-500:]
+
+
+def test_sha256sums_naming_the_output_is_refused_before_any_work(tmp_path: Path, cli) -> None:
+    out = tmp_path / "d.safetensors"
+    r = cli("precompute", "demo", "-o", out, "--layers", "0", "--sha256sums", out)
+    assert r.code == 2 and "--sha256sums" not in r.out and not out.exists(), r.err

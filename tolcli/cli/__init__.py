@@ -24,6 +24,7 @@ from tolcli.cli.info import info
 from tolcli.cli.precompute import precompute_cmd
 from tolcli.cli.transport import pack_cmd, unpack_cmd
 from tolcli.errors import ExitCode, TolcliError
+from tolcli.fsutil import sigterm_as_interrupt
 
 try:  # typer >= 0.2x vendors its own click; older releases use click itself
     from typer._click import exceptions as click_exc  # type: ignore[import-not-found]
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("TOLCLI_DEBUG"))
     try:
-        rv = app(args=args, prog_name="tolcli", standalone_mode=False)
+        with sigterm_as_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files removed, locks released
+            rv = app(args=args, prog_name="tolcli", standalone_mode=False)
         if rv == ExitCode.INTERRUPTED:
             _error("interrupted")
         return int(rv) if isinstance(rv, int) else ExitCode.OK

@@ -32,7 +32,7 @@ from tolcli.cli._common import (
     print_written,
 )
 from tolcli.errors import VerifyError
-from tolcli.fsutil import path_bytes, write_sha256sums
+from tolcli.fsutil import check_sums_path, path_bytes, write_sha256sums
 
 plots = lazy_import("tolcli.plots")
 
@@ -159,6 +159,8 @@ def convert_cmd(
         tolcli convert tol.h5 tol.safetensors --sha256sums SHA256SUMS
     """
     out = Output(json=json_out, quiet=quiet)
+    if sha256sums:
+        check_sums_path(sha256sums, dst, src)
     t0 = time.monotonic()
     path = tolcli.convert_bundle(
         src,

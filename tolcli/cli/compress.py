@@ -26,7 +26,7 @@ from tolcli.cli._common import (
     fmt_bytes,
     note_to_stderr,
 )
-from tolcli.fsutil import path_bytes, write_sha256sums
+from tolcli.fsutil import check_sums_path, path_bytes, write_sha256sums
 
 if TYPE_CHECKING:
     from tolcli.compress import CompressResult
@@ -159,6 +159,8 @@ def compress_cmd(
         tolcli compress dense.safetensors -o ad.h5 --codec 'svd(budget=0.1,a=int4(group=32))'
     """
     out = Output(json=json_out, quiet=quiet)
+    if sha256sums:
+        check_sums_path(sha256sums, output, bundle)
     opts = tolcli.CompressOptions(
         scheme=scheme,
         rank=rank,

@@ -26,7 +26,7 @@ from tolcli.cli._common import (
     print_written,
 )
 from tolcli.demo import resolve_checkpoint_arg
-from tolcli.fsutil import path_bytes, write_sha256sums
+from tolcli.fsutil import check_sums_path, path_bytes, write_sha256sums
 
 
 def precompute_cmd(
@@ -64,6 +64,8 @@ def precompute_cmd(
         tolcli precompute ./my-memoryllm -o tol.safetensors --resume   # after an interruption
     """
     out = Output(json=json_out, quiet=quiet)
+    if sha256sums:
+        check_sums_path(sha256sums, output, resolve_checkpoint_arg(checkpoint))
     res = tolcli.precompute(
         resolve_checkpoint_arg(checkpoint),
         output,

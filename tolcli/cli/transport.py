@@ -19,7 +19,7 @@ from tolcli.cli._common import (
     Sha256sumsOpt,
     fmt_bytes,
 )
-from tolcli.fsutil import write_sha256sums
+from tolcli.fsutil import check_sums_path, write_sha256sums
 
 transport = lazy_import("tolcli.transport")
 
@@ -41,6 +41,8 @@ def pack_cmd(
         tolcli pack tol.safetensors -o tol.safetensors.zst --level 19
     """
     out = Output(json=json_out, quiet=quiet)
+    if sha256sums:
+        check_sums_path(sha256sums, output, bundle)
     t0 = time.monotonic()
     res = transport.pack(bundle, output, level=level, threads=threads, force=force, progress=RichProgress(out))
     if sha256sums:
