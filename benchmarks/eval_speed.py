@@ -18,7 +18,7 @@ from tolcli import (
     open_checkpoint,
     precompute,
 )
-from tolcli.evaluate import score
+from tolcli.scoring import score
 from tolcli.text import load_tokenizer, read_tokens
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tolcli import load_model, open_checkpoint
 from tolcli.errors import InputError, UsageError
-from tolcli.evaluate import plan_windows, score
+from tolcli.scoring import plan_windows, score
 
 
 @settings(max_examples=300, deadline=None)

@@ -17,7 +17,7 @@ from tolcli import convert_bundle, drop_layers, eval_ppl, open_bundle, precomput
 from tolcli.bundle.entries import TensorEntry
 from tolcli.bundle.writer import Staging, WriteOptions, write_bundle
 from tolcli.errors import InputError, QualityGateError, UsageError, VerifyError
-from tolcli.perplexity import EvalReport
+from tolcli.evaluation import EvalReport
 from tolcli.testing import random_state_dict, tiny_config, tiny_manifest, write_checkpoint
 
 

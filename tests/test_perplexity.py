@@ -24,7 +24,7 @@ from tolcli import (
     strip_checkpoint,
 )
 from tolcli.errors import ExitCode, InputError, QualityGateError, UsageError
-from tolcli.evaluate import plan_windows
+from tolcli.scoring import plan_windows
 
 
 def test_llama_perplexity_matches_transformers(make_ckpt, hf_llama, tmp_path: Path) -> None:

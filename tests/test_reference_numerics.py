@@ -28,7 +28,7 @@ from tolcli.codecs.quant import (
     quantize_nf4,
 )
 from tolcli.codecs.svd import factorize, gram_spectrum
-from tolcli.evaluate import compare, plan_windows, window_batches
+from tolcli.scoring import compare, plan_windows, window_batches
 
 
 @contextmanager

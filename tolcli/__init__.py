@@ -45,8 +45,8 @@ _LAZY: dict[str, str] = {
     "Transformer": "tolcli.model",
     "ZeroSource": "tolcli.model",
     "load_model": "tolcli.model",
-    "EvalReport": "tolcli.perplexity",
-    "eval_ppl": "tolcli.perplexity",
+    "EvalReport": "tolcli.evaluation",
+    "eval_ppl": "tolcli.evaluation",
     "precompute": "tolcli.precompute",
     "strip_checkpoint": "tolcli.strip",
     "SweepOptions": "tolcli.sweep",
@@ -91,9 +91,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from tolcli.config import ModelConfig
     from tolcli.demo import demo_checkpoint_path, demo_heldout_path
     from tolcli.errors import ExitCode, TolcliError
+    from tolcli.evaluation import EvalReport, eval_ppl
     from tolcli.info import describe_checkpoint
     from tolcli.model import FFNSource, TableSource, Transformer, ZeroSource, load_model
-    from tolcli.perplexity import EvalReport, eval_ppl
     from tolcli.precompute import precompute
     from tolcli.strip import strip_checkpoint
     from tolcli.sweep import SweepOptions, sweep

@@ -24,8 +24,8 @@ from tolcli.choices import SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
 from tolcli.compress import CompressOptions, compress
 from tolcli.errors import OutputError, UsageError
+from tolcli.evaluation import eval_ppl
 from tolcli.fsutil import write_text_atomic
-from tolcli.perplexity import eval_ppl
 from tolcli.plots import sweep_figures
 from tolcli.precompute import precompute
 from tolcli.progress import NullProgress, Progress

@@ -29,7 +29,7 @@ from tolcli.demo import resolve_checkpoint_arg
 from tolcli.errors import QualityGateError
 
 if TYPE_CHECKING:
-    from tolcli.perplexity import EvalReport
+    from tolcli.evaluation import EvalReport
 
 
 def _print_report(out: Output, report: EvalReport) -> None:

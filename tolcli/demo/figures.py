@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from tolcli.checkpoint import open_checkpoint
 from tolcli.demo import DEMO_MODELS, demo_checkpoint_path, demo_heldout_path
-from tolcli.evaluate import score
 from tolcli.info import parameter_counts
 from tolcli.model import ZeroSource, load_model
+from tolcli.scoring import score
 from tolcli.text import load_tokenizer, read_tokens
 
 # The README's evaluation protocol for the demo figures.

@@ -1,6 +1,6 @@
 """``tolcli eval-ppl``: perplexity of a model with its own FFNs and with ToL bundles, side by side.
 
-Every variant is scored on the same token windows with the same rule (:mod:`tolcli.evaluate`); the
+Every variant is scored on the same token windows with the same rule (:mod:`tolcli.scoring`); the
 first variant is the reference for KL divergence and top-1 agreement: the checkpoint's own FFNs, or,
 for a stripped checkpoint, the first bundle.
 """
@@ -21,11 +21,11 @@ from tolcli.bundle.drop import layers_to_keep
 from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.errors import InputError, QualityGateError, UsageError
-from tolcli.evaluate import VariantStats, compare, count_batches, plan_windows
 from tolcli.fsutil import path_bytes, sha256_file
 from tolcli.model import ContextFreeSource, DropSource, FFNSource, Transformer, load_model
 from tolcli.precompute import resolve_device
 from tolcli.progress import NullProgress, Progress
+from tolcli.scoring import VariantStats, compare, count_batches, plan_windows
 from tolcli.text import load_tokenizer, read_tokens
 
 SCORING_RULE = (
