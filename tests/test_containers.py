@@ -104,14 +104,20 @@ def test_the_registry_holds_exactly_safetensors_and_hdf5() -> None:
     assert found == ["safetensors", "hdf5", "hdf5", None]
 
 
-def test_sniffing_ignores_the_suffix(bundles: dict[str, Path], tmp_path: Path) -> None:
-    """A bundle is opened by its content, whatever its name says (as before the registry)."""
+def test_sniffing_reads_by_content_and_refuses_a_contradicting_suffix(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """A bundle is opened by its content; a known suffix that names another container is refused, naming both (a
+    runtime choosing its reader by the suffix would read other data). An unknown suffix leaves it to the content."""
     for kind, src in bundles.items():
         head = src.read_bytes()[: registry.SNIFF_BYTES]
         assert getattr(registry.sniff(head), "name", None) == kind
         other = tmp_path / ("x.h5" if kind == "safetensors" else "x.safetensors")
         other.write_bytes(src.read_bytes())
-        with open_bundle(other, verify=True) as b:
+        named, label = ("HDF5", "safetensors") if kind == "safetensors" else ("safetensors", "HDF5")
+        with pytest.raises(InputError, match=rf"named {other.suffix} \({named}\) but the content is {label}"):
+            open_bundle(other)
+        neutral = tmp_path / f"{kind}.bundle"
+        neutral.write_bytes(src.read_bytes())
+        with open_bundle(neutral, verify=True) as b:
             assert b.container == kind
     h5_head = bundles["hdf5"].read_bytes()[:64]
     assert not_safetensors_reason(h5_head) == "this is an HDF5 file; name it .h5"

@@ -10,13 +10,19 @@ Accepted forms (``docs/checkpoint-format.md``):
 Nothing is loaded when a checkpoint is opened: only headers are read, every tensor's name, shape and
 dtype are checked against the layout, and a tensor is read when a command asks for it. Torch pickles are
 read with ``weights_only=True`` (and ``mmap=True``), so a pickle that would run code is refused.
+
+Every file of a checkpoint directory (``config.json``, ``tokenizer.json``, the weights and their index) must be a
+regular file inside that directory: a symlink that resolves elsewhere (``tokenizer.json -> ~/.ssh/id_rsa``) is
+refused before it is read, so nothing outside the checkpoint can end up embedded in a bundle. ``tokenizer.json`` is
+validated when the checkpoint is opened (at most :data:`~tolcli.bundle.spec.MAX_TOKENIZER_BYTES`, UTF-8, and it must
+load with ``tokenizers``), before any command embeds or uses it. JSON files are read with :mod:`tolcli.jsonsafe`.
 """
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +30,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from tolcli.bundle.spec import MAX_HEADER_BYTES, MAX_TOKENIZER_BYTES
 from tolcli.bundle.st_format import not_safetensors_reason
 from tolcli.config import ModelConfig
 from tolcli.errors import CheckpointError
+from tolcli.jsonsafe import cut, inside, load_file, loads, plain_file_name, read_bytes, regular_file, short
 from tolcli.layout import IGNORED_SUFFIXES, LM_HEAD, TensorSpec, expected_tensors
 
 CONFIG_NAME = "config.json"
@@ -36,6 +44,7 @@ ST_INDEX = "model.safetensors.index.json"
 PT_SINGLE = "pytorch_model.bin"
 PT_INDEX = "pytorch_model.bin.index.json"
 MAX_INDEX_BYTES = 64 << 20
+MAX_TENSOR_MAP_BYTES = 16 << 20
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,12 +82,13 @@ class TensorMap:
     @classmethod
     def from_file(cls, path: str | Path) -> TensorMap:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError("tensor map not found", path=path) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read tensor map: {e}", path=path) from None
+        data = load_file(
+            path,
+            what="cannot read tensor map",
+            max_bytes=MAX_TENSOR_MAP_BYTES,
+            error=CheckpointError,
+            label="tensor map",
+        )
         if not isinstance(data, dict) or set(data) - {"names", "patterns", "ignore"}:
             raise CheckpointError('tensor map must be an object with keys "names", "patterns", "ignore"', path=path)
         names = data.get("names", {})
@@ -113,12 +123,30 @@ def _compile(regex: str, path: Path) -> re.Pattern[str]:
     try:
         return re.compile(regex)
     except re.error as e:
-        raise CheckpointError(f"invalid regex {regex!r}: {e}", path=path) from None
+        raise CheckpointError(f"invalid regex {short(regex, 120)}: {e}", path=path) from None
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """The JSON header of a safetensors weights file through the hardened loader before the safetensors library
+    parses it (no repeated tensor names, NaN, huge integers or deep nesting). A file that is not safetensors at all
+    is left to ``safe_open``, whose failure is explained by :func:`not_safetensors_reason`."""
+    size = regular_file(path, what="weights file", error=CheckpointError).st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return
+        (n,) = struct.unpack("<Q", head)
+        if not 2 <= n <= MAX_HEADER_BYTES or 8 + n > size or f.read(1) != b"{":
+            return
+        f.seek(8)
+        raw = f.read(n)
+    loads(raw, path=path, what="corrupted safetensors header", max_bytes=MAX_HEADER_BYTES, error=CheckpointError)
 
 
 class _SafetensorsFile:
     def __init__(self, path: Path):
         self.path = path
+        _check_safetensors_header(path)
         try:
             self.handle = safe_open(str(path), framework="pt", device="cpu")
         except FileNotFoundError:
@@ -127,7 +155,9 @@ class _SafetensorsFile:
             with open(path, "rb") as f:
                 reason = not_safetensors_reason(f.read(64))
             raise CheckpointError(
-                reason or f"not a readable safetensors file ({e})", path=path, hint="check that the download completed"
+                reason or f"not a readable safetensors file ({cut(str(e), 200)})",
+                path=path,
+                hint="check that the download completed",
             ) from None
 
     def entries(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -171,7 +201,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
             hint="tolcli loads torch files with weights_only=True; convert the checkpoint to safetensors",
         ) from None
     except Exception as e:
-        raise CheckpointError(f"not a readable torch file ({type(e).__name__}: {e})", path=path) from None
+        raise CheckpointError(
+            f"not a readable torch file ({type(e).__name__}: {cut(str(e), 200)})", path=path
+        ) from None
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model"):
         obj = next(iter(obj.values()))
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
@@ -180,42 +212,70 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_index(path: Path) -> dict[str, str]:
-    try:
-        if path.stat().st_size > MAX_INDEX_BYTES:
-            raise CheckpointError(f"index is larger than {MAX_INDEX_BYTES >> 20} MiB", path=path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read index: {e}", path=path) from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"malformed index: invalid JSON at line {e.lineno} column {e.colno}", path=path) from None
+    data = load_file(
+        path, what="malformed index", max_bytes=MAX_INDEX_BYTES, error=CheckpointError, label="checkpoint index"
+    )
     wm = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError('malformed index: missing or empty "weight_map" object', path=path)
     for name, file in wm.items():
-        if not isinstance(file, str) or not file or Path(file).name != file:
+        if not plain_file_name(file):
             raise CheckpointError(
-                f"malformed index: tensor {name!r} maps to {file!r}, expected a file name in the same directory",
+                f"malformed index: tensor {short(name, 120)} maps to {short(file, 120)}, "
+                "expected a file name in the same directory",
                 path=path,
             )
     return wm
 
 
+def _contained(f: Path, directory: Path, what: str) -> Path:
+    """``f``, refused when it (or a link it is) leaves ``directory``."""
+    inside(f, directory, what=what, error=CheckpointError)
+    return f
+
+
+def _read_tokenizer(path: Path, directory: Path) -> bytes:
+    """``tokenizer.json``'s bytes, validated: inside the checkpoint, a regular file of bounded size, UTF-8, and a
+    tokenizer that ``tokenizers`` loads (anything else would be embedded in bundles and used to read text)."""
+    from tokenizers import Tokenizer
+
+    _contained(path, directory, "tokenizer")
+    raw = read_bytes(path, max_bytes=MAX_TOKENIZER_BYTES, what="tokenizer", error=CheckpointError)
+    try:
+        Tokenizer.from_str(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"tokenizer is not UTF-8 ({e.reason} at byte {e.start})", path=path) from None
+    except Exception as e:  # tokenizers raises its own exception types
+        raise CheckpointError(
+            f"not a tokenizers tokenizer ({cut(str(e), 200)})",
+            path=path,
+            hint="expected a Hugging Face tokenizer.json; remove it to precompute without a tokenizer",
+        ) from None
+    return raw
+
+
 def _find_weights(directory: Path) -> tuple[list[Path], Path | None]:
-    """The weight files of a checkpoint directory, and the index that lists them (if sharded)."""
+    """The weight files of a checkpoint directory, and the index that lists them (if sharded); every one inside the
+    directory (links included) and a regular file."""
     for index_name in (ST_INDEX, PT_INDEX):
         index = directory / index_name
-        if index.is_file():
+        if index.is_file() or index.is_symlink():
+            _contained(index, directory, "index")
             files = sorted({directory / f for f in _read_index(index).values()})
             for f in files:
-                if not f.is_file():
+                _contained(f, directory, "shard")
+                if not f.exists():
                     raise CheckpointError(f"shard {f.name} listed in {index_name} is missing", path=index)
+                regular_file(f, what=f"shard {f.name}", error=CheckpointError)
             return files, index
     for single in (ST_SINGLE, PT_SINGLE):
-        if (directory / single).is_file():
+        if (directory / single).is_file() or (directory / single).is_symlink():
+            _contained(directory / single, directory, "weights file")
+            regular_file(directory / single, what="weights file", error=CheckpointError)
             return [directory / single], None
     candidates = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file())
     if len(candidates) == 1:
-        return candidates, None
+        return [_contained(candidates[0], directory, "weights file")], None
     if not candidates:
         raise CheckpointError(
             "no weights found",
@@ -243,9 +303,15 @@ class Checkpoint:
             raise CheckpointError("checkpoint not found", path=path)
         self.path = path
         self.directory = path if path.is_dir() else path.parent
+        if config is None:
+            _contained(self.directory / CONFIG_NAME, self.directory, "config")
         self.config = config or ModelConfig.from_file(self.directory / CONFIG_NAME)
         tok = self.directory / TOKENIZER_NAME
-        self.tokenizer_path: Path | None = tok if tok.is_file() else None
+        self.tokenizer_path: Path | None = None
+        self.tokenizer_bytes: bytes | None = None  # validated (see _read_tokenizer)
+        if tok.exists() or tok.is_symlink():
+            self.tokenizer_bytes = _read_tokenizer(tok, self.directory)
+            self.tokenizer_path = tok
         if path.is_dir():
             self.files, self.index_path = _find_weights(path)
         else:

@@ -6,12 +6,12 @@ See ``docs/checkpoint-format.md`` for the meaning of each key.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tolcli.errors import CheckpointError
+from tolcli.jsonsafe import load_file, short
 
 MODEL_TYPES: tuple[str, ...] = ("memoryllm", "flex_memoryllm", "llama")
 MEMORY_NORM_TYPES: tuple[str, ...] = ("layernorm", "rmsnorm")
@@ -22,6 +22,7 @@ MAX_VOCAB = 1 << 24
 MAX_HIDDEN = 1 << 17
 MAX_LAYERS = 4096
 MAX_HEADS = 4096
+MAX_CONFIG_BYTES = 16 << 20  # real configs are a few KiB
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class ModelConfig:
         mt = data.get("model_type")
         if mt not in MODEL_TYPES:
             raise CheckpointError(
-                f"unknown model_type {mt!r}; expected one of {', '.join(MODEL_TYPES)}",
+                f"unknown model_type {short(mt, 80)}; expected one of {', '.join(MODEL_TYPES)}",
                 path=source,
                 hint="set model_type in config.json (see docs/checkpoint-format.md)",
             )
@@ -104,7 +105,7 @@ class ModelConfig:
         norm = data.get("memory_norm_type", "layernorm")
         if norm not in MEMORY_NORM_TYPES:
             raise CheckpointError(
-                f"memory_norm_type={norm!r}; expected one of {', '.join(MEMORY_NORM_TYPES)}", path=source
+                f"memory_norm_type={short(norm, 80)}; expected one of {', '.join(MEMORY_NORM_TYPES)}", path=source
             )
         ctx = 0
         if mt == "flex_memoryllm":
@@ -134,17 +135,10 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read ``config.json`` with the hardened JSON loader (:mod:`tolcli.jsonsafe`): a regular file of at most
+        :data:`MAX_CONFIG_BYTES`, no NaN, no huge integers, no repeated keys, bounded nesting."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CheckpointError("config file not found", path=path) from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read config: {e.strerror}", path=path) from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}", path=path) from None
+        data = load_file(path, max_bytes=MAX_CONFIG_BYTES, error=CheckpointError, label="config file")
         return cls.from_dict(data, source=path)
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +157,7 @@ class ModelConfig:
 
 def _int(v: Any, key: str, source: str | Path, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise CheckpointError(f"{key} must be an integer, got {v!r}", path=source)
+        raise CheckpointError(f"{key} must be an integer, got {short(v, 80)}", path=source)
     if not lo <= v <= hi:
         raise CheckpointError(f"{key}={v} is out of range [{lo}, {hi}]", path=source)
     return v
@@ -171,11 +165,11 @@ def _int(v: Any, key: str, source: str | Path, lo: int, hi: int) -> int:
 
 def _float(v: Any, key: str, source: str | Path) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
-        raise CheckpointError(f"{key} must be a finite number, got {v!r}", path=source)
+        raise CheckpointError(f"{key} must be a finite number, got {short(v, 80)}", path=source)
     return float(v)
 
 
 def _bool(v: Any, key: str, source: str | Path) -> bool:
     if not isinstance(v, bool):
-        raise CheckpointError(f"{key} must be true or false, got {v!r}", path=source)
+        raise CheckpointError(f"{key} must be true or false, got {short(v, 80)}", path=source)
     return v

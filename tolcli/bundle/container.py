@@ -2,7 +2,10 @@
 
 A container is one module holding an object that satisfies :class:`Container`, plus one :func:`register`
 line (the built-ins are registered at the bottom of this module). Files are told apart by content
-(:func:`container_of`); outputs pick a container by name or suffix (:func:`by_suffix`).
+(:func:`container_of`), and a file whose suffix names one container while its content is another's (an HDF5 file
+named ``.safetensors``, a safetensors/HDF5 polyglot named ``.h5``) is refused, naming both: a runtime that picks its
+reader by the suffix would read other data than tolcli. Outputs pick a container by name or suffix
+(:func:`by_suffix`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 from tolcli.bundle import h5_format, st_format
 from tolcli.bundle.entries import TensorEntry
 from tolcli.errors import InputError
+from tolcli.jsonsafe import regular_file
 
 SNIFF_BYTES = 64
 # Written when nothing names a container (a sharded directory without a suffix), and opened when no container
@@ -111,14 +115,33 @@ def sniff(head: bytes) -> Container | None:
     return next((c for c in _REGISTRY.values() if c.sniff(head)), None)
 
 
-def container_of(path: Path) -> Container:
-    """The container of an existing file, by content (:data:`DEFAULT` when none recognises it)."""
+def check_suffix(path: Path, found: Container, *, name: str | None = None) -> None:
+    """Refuse a file whose suffix (of ``name``, default ``path``'s) names a container other than ``found``, the
+    container its content is in. Unknown suffixes say nothing and pass."""
+    suffix = Path(name).suffix if name is not None else path.suffix
+    named = by_suffix(suffix.lower())
+    if named is not None and named.name != found.name:
+        raise InputError(
+            f"named {suffix} ({named.label}) but the content is {found.label}",
+            path=path,
+            hint=f"rename it {found.suffixes[0]} if it is meant to be read as {found.label}",
+        )
+
+
+def container_of(path: Path, *, name: str | None = None) -> Container:
+    """The container of an existing regular file, by content (:data:`DEFAULT` when none recognises it); a known
+    suffix (of ``name``, default ``path``'s) that names another container is refused (:func:`check_suffix`)."""
+    regular_file(path, what="bundle")  # before opening: a FIFO would block
     try:
         with open(path, "rb") as f:
             head = f.read(SNIFF_BYTES)
     except OSError as e:
         raise InputError(f"cannot read: {e.strerror}", path=path) from None
-    return sniff(head) or get(DEFAULT)
+    found = sniff(head)
+    if found is None:
+        return get(DEFAULT)  # its reader says what the file is instead (an LFS pointer, an HTML page, ...)
+    check_suffix(path, found, name=name)
+    return found
 
 
 register(st_format.Safetensors())

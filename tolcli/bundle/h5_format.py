@@ -5,6 +5,14 @@ row-chunked (about 256 KiB per chunk, so a row gather reads little more than it 
 element type's little-endian numpy form (bf16 as ``uint16``), each with a ``tol.dtype`` attribute; the
 manifest is the root attribute ``tol.manifest``. The writer never creates links, external storage or
 virtual datasets, and the reader refuses them.
+
+The reader walks the file once before anything is read: every object is visited once (by its identity, so a file
+of hard links forming a DAG or a cycle is refused at the first object reached twice, instead of walking 2^40 paths),
+at most :data:`~tolcli.bundle.spec.MAX_H5_OBJECTS` of them; a name holding a ``.`` (``/layers.0.table``, which would
+shadow ``/layers/0/table``) is refused; and every dataset's declared size is bounded by what the file stores: a
+contiguous dataset must store exactly its bytes, a chunked one every chunk (no sparse datasets), and compressed data
+may not expand beyond :data:`~tolcli.bundle.spec.MAX_H5_EXPANSION` times its stored size (past a floor), so no read
+runs for hours or allocates what the file does not hold.
 """
 
 from __future__ import annotations
@@ -19,9 +27,20 @@ import h5py
 import numpy as np
 
 from tolcli.bundle.entries import TensorEntry, data_order
-from tolcli.bundle.spec import H5_MANIFEST_ATTR, MAX_DIM, MAX_MANIFEST_BYTES, MAX_TENSORS
+from tolcli.bundle.spec import (
+    H5_MANIFEST_ATTR,
+    MAX_DIM,
+    MAX_H5_CHUNK_BYTES,
+    MAX_H5_EXPANSION,
+    MAX_H5_OBJECTS,
+    MAX_MANIFEST_BYTES,
+    MAX_NDIM,
+    MAX_TENSORS,
+    MIN_H5_EXPANSION_BYTES,
+)
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, TolcliError, VerifyError
+from tolcli.jsonsafe import cut, regular_file, short
 
 CHUNK_TARGET_BYTES = 256 << 10
 CHUNK_CACHE_BYTES = 32 << 20
@@ -84,7 +103,9 @@ def _guard(path: Path, what: str) -> Iterator[None]:
     except TolcliError:
         raise
     except H5_ERRORS as e:
-        raise VerifyError(f"corrupted HDF5 file: cannot {what} ({type(e).__name__}: {e})", path=path) from None
+        raise VerifyError(
+            f"corrupted HDF5 file: cannot {what} ({type(e).__name__}: {cut(str(e), 200)})", path=path
+        ) from None
 
 
 class HDF5Reader:
@@ -93,6 +114,7 @@ class HDF5Reader:
     def __init__(self, path: Path, *, shard: bool = False):
         """``shard=True``: a shard of a sharded bundle, which holds tensors but no manifest."""
         self.path = path
+        self.file_size = regular_file(path, what="HDF5 file").st_size
         with open(path, "rb") as fh:
             sig = fh.read(8)
         if sig != SIGNATURE:
@@ -109,32 +131,111 @@ class HDF5Reader:
                 raise InputError("manifest attribute is too large", path=path)
             self.manifest_text = text
             self.datasets: dict[str, h5py.Dataset] = {}
+            self._visited: dict[h5py.h5o.ObjectID, str] = {}
+            self._inflated = 0  # declared bytes of compressed datasets, all together
             with _guard(path, "walk its groups"):
-                self._walk(self.file, "")
+                self._visited[self.file["/"].id] = "/"
+                self._walk(self.file["/"], "")
         except BaseException:
             self.close()
             raise
 
-    def _walk(self, group: h5py.Group, prefix: str) -> None:
-        for key in list(group.keys()):
-            link = group.get(key, getlink=True)
-            where = f"{group.name.rstrip('/')}/{key}"
-            if isinstance(link, h5py.ExternalLink):
-                raise InputError(f"{where} is an external link; bundles must be self-contained", path=self.path)
-            if isinstance(link, h5py.SoftLink):
-                raise InputError(f"{where} is a soft link; bundles hold no links", path=self.path)
-            obj = group[key]
-            name = f"{prefix}{key}"
-            if isinstance(obj, h5py.Group):
-                self._walk(obj, name + ".")
-            elif isinstance(obj, h5py.Dataset):
-                if obj.is_virtual:
-                    raise InputError(f"{where} is a virtual dataset; bundles must be self-contained", path=self.path)
-                if obj.external:
-                    raise InputError(f"{where} uses external storage; bundles must be self-contained", path=self.path)
-                if len(self.datasets) >= MAX_TENSORS or any(s > MAX_DIM for s in obj.shape):
-                    raise InputError(f"{where}: too many tensors or a dimension out of bounds", path=self.path)
-                self.datasets[name] = obj
+    def _walk(self, root: h5py.Group, prefix: str) -> None:
+        """Visit every object once, iteratively (no recursion: depth is bounded by the object count)."""
+        todo: list[tuple[h5py.Group, str]] = [(root, prefix)]
+        while todo:
+            group, prefix = todo.pop()
+            if len(self._visited) + len(group) > MAX_H5_OBJECTS:
+                raise InputError(f"more than {MAX_H5_OBJECTS:,} groups and datasets", path=self.path)
+            for key in sorted(group.keys()):
+                where = f"{group.name.rstrip('/')}/{key}"
+                if not key or "." in key:
+                    raise InputError(
+                        f"{short(where)}: an HDF5 name holding '.' would alias a tensor name "
+                        f"(tensor layers.0.table is /layers/0/table)",
+                        path=self.path,
+                    )
+                link = group.get(key, getlink=True)
+                if isinstance(link, h5py.ExternalLink):
+                    raise InputError(f"{where} is an external link; bundles must be self-contained", path=self.path)
+                if isinstance(link, h5py.SoftLink):
+                    raise InputError(f"{where} is a soft link; bundles hold no links", path=self.path)
+                obj = group[key]
+                if obj.id in self._visited:
+                    raise InputError(
+                        f"{where} is a second hard link to {self._visited[obj.id]}; bundles hold each object once",
+                        path=self.path,
+                    )
+                self._visited[obj.id] = where
+                name = f"{prefix}{key}"
+                if isinstance(obj, h5py.Group):
+                    todo.append((obj, name + "."))
+                elif isinstance(obj, h5py.Dataset):
+                    self._add_dataset(name, where, obj)
+                else:
+                    raise InputError(
+                        f"{where} is a {type(obj).__name__}; bundles hold groups and datasets", path=self.path
+                    )
+
+    def _add_dataset(self, name: str, where: str, ds: h5py.Dataset) -> None:
+        if ds.is_virtual:
+            raise InputError(f"{where} is a virtual dataset; bundles must be self-contained", path=self.path)
+        if ds.external:
+            raise InputError(f"{where} uses external storage; bundles must be self-contained", path=self.path)
+        if len(self.datasets) >= MAX_TENSORS or len(ds.shape) > MAX_NDIM or any(s > MAX_DIM for s in ds.shape):
+            raise InputError(f"{where}: too many tensors or a dimension out of bounds", path=self.path)
+        self._check_storage(where, ds)
+        self.datasets[name] = ds
+
+    def _check_storage(self, where: str, ds: h5py.Dataset) -> None:
+        """The declared size against what the file stores, before anything is read (see the module docstring)."""
+        declared = ds.dtype.itemsize * math.prod(ds.shape)
+        stored = ds.id.get_storage_size()
+        if stored > self.file_size:
+            raise VerifyError(
+                f"{where} claims {stored:,} stored bytes, more than the file's {self.file_size:,}", path=self.path
+            )
+        if ds.chunks is None:  # contiguous or compact: exactly the declared bytes, inside the file
+            if stored != declared:
+                raise VerifyError(
+                    f"{where} declares {declared:,} bytes but stores {stored:,} (a sparse or damaged dataset)",
+                    path=self.path,
+                )
+            return
+        chunk_bytes = ds.dtype.itemsize * math.prod(ds.chunks)
+        if chunk_bytes > MAX_H5_CHUNK_BYTES:
+            raise InputError(
+                f"{where} has chunks of {chunk_bytes:,} bytes (limit {MAX_H5_CHUNK_BYTES:,})", path=self.path
+            )
+        expected = math.prod(-(-s // c) for s, c in zip(ds.shape, ds.chunks, strict=True))
+        if expected > self.file_size:  # every chunk takes at least a byte: refused before the chunk index is walked
+            raise VerifyError(
+                f"{where} declares {declared:,} bytes in {expected:,} chunks, more than the file's "
+                f"{self.file_size:,} bytes can hold (a sparse dataset)",
+                path=self.path,
+            )
+        held = ds.id.get_num_chunks() if expected else 0
+        if held != expected:
+            raise VerifyError(
+                f"{where} declares {declared:,} bytes in {expected:,} chunks but stores {held:,} (a sparse dataset)",
+                path=self.path,
+            )
+        if ds.id.get_create_plist().get_nfilters() == 0:
+            if stored != expected * chunk_bytes:
+                raise VerifyError(
+                    f"{where}: {expected:,} uncompressed chunks need {expected * chunk_bytes:,} bytes, "
+                    f"the file stores {stored:,}",
+                    path=self.path,
+                )
+            return
+        self._inflated += declared
+        limit = max(MIN_H5_EXPANSION_BYTES, MAX_H5_EXPANSION * self.file_size)
+        if declared > max(MIN_H5_EXPANSION_BYTES, MAX_H5_EXPANSION * stored) or self._inflated > limit:
+            raise InputError(
+                f"{where}: {stored:,} compressed bytes would expand to {declared:,} "
+                f"(more than {MAX_H5_EXPANSION}x; refusing a decompression bomb)",
+                path=self.path,
+            )
 
     def stored(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         out = {}

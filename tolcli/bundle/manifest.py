@@ -1,8 +1,12 @@
 """The bundle manifest: its JSON Schema (``tolcli schema``), canonical encoding, and validation.
 
 The manifest is canonical JSON (sorted keys, no insignificant whitespace, UTF-8), so the same content
-always gives the same bytes. It is validated against :data:`MANIFEST_SCHEMA` and then against the
-bundle's actual tensors on every read.
+always gives the same bytes. On every read it is parsed by the hardened loader (:mod:`tolcli.jsonsafe`), its sizes
+are bounded before anything else looks at it (layers, tensors, ...), it is validated against
+:data:`MANIFEST_SCHEMA` with strict types (an integer is an integer literal, never ``1.0``; a boolean is ``true`` or
+``false``, never ``"false"``; each codec's ``params`` have a schema of their own), and then its meaning is checked
+(:func:`check_manifest`): every tensor is bound to its layer, role and codec, and nothing is stored that no layer
+reads. Last it is checked against the bundle's actual tensors (:func:`check_against_tensors`).
 """
 
 from __future__ import annotations
@@ -15,17 +19,87 @@ from typing import Any
 
 import jsonschema
 
-from tolcli.bundle.spec import FORMAT_NAME, FORMAT_VERSION, TOKENIZER_TENSOR
+from tolcli.bundle.spec import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MAX_DIM,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_HIDDEN,
+    MAX_MANIFEST_LAYERS,
+    MAX_MANIFEST_VOCAB,
+    MAX_NDIM,
+    MAX_TENSORS,
+    MAX_TOKENIZER_BYTES,
+    TOKENIZER_TENSOR,
+    layer_tensor,
+)
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError
+from tolcli.jsonsafe import cut, loads, short
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAT = {"type": "integer", "minimum": 0}
+_FLOAT_DTYPE = {"enum": ["F32", "F16", "BF16"]}
+_GROUP_4BIT = {"type": "integer", "enum": [32, 64, 128]}
+# Array and object sizes, checked before the schema (a million dropped layers must not take minutes to refuse).
+MAX_FILES = 1 << 16
+MAX_LIST = 1 << 16
+MAX_SPECIAL_TOKENS = 1 << 20
+FP16_MAX = 65504.0
+
+
+def _params(codec: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """``params`` must match ``schema`` when ``codec`` is the codec's name (a JSON Schema if/then)."""
+    return {
+        "if": {"required": ["codec"], "properties": {"codec": {"const": codec}}},
+        "then": {"properties": {"params": schema}},
+    }
+
+
+def _closed(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": required, "additionalProperties": False, "properties": properties}
+
+
+# The parameters of each built-in codec, exactly as the writers record them (docs/bundle-format.md, "Codecs").
+CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
+    "dense": _closed(["dtype"], {"dtype": _FLOAT_DTYPE}),
+    "int4": _closed(
+        ["bits", "group_size", "symmetric"],
+        {"bits": {"type": "integer", "const": 4}, "group_size": _GROUP_4BIT, "symmetric": {"type": "boolean"}},
+    ),
+    "nf4": _closed(["bits", "group_size"], {"bits": {"type": "integer", "const": 4}, "group_size": _GROUP_4BIT}),
+    "int8": _closed(
+        ["bits", "group_size"],
+        {"bits": {"type": "integer", "const": 8}, "group_size": {"type": "integer", "minimum": 1, "maximum": MAX_DIM}},
+    ),
+    "svd": _closed(
+        ["rank", "a", "b_dtype", "method", "weighted"],
+        {
+            "rank": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_HIDDEN},
+            "a": {
+                **_closed(["codec", "params"], {"codec": {"enum": ["dense", "int4", "nf4", "int8"]}, "params": {}}),
+                "$ref": "#/$defs/codec_params",
+            },
+            "b_dtype": _FLOAT_DTYPE,
+            "method": {"enum": ["exact", "randomized"]},
+            "weighted": {"type": "boolean"},
+            "oversample": {"type": "integer", "minimum": 0, "maximum": MAX_MANIFEST_HIDDEN},
+            "power_iters": {"type": "integer", "minimum": 0, "maximum": 64},
+            "seed": {"type": "integer", "minimum": 0, "maximum": (1 << 64) - 1},
+        },
+    ),
+}
 
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://tolcli.dev/schema/bundle-manifest-v1.json",
     "title": "tolcli ToL bundle manifest, format version 1",
+    "$defs": {
+        "codec_params": {
+            "description": "a codec's params, by codec name (codecs without a schema here are refused by readers)",
+            "allOf": [_params(name, schema) for name, schema in CODEC_PARAMS_SCHEMAS.items()],
+        }
+    },
     "type": "object",
     "required": ["format", "format_version", "tolcli_version", "source", "model", "vocabulary", "layers", "tensors"],
     "additionalProperties": False,
@@ -42,6 +116,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                 "checkpoint": {"type": "string", "description": "directory (or file) name, without its path"},
                 "files": {
                     "type": "array",
+                    "maxItems": MAX_FILES,
                     "items": {
                         "type": "object",
                         "required": ["name", "bytes", "sha256"],
@@ -58,9 +133,9 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "type": {"enum": ["memoryllm", "flex_memoryllm"]},
-                "vocab_size": {"type": "integer", "minimum": 1},
-                "hidden_size": {"type": "integer", "minimum": 1},
-                "num_layers": {"type": "integer", "minimum": 1},
+                "vocab_size": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_VOCAB},
+                "hidden_size": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_HIDDEN},
+                "num_layers": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_LAYERS},
                 "ffn_alpha": {"type": "number"},
                 "memory_norm_type": {"enum": ["layernorm", "rmsnorm"]},
             },
@@ -70,24 +145,25 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "required": ["size", "embedded", "tokenizer_sha256", "special_tokens"],
             "additionalProperties": False,
             "properties": {
-                "size": {"type": "integer", "minimum": 1},
+                "size": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_VOCAB},
                 "embedded": {
                     "type": "boolean",
                     "description": f"tokenizer.json bytes are the {TOKENIZER_TENSOR!r} tensor",
                 },
                 "tokenizer_sha256": {"oneOf": [_SHA, {"type": "null"}]},
-                "special_tokens": {"type": "array", "items": {"type": "string"}},
+                "special_tokens": {"type": "array", "maxItems": MAX_SPECIAL_TOKENS, "items": {"type": "string"}},
             },
         },
         "layers": {
             "type": "array",
             "description": "one entry per original layer index, in order",
+            "maxItems": MAX_MANIFEST_LAYERS,
             "items": {
                 "type": "object",
                 "required": ["index", "status"],
                 "additionalProperties": False,
                 "properties": {
-                    "index": _NAT,
+                    "index": {**_NAT, "maximum": MAX_MANIFEST_LAYERS - 1},
                     "status": {"enum": ["present", "dropped"]},
                     "codec": {"type": "string"},
                     "params": {"type": "object"},
@@ -103,30 +179,38 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                         "description": "||stored - exact||_F / ||exact||_F vs the fp32 computation",
                     },
                     "weighted_rel_error": {"type": ["number", "null"]},
-                    "max_abs": {"type": ["number", "null"]},
+                    "max_abs": {"type": ["number", "null"], "minimum": 0},
                     "fp16_overflow": {**_NAT, "description": "values with |x| > 65504 (would overflow fp16)"},
                 },
-                "if": {"properties": {"status": {"const": "present"}}},
-                "then": {"required": ["codec", "params", "tensors", "stored_bytes", "bits_per_value"]},
+                "allOf": [
+                    {
+                        "if": {"properties": {"status": {"const": "present"}}},
+                        "then": {"required": ["codec", "params", "tensors", "stored_bytes", "bits_per_value"]},
+                        "else": {"not": {"anyOf": [{"required": [k]} for k in ("codec", "params", "tensors")]}},
+                    },
+                    {"$ref": "#/$defs/codec_params"},
+                ],
             },
         },
         "tensors": {
             "type": "object",
+            "maxProperties": MAX_TENSORS,
             "additionalProperties": {
                 "type": "object",
                 "required": ["dtype", "shape", "bytes", "sha256"],
                 "additionalProperties": False,
                 "properties": {
                     "dtype": {"enum": sorted(DTYPES)},
-                    "shape": {"type": "array", "items": _NAT},
+                    "shape": {"type": "array", "maxItems": MAX_NDIM, "items": {**_NAT, "maximum": MAX_DIM}},
                     "bytes": _NAT,
                     "sha256": _SHA,
                 },
             },
         },
-        "warnings": {"type": "array", "items": {"type": "string"}},
+        "warnings": {"type": "array", "maxItems": MAX_LIST, "items": {"type": "string"}},
         "history": {
             "type": "array",
+            "maxItems": MAX_LIST,
             "description": "the commands that produced this bundle, oldest first",
             "items": {"type": "object", "required": ["command"], "properties": {"command": {"type": "string"}}},
         },
@@ -151,80 +235,200 @@ def created_timestamp() -> str | None:
 
 
 def parse_manifest(text: str | bytes, *, where: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"manifest is not valid JSON ({e})", path=where) from None
+    """Parse (:func:`tolcli.jsonsafe.loads`) and schema-validate a manifest (:func:`validate_schema`)."""
+    doc = loads(text, path=where, what="manifest is not valid JSON", max_bytes=MAX_MANIFEST_BYTES)
     validate_schema(doc, where=where)
     return doc
 
 
+def _is_integer(checker: Any, instance: Any) -> bool:
+    """JSON Schema calls ``1.0`` an integer; a manifest may not: sizes, shapes and indices are integer literals."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_StrictValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+_VALIDATOR = _StrictValidator(MANIFEST_SCHEMA)
+
+
+def _bound_sizes(doc: dict[str, Any], where: str) -> None:
+    """The manifest's arrays and maps, counted before the schema walks them (a manifest of a million dropped layers
+    is refused in the time it takes to parse it)."""
+    source = doc.get("source") if isinstance(doc.get("source"), dict) else {}
+    vocabulary = doc.get("vocabulary") if isinstance(doc.get("vocabulary"), dict) else {}
+    for name, value, limit in (
+        ("layers", doc.get("layers"), MAX_MANIFEST_LAYERS),
+        ("tensors", doc.get("tensors"), MAX_TENSORS),
+        ("source.files", source.get("files"), MAX_FILES),
+        ("vocabulary.special_tokens", vocabulary.get("special_tokens"), MAX_SPECIAL_TOKENS),
+        ("warnings", doc.get("warnings"), MAX_LIST),
+        ("history", doc.get("history"), MAX_LIST),
+    ):
+        if isinstance(value, list | dict) and len(value) > limit:
+            raise InputError(f"manifest {name} has {len(value):,} entries (limit {limit:,})", path=where)
+
+
 def validate_schema(doc: Any, *, where: str) -> None:
+    """The manifest against :data:`MANIFEST_SCHEMA`, with strict types (:func:`_is_integer`), sizes bounded first."""
     version = doc.get("format_version") if isinstance(doc, dict) else None
     if (
         isinstance(doc, dict)
         and doc.get("format") == FORMAT_NAME
         and isinstance(version, int)
+        and not isinstance(version, bool)
         and version > FORMAT_VERSION
     ):
         raise InputError(
-            f"bundle format version {version} is newer than this tolcli understands ({FORMAT_VERSION})",
+            f"bundle format version {short(version, 40)} is newer than this tolcli understands ({FORMAT_VERSION})",
             path=where,
             hint="upgrade tolcli",
         )
-    err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(MANIFEST_SCHEMA).iter_errors(doc))
+    if isinstance(doc, dict):
+        _bound_sizes(doc, where)
+    err = jsonschema.exceptions.best_match(_VALIDATOR.iter_errors(doc))
     if err is not None:
-        loc = "/".join(str(p) for p in err.absolute_path) or "(root)"
-        raise InputError(f"manifest is invalid at {loc}: {err.message[:300]}", path=where)
+        loc = "/".join(str(p)[:80] for p in err.absolute_path) or "(root)"
+        raise InputError(f"manifest is invalid at {cut(loc, 200)}: {cut(err.message)}", path=where)
 
 
 def check_against_tensors(
     manifest: dict[str, Any], stored: dict[str, tuple[str, tuple[int, ...]]], *, where: str
 ) -> None:
-    """The manifest and the stored tensors (name -> (dtype, shape)) must agree exactly."""
-    from tolcli.codecs import codec_from_manifest
-
+    """The manifest and the stored tensors (name -> (dtype, shape)) must agree exactly; then
+    :func:`check_manifest`."""
     declared = manifest["tensors"]
     for name in sorted(set(declared) | set(stored)):
         if name not in stored:
-            raise InputError(f"manifest lists tensor {name!r} but the bundle does not hold it", path=where)
+            raise InputError(f"manifest lists tensor {short(name)} but the bundle does not hold it", path=where)
         if name not in declared:
-            raise InputError(f"bundle holds tensor {name!r} that the manifest does not list", path=where)
+            raise InputError(f"bundle holds tensor {short(name)} that the manifest does not list", path=where)
         d, (dtype, shape) = declared[name], stored[name]
         if d["dtype"] != dtype or tuple(d["shape"]) != shape:
             raise InputError(
-                f"tensor {name!r} is stored as {dtype}{list(shape)} but the manifest says {d['dtype']}{d['shape']}",
+                f"tensor {short(name)} is stored as {cut(str(dtype), 40)}{list(shape)} "
+                f"but the manifest says {d['dtype']}{d['shape']}",
                 path=where,
             )
         n = DTYPES[dtype].itemsize * math.prod(shape)
         if d["bytes"] != n:
-            raise InputError(f"tensor {name!r}: manifest says {d['bytes']} bytes, shape implies {n}", path=where)
+            raise InputError(f"tensor {short(name)}: manifest says {d['bytes']} bytes, shape implies {n}", path=where)
+    check_manifest(manifest, where=where)
+
+
+def _codec(e: dict[str, Any], where: str) -> Any:
+    """The codec of a present layer entry, its params checked strictly (built-ins by their schema, others by a
+    canonical round trip)."""
+    from tolcli.codecs import Codec, codec_from_manifest
+    from tolcli.errors import TolcliError
+
+    name, params = e["codec"], e["params"]
+    if name not in Codec.registry:
+        raise InputError(
+            f"layer {e['index']}: unknown codec {short(name, 80)}; "
+            f"this tolcli knows {', '.join(sorted(Codec.registry))}",
+            path=where,
+            hint="upgrade tolcli",
+        )
+    try:
+        codec = codec_from_manifest(name, params)
+    except TolcliError as err:
+        raise InputError(f"layer {e['index']}: {cut(err.message)}", path=where) from None
+    if name not in CODEC_PARAMS_SCHEMAS and canonical_json(codec.params()) != canonical_json(params):
+        raise InputError(
+            f"layer {e['index']}: codec {name} parameters {short(params)} are not in their canonical form "
+            f"{short(codec.params())}",
+            path=where,
+        )
+    return codec
+
+
+def check_manifest(manifest: dict[str, Any], *, where: str) -> None:
+    """What a schema cannot say: layers in order; the vocabulary consistent; every present layer's tensors named
+    ``layers.{i}.{role}`` for exactly its codec's roles, with the codec's dtypes and shapes, their bytes summing to
+    ``stored_bytes``; an ``fp16_overflow`` count no larger than the table; and no tensor that no layer reads (except
+    the tokenizer, whose hash is ``vocabulary.tokenizer_sha256``). So no tensor is shared by two layers, and a
+    runtime that reads tensors by their documented names reads what tolcli reads."""
+    from tolcli.errors import TolcliError
+
+    declared = manifest["tensors"]
     model = manifest["model"]
+    V, h = model["vocab_size"], model["hidden_size"]
     layers = manifest["layers"]
     if [e["index"] for e in layers] != list(range(model["num_layers"])):
         raise InputError(f"manifest layers must list indices 0..{model['num_layers'] - 1} in order", path=where)
-    if manifest["vocabulary"]["size"] != model["vocab_size"]:
+    vocabulary = manifest["vocabulary"]
+    if vocabulary["size"] != V:
         raise InputError("manifest vocabulary.size differs from model.vocab_size", path=where)
-    if manifest["vocabulary"]["embedded"] != (TOKENIZER_TENSOR in declared):
+    if vocabulary["embedded"] != (TOKENIZER_TENSOR in declared):
         raise InputError("manifest vocabulary.embedded disagrees with the tokenizer tensor", path=where)
+    if TOKENIZER_TENSOR in declared:
+        tok = declared[TOKENIZER_TENSOR]
+        if tok["dtype"] != "U8" or len(tok["shape"]) != 1 or tok["bytes"] > MAX_TOKENIZER_BYTES:
+            raise InputError(
+                f"the tokenizer tensor must be U8 bytes (at most {MAX_TOKENIZER_BYTES:,}), "
+                f"the manifest says {tok['dtype']}{tok['shape']}",
+                path=where,
+            )
+        if vocabulary["tokenizer_sha256"] != tok["sha256"]:
+            raise InputError(
+                "manifest vocabulary.tokenizer_sha256 differs from the sha256 of the embedded tokenizer", path=where
+            )
+    referenced: set[str] = set()
     for e in layers:
         if e["status"] != "present":
             continue
-        codec = codec_from_manifest(e["codec"], e["params"])
-        specs = codec.tensor_specs(model["vocab_size"], model["hidden_size"])
+        i = e["index"]
+        codec = _codec(e, where)
+        try:
+            specs = codec.tensor_specs(V, h)
+        except TolcliError as err:
+            raise InputError(
+                f"layer {i}: codec {e['codec']} cannot store a [{V}, {h}] table: {cut(err.message)}", path=where
+            ) from None
         if set(e["tensors"]) != set(specs):
             raise InputError(
-                f"layer {e['index']}: codec {e['codec']} stores roles {sorted(specs)}, "
-                f"manifest lists {sorted(e['tensors'])}",
+                f"layer {i}: codec {e['codec']} stores roles {sorted(specs)}, "
+                f"manifest lists {short(sorted(e['tensors']))}",
                 path=where,
             )
+        total = 0
         for role, (shape, dtype) in specs.items():
             name = e["tensors"][role]
-            if name not in declared:
-                raise InputError(f"layer {e['index']}: tensor {name!r} is missing", path=where)
-            if declared[name]["dtype"] != dtype or tuple(declared[name]["shape"]) != shape:
+            if name != layer_tensor(i, role):
                 raise InputError(
-                    f"layer {e['index']}: tensor {name!r} is {declared[name]['dtype']}{declared[name]['shape']}, "
-                    f"codec {e['codec']} {e['params']} expects {dtype}{list(shape)}",
+                    f"layer {i}: role {role} must be tensor {layer_tensor(i, role)!r}, the manifest names {short(name)}"
+                    " (tensors are bound to their layer and role)",
                     path=where,
                 )
+            if name not in declared:
+                raise InputError(f"layer {i}: tensor {name!r} is missing", path=where)
+            if declared[name]["dtype"] != dtype or tuple(declared[name]["shape"]) != shape:
+                raise InputError(
+                    f"layer {i}: tensor {name!r} is {declared[name]['dtype']}{declared[name]['shape']}, "
+                    f"codec {e['codec']} {short(e['params'])} expects {dtype}{list(shape)}",
+                    path=where,
+                )
+            referenced.add(name)
+            total += declared[name]["bytes"]
+        if e["stored_bytes"] != total:
+            raise InputError(
+                f"layer {i}: stored_bytes is {e['stored_bytes']:,} but its tensors hold {total:,} bytes", path=where
+            )
+        if not math.isclose(e["bits_per_value"], 8 * total / (V * h), rel_tol=1e-9):
+            raise InputError(
+                f"layer {i}: bits_per_value is {e['bits_per_value']!r}, its tensors give {8 * total / (V * h)!r}",
+                path=where,
+            )
+        if e.get("fp16_overflow", 0) > V * h:
+            raise InputError(
+                f"layer {i}: fp16_overflow {e['fp16_overflow']:,} exceeds the table's {V * h:,} values", path=where
+            )
+    unread = sorted(set(declared) - referenced - {TOKENIZER_TENSOR})
+    if unread:
+        raise InputError(
+            f"tensor {short(unread[0])} is stored but no layer reads it"
+            + (f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""),
+            path=where,
+        )

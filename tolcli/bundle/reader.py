@@ -18,12 +18,19 @@ from torch import Tensor
 
 from tolcli.bundle.container import ContainerReader, container_of
 from tolcli.bundle.entries import TensorEntry, rows_per_block
-from tolcli.bundle.manifest import check_against_tensors, parse_manifest
+from tolcli.bundle.manifest import FP16_MAX, canonical_json, check_against_tensors, parse_manifest
 from tolcli.bundle.sharded import ShardedReader
 from tolcli.bundle.spec import TOKENIZER_TENSOR
 from tolcli.codecs import Codec, codec_from_manifest
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, VerifyError
+from tolcli.jsonsafe import cut, regular_file
+
+# Stored dense values may exceed the exact table's ``max_abs`` by the rounding to their dtype (bf16: 2^-8 relative,
+# fp16: 2^-11, subnormals: 2^-24 absolute), never more; and a value beyond fp16 range by more than that rounding
+# comes from an exact value beyond it, so the manifest's ``fp16_overflow`` must count it.
+_ROUNDING = 2.0**-7
+_TINY = 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,23 @@ class _Access:
 
     def full(self, role: str) -> Tensor:
         return self.bundle.tensor(self.layer.tensors[role])
+
+
+def as_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """A float block in its storage dtype (BF16 as uint16 bits) as float32 values."""
+    if dtype == "BF16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def magnitude_stats(arr: np.ndarray, dtype: str) -> tuple[float, int]:
+    """``(largest finite |x|, count of |x| beyond fp16 range plus rounding, Inf included)`` of a float block."""
+    if dtype not in ("F32", "F16", "BF16") or arr.size == 0:
+        return 0.0, 0
+    mag = np.abs(as_float32(arr, dtype))
+    finite = mag[np.isfinite(mag)]
+    largest = float(finite.max()) if finite.size else 0.0
+    return largest, int((mag > FP16_MAX * (1 + _ROUNDING)).sum())
 
 
 def nonfinite_counts(arr: np.ndarray, dtype: str) -> tuple[int, int]:
@@ -77,6 +101,14 @@ class Bundle:
             if e["status"] == "present"
         }
         self._full_cache: dict[str, Tensor] = {}
+        self._magnitudes: dict[str, tuple[float, int]] = {}
+        # The tables of dense layers, whose values the manifest's max_abs and fp16_overflow bound (see verify).
+        self._dense_tables = {info.tensors["table"] for info in self.layers.values() if info.codec.name == "dense"}
+
+    @property
+    def manifest_sha256(self) -> str:
+        """SHA-256 of the manifest's canonical JSON: what a runtime can pin besides the file's own sha256."""
+        return hashlib.sha256(canonical_json(self.manifest).encode("utf-8")).hexdigest()
 
     # ---- reading -----------------------------------------------------------------------------------
     @property
@@ -104,7 +136,7 @@ class Bundle:
         if info is None:
             status = "dropped" if 0 <= layer < self.num_layers else "out of range"
             raise InputError(f"layer {layer} is {status} in this bundle", path=self.path)
-        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        ids = _integer_ids(token_ids, self.path)
         flat = ids.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
             raise InputError(f"token id outside the vocabulary [0, {self.vocab_size})", path=self.path)
@@ -125,7 +157,12 @@ class Bundle:
         from tokenizers import Tokenizer
 
         raw = self.tokenizer_bytes()
-        return None if raw is None else Tokenizer.from_str(raw.decode("utf-8"))
+        if raw is None:
+            return None
+        try:
+            return Tokenizer.from_str(raw.decode("utf-8"))
+        except Exception as e:  # tokenizers raises its own exception types
+            raise InputError(f"the embedded tokenizer does not load ({cut(str(e), 200)})", path=self.path) from None
 
     def entry(self, name: str) -> TensorEntry:
         """A stored tensor as a :class:`TensorEntry` streaming its exact bytes (for convert, drop, ...)."""
@@ -142,6 +179,9 @@ class Bundle:
         data; raise VerifyError naming the first bad tensor or layer. Returns the bytes read."""
         counts: dict[str, tuple[int, int]] = {}
         total = 0
+        check_files = getattr(self._reader, "verify_files", None)
+        if check_files is not None:  # a sharded bundle: each shard against the index's sha256
+            check_files()
         for name in self.tensor_names:
             digest, nbytes, counts[name] = self._scan(name, hashing=True, progress=progress)
             total += nbytes
@@ -160,10 +200,13 @@ class Bundle:
         return self._judge_values({n: self._scan(n, hashing=False)[2] for n in self.tensor_names})
 
     def _scan(self, name: str, *, hashing: bool, progress=None) -> tuple[str, int, tuple[int, int]]:
-        """One read of a tensor: (sha256 or "", bytes, (NaN count, Inf count)); counts are 0 for integers."""
+        """One read of a tensor: (sha256 or "", bytes, (NaN count, Inf count)); counts are 0 for integers. The
+        magnitudes of dense tables are kept in ``self._magnitudes`` for :meth:`_judge_values`."""
         dtype = self.manifest["tensors"][name]["dtype"]
+        dense = name in self._dense_tables
         h = hashlib.sha256()
-        nbytes = nan = inf = 0
+        nbytes = nan = inf = big = 0
+        largest = 0.0
         for block in self.entry(name).blocks():
             arr = np.ascontiguousarray(block, dtype=DTYPES[dtype].numpy)
             if hashing:
@@ -171,27 +214,58 @@ class Bundle:
             n_nan, n_inf = nonfinite_counts(arr, dtype)
             nan += n_nan
             inf += n_inf
+            if dense:
+                block_max, block_big = magnitude_stats(arr, dtype)
+                largest, big = max(largest, block_max), big + block_big
             nbytes += arr.nbytes
             if progress is not None:
                 progress(arr.nbytes)
+        if dense:
+            self._magnitudes[name] = (largest, big)
         return (h.hexdigest() if hashing else ""), nbytes, (nan, inf)
 
     def _judge_values(self, counts: dict[str, tuple[int, int]]) -> dict[str, int]:
+        """NaN never; Inf only in an F16 dense table, at most its recorded ``fp16_overflow``; in a dense table, no
+        finite value beyond ``max_abs`` (plus rounding) and no more values beyond fp16 range than recorded."""
         infs: dict[str, int] = {}
         for e in self.manifest["layers"]:
             if e["status"] != "present":
                 continue
             nan = sum(counts[n][0] for n in e["tensors"].values())
             inf = sum(counts[n][1] for n in e["tensors"].values())
-            if nan or inf > e.get("fp16_overflow", 0):
+            f16_dense = e["codec"] == "dense" and e["params"]["dtype"] == "F16"
+            allowed_inf = e.get("fp16_overflow", 0) if f16_dense else 0
+            if nan or inf > allowed_inf:
                 raise VerifyError(
                     f"layer {e['index']}: {nan:,} NaN and {inf:,} Inf values in its tensors"
-                    f" (the manifest accounts for {e.get('fp16_overflow', 0):,} fp16 overflows)",
+                    f" (the manifest accounts for {allowed_inf:,} fp16 overflows"
+                    + ("" if f16_dense else "; Inf is allowed only in an F16 dense table")
+                    + ")",
                     path=self.path,
                 )
+            self._judge_magnitudes(e)
             if inf:
                 infs[f"layer {e['index']}"] = inf
         return infs
+
+    def _judge_magnitudes(self, e: dict[str, Any]) -> None:
+        stats = self._magnitudes.get(e["tensors"].get("table", ""))
+        if e["codec"] != "dense" or stats is None:
+            return
+        largest, big = stats
+        bound = e.get("max_abs")
+        if bound is not None and largest > bound * (1 + _ROUNDING) + _TINY:
+            raise VerifyError(
+                f"layer {e['index']}: the table holds a value of magnitude {largest:.6g}, "
+                f"the manifest's max_abs is {bound:.6g}",
+                path=self.path,
+            )
+        if big > e.get("fp16_overflow", 0):
+            raise VerifyError(
+                f"layer {e['index']}: {big:,} values beyond the fp16 range, "
+                f"the manifest's fp16_overflow is {e.get('fp16_overflow', 0):,}",
+                path=self.path,
+            )
 
     def as_source(self):
         """A :class:`tolcli.model.ContextFreeSource` that reads this bundle (dropped layers give zero)."""
@@ -206,6 +280,21 @@ class Bundle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _integer_ids(token_ids: Tensor | list[int], path: Path) -> Tensor:
+    """Token ids as an int64 tensor; floats, booleans and values beyond int64 are refused, never truncated."""
+    try:
+        ids = torch.as_tensor(token_ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise InputError(f"token ids must be integers ({cut(str(e), 120)})", path=path) from None
+    if ids.numel() == 0:
+        return ids.to(torch.long)
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise InputError(f"token ids must be integers, got {str(ids.dtype).removeprefix('torch.')}", path=path)
+    if ids.dtype == torch.uint64:
+        raise InputError("token ids must fit int64", path=path)
+    return ids.to(torch.long)
 
 
 class BundleSource:
@@ -239,6 +328,8 @@ def open_bundle(path: str | Path, *, verify: bool = False) -> Bundle:
     path = Path(path)
     if not path.exists():
         raise InputError("bundle not found", path=path)
+    if not path.is_dir():
+        regular_file(path, what="bundle")  # a FIFO or device would block the reader
     reader: ContainerReader = ShardedReader(path) if path.is_dir() else container_of(path).open(path)
     try:
         bundle = Bundle(path, reader)

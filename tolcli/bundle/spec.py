@@ -7,6 +7,8 @@ optional ``tokenizer`` (U8 bytes of ``tokenizer.json``) and a JSON manifest that
 
 from __future__ import annotations
 
+from tolcli.config import MAX_HIDDEN, MAX_LAYERS, MAX_VOCAB
+
 FORMAT_NAME = "tolcli.tol"
 FORMAT_VERSION = 1
 
@@ -24,6 +26,20 @@ MAX_HEADER_BYTES = 100 << 20
 MAX_TENSORS = 1 << 16
 MAX_DIM = 1 << 31
 MAX_MANIFEST_BYTES = 64 << 20
+# Model sizes a manifest may declare: those of a model config (tolcli.config), checked before any per-layer object
+# is built from a manifest.
+MAX_MANIFEST_LAYERS = MAX_LAYERS
+MAX_MANIFEST_VOCAB = MAX_VOCAB
+MAX_MANIFEST_HIDDEN = MAX_HIDDEN
+MAX_NDIM = 8
+# An embedded (or checkpoint) tokenizer.json: parsed with `tokenizers` before it is embedded or used.
+MAX_TOKENIZER_BYTES = 64 << 20
+# HDF5: groups and datasets one file may hold (each visited once), the largest chunk a read may pull in, and how
+# far compressed data may expand (declared bytes beyond max(MIN, RATIO x stored bytes) are refused unread).
+MAX_H5_OBJECTS = 2 * MAX_TENSORS + 16
+MAX_H5_CHUNK_BYTES = 64 << 20
+MAX_H5_EXPANSION = 64
+MIN_H5_EXPANSION_BYTES = 64 << 20
 
 
 def layer_tensor(layer: int, role: str) -> str:

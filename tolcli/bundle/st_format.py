@@ -7,7 +7,6 @@ order. tolcli's header holds ``__metadata__ = {"format": "pt", "tol.manifest": <
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Iterator
@@ -18,9 +17,12 @@ import numpy as np
 
 from tolcli.bundle.entries import TensorEntry, data_order
 from tolcli.bundle.manifest import canonical_json
-from tolcli.bundle.spec import MAX_DIM, MAX_HEADER_BYTES, MAX_TENSORS, ST_MANIFEST_KEY
+from tolcli.bundle.spec import MAX_DIM, MAX_HEADER_BYTES, MAX_NDIM, MAX_TENSORS, ST_MANIFEST_KEY
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, VerifyError
+from tolcli.jsonsafe import loads, regular_file, short
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # (h5_format.SIGNATURE; h5_format imports this module's registry peers)
 
 
 def header_bytes(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
@@ -73,7 +75,7 @@ class SafetensorsReader:
     def __init__(self, path: Path, *, shard: bool = False):
         """``shard=True``: a shard of a sharded bundle, which holds tensors but no manifest."""
         self.path = path
-        size = path.stat().st_size
+        size = regular_file(path, what="safetensors file").st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -86,10 +88,7 @@ class SafetensorsReader:
             raw = f.read(n)
         if raw[:1] != b"{":
             raise InputError(f"not a safetensors file (header does not start with '{{': {raw[:16]!r})", path=path)
-        try:
-            header = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"corrupted safetensors header ({e})", path=path) from None
+        header = loads(raw, path=path, what="corrupted safetensors header", max_bytes=MAX_HEADER_BYTES)
         if not isinstance(header, dict):
             raise InputError("corrupted safetensors header (not an object)", path=path)
         meta = header.pop("__metadata__", None)
@@ -110,7 +109,7 @@ class SafetensorsReader:
         for begin, end, name in spans:
             if begin != pos:
                 raise InputError(
-                    f"tensor {name!r} starts at {begin}, expected {pos} (overlapping or non-contiguous offsets)",
+                    f"tensor {short(name)} starts at {begin}, expected {pos} (overlapping or non-contiguous offsets)",
                     path=path,
                 )
             pos = end
@@ -119,7 +118,23 @@ class SafetensorsReader:
             raise VerifyError(f"file is truncated: tensors need {pos} data bytes, file has {data_size}", path=path)
         if pos < data_size:
             raise InputError(f"{data_size - pos} unexpected bytes after the last tensor", path=path)
+        self._refuse_polyglot(size)
         self._mm: np.memmap | None = None
+
+    def _refuse_polyglot(self, size: int) -> None:
+        """HDF5 libraries look for their signature at byte 0, 512, 1024, 2048, ...: a safetensors file holding it at
+        one of those offsets is also an HDF5 file, which another reader would read differently."""
+        with open(self.path, "rb") as f:
+            offset = 512
+            while offset + len(HDF5_SIGNATURE) <= size:
+                f.seek(offset)
+                if f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE:
+                    raise InputError(
+                        f"this safetensors file is also an HDF5 file (HDF5 signature at byte {offset}); "
+                        "refusing an ambiguous file",
+                        path=self.path,
+                    )
+                offset *= 2
 
     def _not_st(self, f: BinaryIO, what: str) -> str:
         f.seek(0)
@@ -132,20 +147,23 @@ class SafetensorsReader:
             ok = (
                 isinstance(dtype, str)
                 and isinstance(shape, list)
+                and len(shape) <= MAX_NDIM
                 and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM for s in shape)
                 and isinstance(offs, list)
                 and len(offs) == 2
                 and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs)
             )
         if not ok:
-            raise InputError(f"corrupted header entry for tensor {name!r}", path=self.path)
+            raise InputError(f"corrupted header entry for tensor {short(name)}", path=self.path)
         if dtype not in DTYPES:
-            raise InputError(f"tensor {name!r} has dtype {dtype}, not one tolcli bundles use", path=self.path)
+            raise InputError(
+                f"tensor {short(name)} has dtype {short(dtype, 40)}, not one tolcli bundles use", path=self.path
+            )
         n = DTYPES[dtype].itemsize * math.prod(shape)
         begin, end = offs
         if end - begin != n:
             raise InputError(
-                f"tensor {name!r}: offsets span {end - begin} bytes but {dtype}{shape} needs {n}", path=self.path
+                f"tensor {short(name)}: offsets span {end - begin} bytes but {dtype}{shape} needs {n}", path=self.path
             )
         return dtype, tuple(shape), begin, end
 
