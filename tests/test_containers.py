@@ -162,7 +162,7 @@ def test_a_toy_container_writes_and_reads_bundles(toy: None, bundles: dict[str, 
     _same_lookups(src, out)
     assert convert_bundle(out, tmp_path / "back.safetensors").read_bytes() == src.read_bytes()  # lossless
 
-    named = convert_bundle(src, tmp_path / "t.safetensors", container="toy")  # --format beats the suffix
+    named = convert_bundle(src, tmp_path / "t.bin", container="toy")  # --format names it (a known suffix must agree)
     assert named.read_bytes() == out.read_bytes()
 
     sharded = convert_bundle(bundles["hdf5"], tmp_path / "dir", container="toy", max_shard_size="2MB")
@@ -182,3 +182,15 @@ def test_an_unregistered_container_is_not_read(bundles: dict[str, Path], tmp_pat
         open_bundle(out)
     with pytest.raises(UsageError, match="cannot tell the format"):
         convert_bundle(bundles["safetensors"], tmp_path / "u.toytol")
+
+
+def test_format_contradicting_the_output_suffix_is_refused(tmp_path: Path, cli) -> None:
+    """A file whose suffix names another container is refused by every reader, so no writer makes one."""
+    from tolcli import demo_checkpoint_path, precompute
+    from tolcli.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--format hdf5 contradicts the suffix of 'x\.safetensors'"):
+        precompute(demo_checkpoint_path(), tmp_path / "x.safetensors", container="hdf5", layers="0")
+    assert not list(tmp_path.iterdir())
+    r = cli("precompute", "demo", "-o", tmp_path / "y.h5", "--format", "hdf5", "--layers", "0")
+    assert r.code == 0, r.err

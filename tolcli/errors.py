@@ -34,8 +34,9 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.QUALITY_GATE: "quality gate failed: a variant exceeded eval-ppl --max-increase",
     ExitCode.BAD_INPUT: "bad input: a file is missing, unreadable, malformed or inconsistent",
     ExitCode.VERIFY_FAILED: "verification failed: a checksum, shape or dtype differs from the manifest",
-    ExitCode.OUTPUT: "cannot write the output: it exists (use --force), the directory is unwritable, or disk is full",
-    ExitCode.INTERRUPTED: "interrupted (Ctrl-C); no partial output is left at the output path",
+    ExitCode.OUTPUT: "cannot write the output: it exists (use --force), another tolcli run is writing it, the directory"
+    " is unwritable, or the disk is full",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C, SIGTERM, SIGHUP); no partial output is left at the output path",
 }
 
 

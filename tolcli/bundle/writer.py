@@ -59,11 +59,16 @@ def container_for(path: Path, container: str | None = None, *, sharded: bool = F
     st = lstat_or_none(path)  # a symlink at the output is replaced, never followed (fsutil.check_output)
     if st is not None and stat.S_ISDIR(st.st_mode) and not sharded:
         raise UsageError(f"{path} is a directory: a directory output needs --max-shard-size")
+    found = registry.by_suffix(path.suffix)
     if container is not None:
         if container not in registry.names():
             raise UsageError(f"--format must be {' or '.join(registry.names())}, got {container!r}")
+        if found is not None and found.name != container:  # readers refuse such a file: never write one
+            raise UsageError(
+                f"--format {container} contradicts the suffix of {path.name!r} ({found.name})",
+                hint=f"name it {registry.get(container).suffixes[0]}, or drop --format",
+            )
         return container
-    found = registry.by_suffix(path.suffix)
     if found is not None:
         return found.name
     if sharded:
