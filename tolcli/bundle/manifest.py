@@ -19,6 +19,7 @@ from typing import Any
 
 import jsonschema
 
+from tolcli._lazy import lazy_import
 from tolcli.bundle.spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -34,8 +35,10 @@ from tolcli.bundle.spec import (
     layer_tensor,
 )
 from tolcli.dtypes import DTYPES
-from tolcli.errors import InputError
+from tolcli.errors import InputError, TolcliError
 from tolcli.jsonsafe import cut, loads, short
+
+codecs = lazy_import("tolcli.codecs")  # torch: only when a layer is checked, not for `tolcli schema`
 
 _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAT = {"type": "integer", "minimum": 0}
@@ -77,7 +80,8 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
         {
             "rank": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_HIDDEN},
             "a": {
-                **_closed(["codec", "params"], {"codec": {"enum": ["dense", "int4", "nf4", "int8"]}, "params": {}}),
+                # any registered row-wise codec (a new codec needs no change here); built-ins checked by their schema
+                **_closed(["codec", "params"], {"codec": {"type": "string"}, "params": {}}),
                 "$ref": "#/$defs/codec_params",
             },
             "b_dtype": _FLOAT_DTYPE,
@@ -96,7 +100,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "title": "tolcli ToL bundle manifest, format version 1",
     "$defs": {
         "codec_params": {
-            "description": "a codec's params, by codec name (codecs without a schema here are refused by readers)",
+            "description": "a codec's params by codec name (others: checked by a canonical round trip when read)",
             "allOf": [_params(name, schema) for name, schema in CODEC_PARAMS_SCHEMAS.items()],
         }
     },
@@ -320,19 +324,16 @@ def check_against_tensors(
 def _codec(e: dict[str, Any], where: str) -> Any:
     """The codec of a present layer entry, its params checked strictly (built-ins by their schema, others by a
     canonical round trip)."""
-    from tolcli.codecs import Codec, codec_from_manifest
-    from tolcli.errors import TolcliError
-
     name, params = e["codec"], e["params"]
-    if name not in Codec.registry:
+    registry = codecs.Codec.registry
+    if name not in registry:
         raise InputError(
-            f"layer {e['index']}: unknown codec {short(name, 80)}; "
-            f"this tolcli knows {', '.join(sorted(Codec.registry))}",
+            f"layer {e['index']}: unknown codec {short(name, 80)}; this tolcli knows {', '.join(sorted(registry))}",
             path=where,
             hint="upgrade tolcli",
         )
     try:
-        codec = codec_from_manifest(name, params)
+        codec = codecs.codec_from_manifest(name, params)
     except TolcliError as err:
         raise InputError(f"layer {e['index']}: {cut(err.message)}", path=where) from None
     if name not in CODEC_PARAMS_SCHEMAS and canonical_json(codec.params()) != canonical_json(params):
@@ -350,15 +351,25 @@ def check_manifest(manifest: dict[str, Any], *, where: str) -> None:
     ``stored_bytes``; an ``fp16_overflow`` count no larger than the table; and no tensor that no layer reads (except
     the tokenizer, whose hash is ``vocabulary.tokenizer_sha256``). So no tensor is shared by two layers, and a
     runtime that reads tensors by their documented names reads what tolcli reads."""
-    from tolcli.errors import TolcliError
-
     declared = manifest["tensors"]
     model = manifest["model"]
-    V, h = model["vocab_size"], model["hidden_size"]
-    layers = manifest["layers"]
-    if [e["index"] for e in layers] != list(range(model["num_layers"])):
+    if [e["index"] for e in manifest["layers"]] != list(range(model["num_layers"])):
         raise InputError(f"manifest layers must list indices 0..{model['num_layers'] - 1} in order", path=where)
-    vocabulary = manifest["vocabulary"]
+    _check_vocabulary(manifest["vocabulary"], model["vocab_size"], declared, where)
+    referenced: set[str] = set()
+    for e in manifest["layers"]:
+        if e["status"] == "present":
+            referenced |= _check_layer(e, model["vocab_size"], model["hidden_size"], declared, where)
+    unread = sorted(set(declared) - referenced - {TOKENIZER_TENSOR})
+    if unread:
+        raise InputError(
+            f"tensor {short(unread[0])} is stored but no layer reads it"
+            + (f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""),
+            path=where,
+        )
+
+
+def _check_vocabulary(vocabulary: dict[str, Any], V: int, declared: dict[str, Any], where: str) -> None:
     if vocabulary["size"] != V:
         raise InputError("manifest vocabulary.size differs from model.vocab_size", path=where)
     if vocabulary["embedded"] != (TOKENIZER_TENSOR in declared):
@@ -375,60 +386,52 @@ def check_manifest(manifest: dict[str, Any], *, where: str) -> None:
             raise InputError(
                 "manifest vocabulary.tokenizer_sha256 differs from the sha256 of the embedded tokenizer", path=where
             )
-    referenced: set[str] = set()
-    for e in layers:
-        if e["status"] != "present":
-            continue
-        i = e["index"]
-        codec = _codec(e, where)
-        try:
-            specs = codec.tensor_specs(V, h)
-        except TolcliError as err:
-            raise InputError(
-                f"layer {i}: codec {e['codec']} cannot store a [{V}, {h}] table: {cut(err.message)}", path=where
-            ) from None
-        if set(e["tensors"]) != set(specs):
-            raise InputError(
-                f"layer {i}: codec {e['codec']} stores roles {sorted(specs)}, "
-                f"manifest lists {short(sorted(e['tensors']))}",
-                path=where,
-            )
-        total = 0
-        for role, (shape, dtype) in specs.items():
-            name = e["tensors"][role]
-            if name != layer_tensor(i, role):
-                raise InputError(
-                    f"layer {i}: role {role} must be tensor {layer_tensor(i, role)!r}, the manifest names {short(name)}"
-                    " (tensors are bound to their layer and role)",
-                    path=where,
-                )
-            if name not in declared:
-                raise InputError(f"layer {i}: tensor {name!r} is missing", path=where)
-            if declared[name]["dtype"] != dtype or tuple(declared[name]["shape"]) != shape:
-                raise InputError(
-                    f"layer {i}: tensor {name!r} is {declared[name]['dtype']}{declared[name]['shape']}, "
-                    f"codec {e['codec']} {short(e['params'])} expects {dtype}{list(shape)}",
-                    path=where,
-                )
-            referenced.add(name)
-            total += declared[name]["bytes"]
-        if e["stored_bytes"] != total:
-            raise InputError(
-                f"layer {i}: stored_bytes is {e['stored_bytes']:,} but its tensors hold {total:,} bytes", path=where
-            )
-        if not math.isclose(e["bits_per_value"], 8 * total / (V * h), rel_tol=1e-9):
-            raise InputError(
-                f"layer {i}: bits_per_value is {e['bits_per_value']!r}, its tensors give {8 * total / (V * h)!r}",
-                path=where,
-            )
-        if e.get("fp16_overflow", 0) > V * h:
-            raise InputError(
-                f"layer {i}: fp16_overflow {e['fp16_overflow']:,} exceeds the table's {V * h:,} values", path=where
-            )
-    unread = sorted(set(declared) - referenced - {TOKENIZER_TENSOR})
-    if unread:
+
+
+def _check_layer(e: dict[str, Any], V: int, h: int, declared: dict[str, Any], where: str) -> set[str]:
+    """One present layer against its codec and the stored tensors; returns the tensor names it reads."""
+    i = e["index"]
+    codec = _codec(e, where)
+    try:
+        specs = codec.tensor_specs(V, h)
+    except TolcliError as err:
         raise InputError(
-            f"tensor {short(unread[0])} is stored but no layer reads it"
-            + (f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""),
+            f"layer {i}: codec {e['codec']} cannot store a [{V}, {h}] table: {cut(err.message)}", path=where
+        ) from None
+    if set(e["tensors"]) != set(specs):
+        raise InputError(
+            f"layer {i}: codec {e['codec']} stores roles {sorted(specs)}, manifest lists {short(sorted(e['tensors']))}",
             path=where,
         )
+    total = 0
+    for role, (shape, dtype) in specs.items():
+        name = e["tensors"][role]
+        if name != layer_tensor(i, role):
+            raise InputError(
+                f"layer {i}: role {role} must be tensor {layer_tensor(i, role)!r}, the manifest names {short(name)}"
+                " (tensors are bound to their layer and role)",
+                path=where,
+            )
+        if name not in declared:
+            raise InputError(f"layer {i}: tensor {name!r} is missing", path=where)
+        if declared[name]["dtype"] != dtype or tuple(declared[name]["shape"]) != shape:
+            raise InputError(
+                f"layer {i}: tensor {name!r} is {declared[name]['dtype']}{declared[name]['shape']}, "
+                f"codec {e['codec']} {short(e['params'])} expects {dtype}{list(shape)}",
+                path=where,
+            )
+        total += declared[name]["bytes"]
+    if e["stored_bytes"] != total:
+        raise InputError(
+            f"layer {i}: stored_bytes is {e['stored_bytes']:,} but its tensors hold {total:,} bytes", path=where
+        )
+    if not math.isclose(e["bits_per_value"], 8 * total / (V * h), rel_tol=1e-9):
+        raise InputError(
+            f"layer {i}: bits_per_value is {e['bits_per_value']!r}, its tensors give {8 * total / (V * h)!r}",
+            path=where,
+        )
+    if e.get("fp16_overflow", 0) > V * h:
+        raise InputError(
+            f"layer {i}: fp16_overflow {e['fp16_overflow']:,} exceeds the table's {V * h:,} values", path=where
+        )
+    return set(e["tensors"].values())
