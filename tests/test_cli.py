@@ -105,3 +105,23 @@ def test_sha256sums_naming_the_output_is_refused_before_any_work(tmp_path: Path,
     out = tmp_path / "d.safetensors"
     r = cli("precompute", "demo", "-o", out, "--layers", "0", "--sha256sums", out)
     assert r.code == 2 and "--sha256sums" not in r.out and not out.exists(), r.err
+
+
+def test_sha256sums_of_a_sharded_output_list_every_file(tmp_path: Path, cli) -> None:
+    """Checked with the standard tool: ``sha256sum -c`` accepts every line."""
+    out, sums = tmp_path / "tol", tmp_path / "SHA256SUMS"
+    r = cli("precompute", "demo", "-o", out, "--layers", "0-1", "--max-shard-size", "1MB", "--sha256sums", sums)
+    assert r.code == 0, r.err
+    lines = sums.read_text().splitlines()
+    assert sorted(line.split("  ")[1] for line in lines) == sorted(f"tol/{p.name}" for p in out.iterdir())
+    check = subprocess.run(["sha256sum", "-c", sums.name], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_suffixes_are_case_insensitive(tmp_path: Path, cli) -> None:
+    r = cli("precompute", "demo", "-o", tmp_path / "T.H5", "--layers", "0")
+    assert r.code == 0, r.err
+    assert (tmp_path / "T.H5").read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    assert cli("inspect", tmp_path / "T.H5").code == 0
+    r = cli("convert", tmp_path / "T.H5", tmp_path / "b.H5", "--format", "safetensors")
+    assert r.code == 2 and "contradicts the suffix" in r.err

@@ -362,3 +362,8 @@ def test_sweep_takes_codec_specs_too() -> None:
     ]
     with pytest.raises(UsageError, match="unknown codec 'vq'"):
         _grid(SweepOptions(families=(), codecs=("vq(bits=2)",)), 64)
+
+
+def test_a_huge_integer_in_a_spec_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="an integer"):
+        parse_spec("svd(rank=" + "9" * 5000 + ")")

@@ -255,3 +255,24 @@ def test_nonfinite_counts_against_torch_on_every_16_bit_pattern(dtype: str, torc
     f32 = np.array([np.nan, np.inf, -np.inf, 1.0, 3e38], dtype="<f4")
     assert nonfinite_counts(f32, "F32") == (1, 2)
     assert nonfinite_counts(np.array([-1, 0x7F80], dtype="<i4"), "I32") == (0, 0)
+
+
+def test_resume_over_a_hostile_state_file_starts_over(tmp_path: Path, make_ckpt, monkeypatch) -> None:
+    """A state.json nested 100,000 deep (RecursionError in the stdlib parser) is not reused, and is no crash."""
+    ckpt = make_ckpt("memoryllm")
+    ref = precompute(ckpt, tmp_path / "ref.safetensors").path.read_bytes()
+    out = tmp_path / "out.safetensors"
+    commit = Staging.commit_layer
+
+    def interrupted(self, index, entry):
+        commit(self, index, entry)
+        raise _Interrupt
+
+    monkeypatch.setattr(Staging, "commit_layer", interrupted)
+    with pytest.raises(_Interrupt):
+        precompute(ckpt, out)
+    monkeypatch.setattr(Staging, "commit_layer", commit)
+    (tmp_path / ".out.safetensors.partial" / "state.json").write_text("[" * 100_000 + "]" * 100_000)
+    notes: list[str] = []
+    precompute(ckpt, out, resume=True, note=notes.append)
+    assert out.read_bytes() == ref and not any(n.startswith("resuming") for n in notes)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from tolcli.errors import OutputError, UsageError
+from tolcli import jsonsafe
+from tolcli.errors import InputError, OutputError, UsageError
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]i?[bB]?|[bB])?\s*$")
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -100,8 +100,8 @@ def _read_json_doc(path: Path) -> object:
         return None
     try:
         with open(path, "rb", opener=nofollow_opener) as f:
-            return json.loads(f.read(_MAX_DOC_BYTES + 1))
-    except (OSError, ValueError):
+            return jsonsafe.loads(f.read(_MAX_DOC_BYTES + 1), path=path, max_bytes=_MAX_DOC_BYTES)
+    except (OSError, InputError):
         return None
 
 
@@ -537,15 +537,17 @@ def check_sums_path(sums: str | Path, *protected: str | Path) -> Path:
 
 
 def write_sha256sums(target: Path, files: list[Path]) -> None:
-    """GNU ``sha256sum`` lines (``<hex>  <name>``), names relative to ``target``'s directory when possible."""
+    """GNU ``sha256sum`` lines (``<hex>  <name>``), names relative to ``target``'s directory when possible; a
+    directory (a sharded bundle) contributes one line per file in it, in name order."""
     check_sums_path(target, *files)
     lines = []
     for f in files:
-        try:
-            name = str(f.resolve().relative_to(target.resolve().parent))
-        except ValueError:
-            name = str(f)
-        lines.append(f"{sha256_file(f)}  {name}\n")
+        for g in sorted(p for p in f.iterdir() if p.is_file()) if f.is_dir() else [f]:
+            try:
+                name = str(g.resolve().relative_to(target.resolve().parent))
+            except ValueError:
+                name = str(g)
+            lines.append(f"{sha256_file(g)}  {name}\n")
     write_text_atomic(target, "".join(lines))
 
 

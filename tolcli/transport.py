@@ -19,10 +19,14 @@ from pathlib import Path
 
 import zstandard as zstd
 
+from tolcli._lazy import lazy_import
+from tolcli.bundle import container as registry
 from tolcli.errors import InputError, OutputError, UsageError
 from tolcli.fsutil import atomic_output
 from tolcli.jsonsafe import regular_file
 from tolcli.progress import NullProgress, Progress
+
+reader = lazy_import("tolcli.bundle.reader")  # torch, only to check an unpacked bundle
 
 MAX_WINDOW_BYTES = 1 << 27  # 128 MiB: zstd's default limit for levels <= 19, so any standard frame fits
 CHUNK = 1 << 20
@@ -163,16 +167,12 @@ def unpack(
         if written != declared:
             raise InputError(f"zstd frame declares {declared} bytes but holds {written}", path=src)
         if check_bundle:
-            from tolcli.bundle.reader import open_bundle
-
-            open_bundle(tmp).close()
+            reader.open_bundle(tmp).close()
     return TransportResult(dst, size, written)
 
 
 def _check_container(head: bytes, src: Path, dst: Path) -> None:
     """The first decompressed bytes must be a bundle container's, and match the output's suffix."""
-    from tolcli.bundle import container as registry
-
     found = registry.sniff(head)
     if found is None:
         raise InputError("the zstd frame does not hold a bundle (no known container)", path=src)

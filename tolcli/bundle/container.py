@@ -107,6 +107,8 @@ def get(name: str) -> Container:
 
 
 def by_suffix(suffix: str) -> Container | None:
+    """The container a (case-insensitive) suffix such as ``.H5`` names, or None."""
+    suffix = suffix.lower()
     return next((c for c in _REGISTRY.values() if suffix in c.suffixes), None)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tolcli.bundle.spec import parse_layer_tensor
 from tolcli.dtypes import DTYPES
 
 
@@ -38,7 +39,6 @@ def rows_per_block(row_bytes: int, target: int = 4 << 20) -> int:
 def data_order(entries: list[TensorEntry]) -> list[TensorEntry]:
     """The order tensors are laid out in a file: wider element types first (so every tensor's offset is a
     multiple of its element size), then by layer index, then by name."""
-    from tolcli.bundle.spec import parse_layer_tensor
 
     def key(e: TensorEntry) -> tuple[int, int, str]:
         parsed = parse_layer_tensor(e.name)

@@ -89,7 +89,7 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
             "weighted": {"type": "boolean"},
             "oversample": {"type": "integer", "minimum": 0, "maximum": MAX_MANIFEST_HIDDEN},
             "power_iters": {"type": "integer", "minimum": 0, "maximum": 64},
-            "seed": {"type": "integer", "minimum": 0, "maximum": (1 << 64) - 1},
+            "seed": {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1},
         },
     ),
 }

@@ -15,6 +15,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from tolcli._lazy import lazy_import
 from tolcli.bundle.entries import TensorEntry, data_order
 from tolcli.bundle.manifest import canonical_json
 from tolcli.bundle.spec import MAX_DIM, MAX_HEADER_BYTES, MAX_NDIM, MAX_TENSORS, ST_MANIFEST_KEY
@@ -23,6 +24,7 @@ from tolcli.errors import InputError, VerifyError
 from tolcli.jsonsafe import loads, regular_file, short
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # (h5_format.SIGNATURE; h5_format imports this module's registry peers)
+registry = lazy_import("tolcli.bundle.container")  # the registry imports this module
 
 
 def header_bytes(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
@@ -57,9 +59,7 @@ def not_safetensors_reason(start: bytes) -> str | None:
         return "this is a Git LFS pointer, not the file itself (run `git lfs pull`)"
     if start.lstrip()[:1] == b"<":
         return "this looks like HTML (a download error page?), not a safetensors file"
-    from tolcli.bundle.container import sniff  # the registry imports this module
-
-    other = sniff(start)
+    other = registry.sniff(start)
     if other is not None and other.name != SafetensorsReader.container:
         return f"this is an {other.label} file; name it {other.suffixes[0]}"
     if start.startswith(b"PK\x03\x04"):

@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from tolcli import jsonsafe
 from tolcli.bundle import container as registry
 from tolcli.bundle.entries import TensorEntry, rows_per_block
 from tolcli.bundle.manifest import canonical_json, validate_schema
 from tolcli.bundle.sharded import write_sharded
 from tolcli.dtypes import DTYPES
-from tolcli.errors import OutputError, UsageError, VerifyError
+from tolcli.errors import InputError, OutputError, UsageError, VerifyError
 from tolcli.fsutil import (
     OutputLock,
     atomic_output,
@@ -306,10 +307,14 @@ class Staging:
             lock.release()
             raise
         self._run = _Run(lock, self.dir, self.state)
+        self._finalizer = weakref.finalize(self, self._run.end)  # before anything else can fail: the lock is freed
         if st is not None and not self._stale:  # resuming: the directory is this run's now
             self._run.created = True
-            self._tidy()
-        self._finalizer = weakref.finalize(self, self._run.end)
+            try:
+                self._tidy()
+            except BaseException:
+                self._finalizer()
+                raise
 
     def __enter__(self) -> Staging:
         return self
@@ -354,10 +359,10 @@ class Staging:
 
     def _load_state(self) -> dict[str, Any] | None:
         try:
-            with open(self.dir / "state.json", encoding="utf-8", opener=nofollow_opener) as fh:
-                st = json.loads(fh.read())
-        except (OSError, ValueError):
-            return None
+            with open(self.dir / "state.json", "rb", opener=nofollow_opener) as fh:
+                st = jsonsafe.loads(fh.read(), path=self.dir / "state.json")
+        except (OSError, InputError):
+            return None  # unreadable or hostile state: the staged layers are not reused
         if not isinstance(st, dict) or not {"job", "tensors", "layers", "extra"} <= set(st):
             return None
         try:

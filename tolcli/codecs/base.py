@@ -20,8 +20,11 @@ from typing import Any, ClassVar, Protocol, Self
 
 from torch import Tensor
 
+from tolcli._lazy import lazy_import
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, TolcliError, UsageError
+
+spec_strings = lazy_import("tolcli.codecs.spec")  # it imports this module
 
 
 class TensorAccess(Protocol):
@@ -110,9 +113,7 @@ class CodecSpec(ABC):
         return self.build(w).stored_bytes(1, w) / w
 
     def __str__(self) -> str:
-        from tolcli.codecs.spec import format_spec
-
-        return format_spec(self)
+        return spec_strings.format_spec(self)
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def _to_float(s: str) -> float | None:
 
 _SCALARS: dict[Any, tuple[str, Any]] = {
     bool: ("true or false", lambda s: {"true": True, "false": False}.get(s.lower())),
-    int: ("an integer", lambda s: int(s) if _INT.fullmatch(s) else None),
+    int: ("an integer", lambda s: int(s) if _INT.fullmatch(s) and len(s.lstrip("+-")) <= 20 else None),
     float: ("a number", _to_float),
     str: ("a word", lambda s: s),
 }
