@@ -54,24 +54,32 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_over_tampered_staging_starts_over(tmp_path: Path, make_ckpt, monkeypatch) -> None:
-    """An interrupted run leaves 2 committed layers; one staged byte is flipped; --resume must not reuse it."""
-    ckpt = make_ckpt("memoryllm")
-    ref = precompute(ckpt, tmp_path / "ref.safetensors").path.read_bytes()
-    out = tmp_path / "out.safetensors"
+def interrupted_run(ckpt: Path, out: Path, monkeypatch, layers: int) -> bytes:
+    """Precompute ``ckpt`` into ``out``, interrupted once ``layers`` layers are committed; returns the bytes of an
+    uninterrupted run of the same job (the reference a resume must reproduce)."""
+    ref = precompute(ckpt, out.with_name("ref.safetensors")).path.read_bytes()
     commit = Staging.commit_layer
-    calls = []
+    calls: list[int] = []
 
     def interrupted(self, index, entry):
         commit(self, index, entry)
         calls.append(index)
-        if len(calls) == 2:
+        if len(calls) == layers:
             raise _Interrupt
 
     monkeypatch.setattr(Staging, "commit_layer", interrupted)
     with pytest.raises(_Interrupt):
         precompute(ckpt, out)
     monkeypatch.setattr(Staging, "commit_layer", commit)
+    assert not out.exists()
+    return ref
+
+
+def test_resume_over_tampered_staging_starts_over(tmp_path: Path, make_ckpt, monkeypatch) -> None:
+    """An interrupted run leaves 2 committed layers; one staged byte is flipped; --resume must not reuse it."""
+    ckpt = make_ckpt("memoryllm")
+    out = tmp_path / "out.safetensors"
+    ref = interrupted_run(ckpt, out, monkeypatch, layers=2)
     partial = tmp_path / ".out.safetensors.partial"
     staged = sorted(partial.glob("*.bin"))
     assert len(staged) >= 2 and not out.exists()
@@ -88,18 +96,8 @@ def test_resume_over_tampered_staging_starts_over(tmp_path: Path, make_ckpt, mon
 def test_resume_over_intact_staging_reuses_it(tmp_path: Path, make_ckpt, monkeypatch) -> None:
     """The control for the test above: untouched staging is resumed, to the same bytes."""
     ckpt = make_ckpt("memoryllm")
-    ref = precompute(ckpt, tmp_path / "ref.safetensors").path.read_bytes()
     out = tmp_path / "out.safetensors"
-    commit = Staging.commit_layer
-
-    def interrupted(self, index, entry):
-        commit(self, index, entry)
-        raise _Interrupt
-
-    monkeypatch.setattr(Staging, "commit_layer", interrupted)
-    with pytest.raises(_Interrupt):
-        precompute(ckpt, out)
-    monkeypatch.setattr(Staging, "commit_layer", commit)
+    ref = interrupted_run(ckpt, out, monkeypatch, layers=1)
     notes: list[str] = []
     precompute(ckpt, out, resume=True, note=notes.append)
     assert out.read_bytes() == ref and "resuming: 1 layer(s) already done" in notes[0]
@@ -260,18 +258,8 @@ def test_nonfinite_counts_against_torch_on_every_16_bit_pattern(dtype: str, torc
 def test_resume_over_a_hostile_state_file_starts_over(tmp_path: Path, make_ckpt, monkeypatch) -> None:
     """A state.json nested 100,000 deep (RecursionError in the stdlib parser) is not reused, and is no crash."""
     ckpt = make_ckpt("memoryllm")
-    ref = precompute(ckpt, tmp_path / "ref.safetensors").path.read_bytes()
     out = tmp_path / "out.safetensors"
-    commit = Staging.commit_layer
-
-    def interrupted(self, index, entry):
-        commit(self, index, entry)
-        raise _Interrupt
-
-    monkeypatch.setattr(Staging, "commit_layer", interrupted)
-    with pytest.raises(_Interrupt):
-        precompute(ckpt, out)
-    monkeypatch.setattr(Staging, "commit_layer", commit)
+    ref = interrupted_run(ckpt, out, monkeypatch, layers=1)
     (tmp_path / ".out.safetensors.partial" / "state.json").write_text("[" * 100_000 + "]" * 100_000)
     notes: list[str] = []
     precompute(ckpt, out, resume=True, note=notes.append)
