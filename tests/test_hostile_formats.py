@@ -87,9 +87,8 @@ def test_hdf5_hard_link_dag_and_cycle_are_refused_quickly(h5_bundle: Path, tmp_p
         open_bundle(cycle)
 
 
-def _sparse_bundle(path: Path, layout: str) -> Path:
-    """A few KB declaring a 512 GiB dense table (2^24 x 8192 fp32) with a consistent manifest, never written."""
-    V, h = 1 << 24, 8192
+def _declared_dense_manifest(V: int, h: int) -> dict:
+    """A consistent manifest declaring one dense F32 [V, h] table (whose bytes the caller may never write)."""
     layer = {
         "index": 0,
         "status": "present",
@@ -101,6 +100,13 @@ def _sparse_bundle(path: Path, layout: str) -> Path:
     }
     m = manifest_for(V, h, [layer])
     m["tensors"] = {"layers.0.table": {"dtype": "F32", "shape": [V, h], "bytes": V * h * 4, "sha256": "0" * 64}}
+    return m
+
+
+def _sparse_bundle(path: Path, layout: str) -> Path:
+    """A few KB declaring a 512 GiB dense table (2^24 x 8192 fp32) with a consistent manifest, never written."""
+    V, h = 1 << 24, 8192
+    m = _declared_dense_manifest(V, h)
     with h5py.File(path, "w", libver="earliest") as f:
         f.attrs.create("tol.manifest", json.dumps(m), dtype=h5py.string_dtype("utf-8"))
         chunks = (32, h) if layout == "chunked" else None
@@ -140,17 +146,7 @@ def test_hdf5_gzip_bomb_is_refused_unread(tmp_path: Path, cli) -> None:
     """About 1 MB of gzip chunks that expand to 1 GiB: refused from the sizes alone (a ratio above 64x)."""
     V, h = 1 << 18, 1024
     bad = tmp_path / "bomb.h5"
-    layer = {
-        "index": 0,
-        "status": "present",
-        "codec": "dense",
-        "params": {"dtype": "F32"},
-        "tensors": {"table": "layers.0.table"},
-        "stored_bytes": V * h * 4,
-        "bits_per_value": 32.0,
-    }
-    m = manifest_for(V, h, [layer])
-    m["tensors"] = {"layers.0.table": {"dtype": "F32", "shape": [V, h], "bytes": V * h * 4, "sha256": "0" * 64}}
+    m = _declared_dense_manifest(V, h)
     chunk = zlib.compress(bytes(256 * h * 4), 9)
     with h5py.File(bad, "w", libver="earliest") as f:
         f.attrs.create("tol.manifest", json.dumps(m), dtype=h5py.string_dtype("utf-8"))
