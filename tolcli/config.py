@@ -46,6 +46,8 @@ class ModelConfig:
     ffn_alpha: float = 1.0
     context_intermediate_size: int = 0
     stripped: bool = False  # ``tolcli_stripped``: the context-free FFN weights were removed (run from a bundle)
+    bos_token_id: int | None = None  # the tokenizer's begin-of-text id, when config.json names one
+    eos_token_id: int | None = None  # end-of-text id (the first, when config.json lists several)
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -131,6 +133,8 @@ class ModelConfig:
             ffn_alpha=_float(data.get("ffn_alpha", 1.0), "ffn_alpha", source),
             context_intermediate_size=ctx,
             stripped=_bool(data.get("tolcli_stripped", False), "tolcli_stripped", source),
+            bos_token_id=_token_id(data.get("bos_token_id"), "bos_token_id", source),
+            eos_token_id=_token_id(data.get("eos_token_id"), "eos_token_id", source),
         )
 
     @classmethod
@@ -152,6 +156,9 @@ class ModelConfig:
                 d.pop(k)
         if self.model_type != "flex_memoryllm":
             d.pop("context_intermediate_size")
+        for k in ("bos_token_id", "eos_token_id"):
+            if d[k] is None:
+                d.pop(k)
         return d
 
 
@@ -173,3 +180,14 @@ def _bool(v: Any, key: str, source: str | Path) -> bool:
     if not isinstance(v, bool):
         raise CheckpointError(f"{key} must be true or false, got {short(v, 80)}", path=source)
     return v
+
+
+def _token_id(v: Any, key: str, source: str | Path) -> int | None:
+    """A special token id: absent/null, an integer, or a non-empty list of integers (the first is used)."""
+    if v is None:
+        return None
+    if isinstance(v, list):
+        if not v:
+            return None
+        v = v[0]
+    return _int(v, key, source, 0, MAX_VOCAB - 1)

@@ -22,6 +22,23 @@ TensorMapOpt = Annotated[
     str | None,
     typer.Option("--tensor-map", metavar="FILE.json", help="Rename foreign tensor names (docs/checkpoint-format.md)."),
 ]
+RevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        metavar="REV",
+        help="For a Hub id: the branch, tag or commit to take from the local Hugging Face cache (never downloads).",
+    ),
+]
+
+
+def checkpoint_from_cli(arg: str, *, tensor_map: str | None = None, revision: str | None = None):
+    """The :class:`~tolcli.checkpoint.Checkpoint` a command's CHECKPOINT argument names: ``demo``/``demo:NAME``,
+    a path, or a Hub id from the local cache; opened with ``--tensor-map``."""
+    import tolcli
+    from tolcli.demo import resolve_checkpoint_arg
+
+    return tolcli.open_checkpoint(resolve_checkpoint_arg(arg, revision=revision), tensor_map=tensor_map)
 
 
 # Library parameters whose flag is not simply ``--`` + the name with dashes (errors name parameters).

@@ -38,8 +38,10 @@ def demo_heldout_path() -> Path:
     return DEMO_DIR / "heldout.txt"
 
 
-def resolve_checkpoint_arg(arg: str | Path) -> Path:
-    """Map ``demo`` / ``demo:NAME`` to the shipped demo; any other value is a path."""
+def resolve_checkpoint_arg(arg: str | Path, *, revision: str | None = None) -> Path:
+    """Map ``demo`` / ``demo:NAME`` to the shipped demo; any other value is a path.
+
+    ``revision`` is for Hub ids resolved from the local Hugging Face cache (:mod:`tolcli.hub`)."""
     s = str(arg)
     if s == "demo":
         return demo_checkpoint_path()
