@@ -34,6 +34,7 @@ from tolcli.bundle.spec import MAX_HEADER_BYTES, MAX_TOKENIZER_BYTES
 from tolcli.bundle.st_format import not_safetensors_reason
 from tolcli.config import ModelConfig
 from tolcli.errors import CheckpointError
+from tolcli.hub import link_root
 from tolcli.jsonsafe import cut, inside, load_file, loads, plain_file_name, read_bytes, regular_file, short
 from tolcli.layout import IGNORED_SUFFIXES, LM_HEAD, TensorSpec, expected_tensors
 
@@ -254,28 +255,28 @@ def _read_tokenizer(path: Path, directory: Path) -> bytes:
     return raw
 
 
-def _find_weights(directory: Path) -> tuple[list[Path], Path | None]:
-    """The weight files of a checkpoint directory, and the index that lists them (if sharded); every one inside the
-    directory (links included) and a regular file."""
+def _find_weights(directory: Path, root: Path) -> tuple[list[Path], Path | None]:
+    """The weight files of a checkpoint directory, and the index that lists them (if sharded); every one a regular
+    file that resolves inside ``root`` (the directory, or a Hugging Face cache snapshot's repo folder)."""
     for index_name in (ST_INDEX, PT_INDEX):
         index = directory / index_name
         if index.is_file() or index.is_symlink():
-            _contained(index, directory, "index")
+            _contained(index, root, "index")
             files = sorted({directory / f for f in _read_index(index).values()})
             for f in files:
-                _contained(f, directory, "shard")
+                _contained(f, root, "shard")
                 if not f.exists():
                     raise CheckpointError(f"shard {f.name} listed in {index_name} is missing", path=index)
                 regular_file(f, what=f"shard {f.name}", error=CheckpointError)
             return files, index
     for single in (ST_SINGLE, PT_SINGLE):
         if (directory / single).is_file() or (directory / single).is_symlink():
-            _contained(directory / single, directory, "weights file")
+            _contained(directory / single, root, "weights file")
             regular_file(directory / single, what="weights file", error=CheckpointError)
             return [directory / single], None
     candidates = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".pt", ".bin") and p.is_file())
     if len(candidates) == 1:
-        return [_contained(candidates[0], directory, "weights file")], None
+        return [_contained(candidates[0], root, "weights file")], None
     if not candidates:
         raise CheckpointError(
             "no weights found",
@@ -303,17 +304,18 @@ class Checkpoint:
             raise CheckpointError("checkpoint not found", path=path)
         self.path = path
         self.directory = path if path.is_dir() else path.parent
+        root = link_root(self.directory)  # a Hugging Face cache snapshot's files link into its repo folder's blobs/
         if config is None:
-            _contained(self.directory / CONFIG_NAME, self.directory, "config")
+            _contained(self.directory / CONFIG_NAME, root, "config")
         self.config = config or ModelConfig.from_file(self.directory / CONFIG_NAME)
         tok = self.directory / TOKENIZER_NAME
         self.tokenizer_path: Path | None = None
         self.tokenizer_bytes: bytes | None = None  # validated (see _read_tokenizer)
         if tok.exists() or tok.is_symlink():
-            self.tokenizer_bytes = _read_tokenizer(tok, self.directory)
+            self.tokenizer_bytes = _read_tokenizer(tok, root)
             self.tokenizer_path = tok
         if path.is_dir():
-            self.files, self.index_path = _find_weights(path)
+            self.files, self.index_path = _find_weights(path, root)
         else:
             self.files, self.index_path = [path], None
         self.loaded: list[str] = []

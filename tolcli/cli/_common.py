@@ -197,7 +197,13 @@ OutputOpt = Annotated[
     Path, typer.Option("--output", "-o", metavar="OUT", help="The bundle to write (.safetensors or .h5).")
 ]
 BundleArg = Annotated[Path, typer.Argument(help="A ToL bundle (.safetensors or .h5).")]
-CheckpointArg = Annotated[str, typer.Argument(help="Checkpoint directory or weights file, or 'demo' / 'demo:llama'.")]
+CheckpointArg = Annotated[
+    str,
+    typer.Argument(
+        help="Checkpoint directory or weights file, a Hub id in the local Hugging Face cache (org/name), "
+        "or 'demo' / 'demo:llama'."
+    ),
+]
 DropLastOpt = Annotated[int | None, typer.Option("--drop-last", metavar="K", help="Drop the last K layers.")]
 KeepLayersOpt = Annotated[
     str | None, typer.Option("--keep-layers", metavar="SPEC", help="Keep only these layers, e.g. '0-9,12'.")

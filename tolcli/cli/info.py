@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
 from rich.table import Table
 
 import tolcli
-from tolcli.cli._common import JsonOpt, Output, TensorMapOpt, fmt_bytes, fmt_count
-from tolcli.demo import resolve_checkpoint_arg
+from tolcli.cli._common import (
+    CheckpointArg,
+    JsonOpt,
+    Output,
+    RevisionOpt,
+    TensorMapOpt,
+    checkpoint_from_cli,
+    fmt_bytes,
+    fmt_count,
+)
 
 
 def info(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory or weights file, or 'demo' / 'demo:llama'.")],
+    checkpoint: CheckpointArg,
     tensor_map: TensorMapOpt = None,
+    revision: RevisionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Describe a checkpoint: architecture, parameters (total and active) and ToL table sizes.
@@ -24,9 +30,11 @@ def info(
         tolcli info demo
 
         tolcli info ./my-memoryllm --json | jq .tol.bytes_total.fp16
+
+        tolcli info org/my-memoryllm --revision v2   # from the local Hugging Face cache
     """
     out = Output(json=json_out)
-    with tolcli.open_checkpoint(resolve_checkpoint_arg(checkpoint), tensor_map=tensor_map) as ckpt:
+    with checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision) as ckpt:
         doc = tolcli.describe_checkpoint(ckpt)
     if json_out:
         out.emit_json(doc)

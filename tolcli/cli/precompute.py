@@ -10,6 +10,7 @@ import typer
 import tolcli
 from tolcli.choices import DEFAULT_BATCH_ROWS
 from tolcli.cli._common import (
+    CheckpointArg,
     CompressionOpt,
     DeviceOpt,
     ForceOpt,
@@ -19,6 +20,7 @@ from tolcli.cli._common import (
     Output,
     OutputOpt,
     QuietOpt,
+    RevisionOpt,
     RichProgress,
     Sha256sumsOpt,
     TensorMapOpt,
@@ -30,7 +32,7 @@ from tolcli.fsutil import check_sums_path, path_bytes, write_sha256sums
 
 
 def precompute_cmd(
-    checkpoint: Annotated[str, typer.Argument(help="Checkpoint directory or weights file, or 'demo'.")],
+    checkpoint: CheckpointArg,
     output: OutputOpt,
     fmt: FormatOpt = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Stored element type: fp32, fp16 or bf16.")] = "fp32",
@@ -49,6 +51,7 @@ def precompute_cmd(
     compression: CompressionOpt = None,
     max_shard_size: MaxShardOpt = None,
     tensor_map: TensorMapOpt = None,
+    revision: RevisionOpt = None,
     sha256sums: Sha256sumsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -62,12 +65,15 @@ def precompute_cmd(
         tolcli precompute ./my-memoryllm -o tol.h5 --dtype bf16 --device cuda
 
         tolcli precompute ./my-memoryllm -o tol.safetensors --resume   # after an interruption
+
+        tolcli precompute org/my-memoryllm -o tol.safetensors   # from the local Hugging Face cache
     """
     out = Output(json=json_out, quiet=quiet)
+    source = resolve_checkpoint_arg(checkpoint, revision=revision)
     if sha256sums:
-        check_sums_path(sha256sums, output, resolve_checkpoint_arg(checkpoint))
+        check_sums_path(sha256sums, output, source)
     res = tolcli.precompute(
-        resolve_checkpoint_arg(checkpoint),
+        source,
         output,
         container=fmt,
         dtype=dtype,

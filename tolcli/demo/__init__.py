@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tolcli.errors import InputError
+from tolcli.errors import InputError, UsageError
+from tolcli.jsonsafe import short
 
 DEMO_DIR = Path(__file__).resolve().parent
 DEMO_MODELS: tuple[str, ...] = ("memoryllm", "llama")
@@ -39,12 +40,31 @@ def demo_heldout_path() -> Path:
 
 
 def resolve_checkpoint_arg(arg: str | Path, *, revision: str | None = None) -> Path:
-    """Map ``demo`` / ``demo:NAME`` to the shipped demo; any other value is a path.
+    """The checkpoint path a command's CHECKPOINT argument names, in this order: ``demo`` / ``demo:NAME`` (the
+    shipped demos); an existing path (a ``models--ORG--NAME`` folder of the Hugging Face cache becomes its snapshot);
+    a Hub id ``org/name`` found in the local cache (:mod:`tolcli.hub`; never downloaded); otherwise the path as given,
+    so that the checkpoint reader reports it missing.
 
-    ``revision`` is for Hub ids resolved from the local Hugging Face cache (:mod:`tolcli.hub`)."""
+    ``revision`` (branch, tag or commit) applies to Hub ids and cache folders only; with anything else it is a
+    :class:`~tolcli.errors.UsageError` rather than silently ignored.
+
+    Example:
+        >>> resolve_checkpoint_arg("demo:llama").name, resolve_checkpoint_arg("./my-model").name
+        ('llama', 'my-model')
+    """
+    from tolcli import hub
+
     s = str(arg)
-    if s == "demo":
-        return demo_checkpoint_path()
-    if s.startswith("demo:"):
-        return demo_checkpoint_path(s.split(":", 1)[1])
-    return Path(arg)
+    if s == "demo" or s.startswith("demo:"):
+        path = demo_checkpoint_path(s.split(":", 1)[1]) if ":" in s else demo_checkpoint_path()
+    else:
+        snapshot = hub.resolve_hub(s, revision=revision)
+        if snapshot is not None:
+            return snapshot
+        path = Path(arg)
+    if revision is not None:
+        raise UsageError(
+            f"`revision` applies to Hub ids and Hugging Face cache folders, not to {short(s, 120)}",
+            hint="drop --revision, or name the model by its Hub id (org/name)",
+        )
+    return path
