@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tolcli.demo import DEMO_DIR
+from tolcli.demo import DEMO_DIR, demo_heldout_path
 from tolcli.demo.figures import demo_figures
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -20,8 +20,13 @@ def readme_figures() -> dict[str, float]:
     rows = {}
     for line in block.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and re.fullmatch(r"[\d,]+", cells[1]):
-            rows[cells[0]] = (int(cells[1].replace(",", "")), int(cells[2].replace(",", "")), float(cells[3]))
+        if len(cells) == 5 and re.fullmatch(r"[\d,]+", cells[1]):
+            rows[cells[0]] = (
+                int(cells[1].replace(",", "")),
+                int(cells[2].replace(",", "")),
+                float(cells[3]),
+                float(cells[4]),
+            )
     return rows
 
 
@@ -38,14 +43,19 @@ def test_demo_is_small_enough_to_ship() -> None:
 def test_readme_figures_reproduce(figures) -> None:
     rows = readme_figures()
     assert set(rows) == {"memoryllm", "memoryllm, FFN memory zeroed", "llama"}
+    n_bytes = len(demo_heldout_path().read_bytes())  # the file is UTF-8 text: its bytes are the text's
     for label, key, kind in [
         ("memoryllm", "memoryllm_ppl", "memoryllm"),
         ("memoryllm, FFN memory zeroed", "memoryllm_ppl_memory_zeroed", "memoryllm"),
         ("llama", "llama_ppl", "llama"),
     ]:
-        total, active, ppl = rows[label]
+        total, active, ppl, bpb = rows[label]
         assert total == figures[f"{kind}_params_total"] and active == figures[f"{kind}_params_active"]
         assert math.isclose(ppl, figures[key], rel_tol=0.01), (label, ppl, figures[key])
+        # Expected bits per byte from the perplexity itself: NLL sum = ln(ppl) x (tokens - 1), over bytes x ln 2.
+        want = math.log(figures[key]) * (figures["heldout_tokens"] - 1) / (n_bytes * math.log(2))
+        assert math.isclose(bpb, want, rel_tol=0.01), (label, bpb, want)
+        assert math.isclose(figures[key.replace("_ppl", "_bpb")], want, rel_tol=1e-9)
 
 
 def test_ffn_memory_matters(figures) -> None:

@@ -14,3 +14,5 @@ SCHEMES: tuple[str, ...] = (
 )
 SWEEP_FAMILIES = ("svd", "adaptive-svd", "int4", "nf4", "int8", "adaptive-svd+int4", "drop")
 DEFAULT_BATCH_ROWS = 4096  # precompute: vocabulary rows per batch
+PROTOCOLS = ("tolcli", "hf-sliding", "lm-eval-rolling", "llama-cpp")  # eval-ppl --protocol (docs/evaluation.md)
+DOC_SEPARATORS = ("eos", "bos", "blank-line")  # eval-ppl --doc-sep: what goes between two documents of a file

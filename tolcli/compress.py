@@ -30,8 +30,8 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +42,40 @@ from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, WriteOptions
-from tolcli.checkpoint import open_checkpoint
+from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, QUANT_SCHEMES, SCHEMES, SVD_KINDS
 from tolcli.codecs import NF4, SVD, Codec, CodecSpec, Dense, DictAccess, Int4, Int8, RankedSpec, parse_spec
+from tolcli.data import read_data
 from tolcli.demo import resolve_checkpoint_arg
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import InputError, UsageError
-from tolcli.fsutil import parse_size, sha256_file
+from tolcli.fsutil import parse_size
 from tolcli.model import load_model
+from tolcli.pairing import check_pairing
 from tolcli.progress import NullProgress, Progress
 from tolcli.sensitivity import sensitivity_weights, token_sensitivity
-from tolcli.text import load_token_weights, read_tokens
+from tolcli.text import load_token_weights, tokens_of
 
 DEFAULT_GROUP = 64  # int4 / nf4
 DEFAULT_A_GROUP = 32  # the A factor's group size in the svd+int4/nf4 schemes (ranks are kept multiples of it)
 # The CompressOptions fields that weight tokens; the others besides scheme and codec are the scheme's options.
 _WEIGHTING_FIELDS = ("token_weights", "calibration", "sensitivity", "weight_floor")
+# The CompressOptions fields that are not scheme options (a `codec` spec refuses the others).
+_NOT_SCHEME_OPTIONS = ("scheme", "codec", *_WEIGHTING_FIELDS, "allow_source_mismatch")
 
 
 @dataclass(frozen=True)
 class Weighting:
     """How layer errors are weighted per token: by counts (a ``token_weights`` ``.npy``, or ``calibration``
     text), or per layer and token by the loss's sensitivity (``sensitivity``: a checkpoint, with
-    ``calibration``); ``floor`` is added to every weight."""
+    ``calibration``); ``floor`` is added to every weight. ``allow_source_mismatch``: use a ``sensitivity``
+    checkpoint that the bundle was not computed from (:func:`tolcli.pairing.check_pairing`)."""
 
     token_weights: str | None = None
     calibration: str | None = None
-    sensitivity: str | None = None
+    sensitivity: str | Checkpoint | None = None
     floor: float = 1.0
+    allow_source_mismatch: bool = False
 
 
 @dataclass
@@ -79,7 +85,9 @@ class CompressOptions:
     The codec is either a ``scheme`` with the scheme options (``CompressOptions("svd+int4", rank=64)``), or
     ``codec``: a spec string or a spec from :mod:`tolcli.codecs`, which carries its own options
     (``CompressOptions(codec="svd(rank=64,a=int4(group=32))")``). The token-weighting options
-    (``token_weights``, ``calibration``, ``sensitivity``, ``weight_floor``) apply to both.
+    (``token_weights``, ``calibration``, ``sensitivity``, ``weight_floor``) apply to both. ``sensitivity`` is a
+    checkpoint argument (a path, ``demo``) or an open :class:`~tolcli.checkpoint.Checkpoint` (opened with a tensor
+    map, say); the bundle must have been computed from it, unless ``allow_source_mismatch``.
     """
 
     scheme: str | None = None
@@ -99,9 +107,10 @@ class CompressOptions:
     factor_dtype: str = "fp16"
     token_weights: str | None = None
     calibration: str | None = None
-    sensitivity: str | None = None
+    sensitivity: str | Checkpoint | None = None
     weight_floor: float = 1.0
     codec: str | CodecSpec | None = None
+    allow_source_mismatch: bool = False
 
     def codec_spec(self) -> CodecSpec:
         """The codec spec these options choose, validated."""
@@ -109,7 +118,7 @@ class CompressOptions:
             return scheme_spec(self)
         if self.scheme is not None:
             raise UsageError("give `scheme` or `codec`, not both")
-        scheme_options = [f for f in fields(self) if f.name not in ("scheme", "codec", *_WEIGHTING_FIELDS)]
+        scheme_options = [f for f in fields(self) if f.name not in _NOT_SCHEME_OPTIONS]
         given = [f"`{f.name}`" for f in scheme_options if getattr(self, f.name) != f.default]
         if given:
             raise UsageError(
@@ -119,14 +128,28 @@ class CompressOptions:
         return parse_spec(self.codec) if isinstance(self.codec, str) else self.codec
 
     def weighting(self) -> Weighting:
-        return Weighting(self.token_weights, self.calibration, self.sensitivity, self.weight_floor)
+        return Weighting(
+            self.token_weights, self.calibration, self.sensitivity, self.weight_floor, self.allow_source_mismatch
+        )
 
     def record(self) -> dict[str, Any]:
-        """What the manifest's history records of these options."""
+        """What the manifest's history records of these options (an open ``sensitivity`` checkpoint by its
+        directory name; ``allow_source_mismatch`` only when set)."""
         if self.codec is None:  # every scheme option that is set, as tolcli always recorded them
-            return {"scheme": self.scheme, **{k: v for k, v in asdict(self).items() if v is not None and k != "scheme"}}
-        weighting = {k: getattr(self, k) for k in _WEIGHTING_FIELDS if getattr(self, k) is not None}
-        return {"codec": str(self.codec_spec()), **weighting}
+            keys = [f.name for f in fields(self) if f.name not in ("scheme", "allow_source_mismatch")]
+            rec = {"scheme": self.scheme, **self._set(keys)}
+        else:
+            rec = {"codec": str(self.codec_spec()), **self._set(_WEIGHTING_FIELDS)}
+        if self.allow_source_mismatch:
+            rec["allow_source_mismatch"] = True
+        return rec
+
+    def _set(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The options named ``keys`` that are set (not None), as JSON values."""
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if isinstance(out.get("sensitivity"), Checkpoint):
+            out["sensitivity"] = out["sensitivity"].path.name
+        return out
 
 
 # ---- schemes: shorthands for specs ---------------------------------------------------------------------------
@@ -299,11 +322,12 @@ def plan_ranks(
 
 # ---- planning: token weights --------------------------------------------------------------------------------
 def load_weights(
-    w: Weighting, b: Bundle, progress: Progress
+    w: Weighting, b: Bundle, progress: Progress, note: Callable[[str], None] = lambda s: None
 ) -> tuple[dict[int, torch.Tensor] | None, dict[str, Any] | None]:
-    """Per-layer token weights (the same vector for every layer unless ``sensitivity``), and their record."""
+    """Per-layer token weights (the same vector for every layer unless ``sensitivity``), and their record;
+    ``note`` hears the pairing warnings of a ``sensitivity`` checkpoint."""
     if w.sensitivity is not None:
-        return _sensitivity_weights(w, b, progress)
+        return _sensitivity_weights(w, b, progress, note)
     if w.token_weights is None and w.calibration is None:
         return None, None
     weights, info = load_token_weights(
@@ -316,31 +340,37 @@ def load_weights(
     return dict.fromkeys(b.layers, weights), info
 
 
-def _sensitivity_weights(w: Weighting, b: Bundle, progress: Progress) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    if w.calibration is None or w.token_weights is not None:
-        raise UsageError("`sensitivity` needs `calibration` text (and no `token_weights`)")
-    ckpt = open_checkpoint(resolve_checkpoint_arg(w.sensitivity))  # type: ignore[arg-type]
+def _sensitivity_checkpoint(w: Weighting, b: Bundle, note: Callable[[str], None]) -> Checkpoint:
+    """The ``sensitivity`` checkpoint, opened, with context-free FFNs, and the one ``b`` was computed from."""
+    s = w.sensitivity
+    ckpt = s if isinstance(s, Checkpoint) else open_checkpoint(resolve_checkpoint_arg(s))  # type: ignore[arg-type]
     cfg = ckpt.config
     if not cfg.has_memory:
         raise InputError(
             f"`sensitivity` {ckpt.path}: model_type {cfg.model_type!r} has no context-free FFN",
             hint="pass the memoryllm checkpoint the bundle was computed from",
         )
-    if (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) != (b.vocab_size, b.hidden_size, b.num_layers):
-        raise InputError(
-            f"checkpoint {ckpt.path} (vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
-            f"layers) does not match the bundle (vocab {b.vocab_size}, hidden {b.hidden_size}, {b.num_layers} layers)"
-        )
+    check_pairing(ckpt, b, allow_mismatch=w.allow_source_mismatch, note=note)
+    return ckpt
+
+
+def _sensitivity_weights(
+    w: Weighting, b: Bundle, progress: Progress, note: Callable[[str], None]
+) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    if w.calibration is None or w.token_weights is not None:
+        raise UsageError("`sensitivity` needs `calibration` text (and no `token_weights`)")
+    ckpt = _sensitivity_checkpoint(w, b, note)
     tok = b.tokenizer()
     if tok is None:
         raise InputError("the bundle has no embedded tokenizer to read the calibration text with")
-    tokens = read_tokens(w.calibration, tok, b.vocab_size)
+    data = read_data(w.calibration, vocab_size=b.vocab_size)
+    tokens = tokens_of(data, tok, b.vocab_size)
     S, counts = token_sensitivity(load_model(ckpt), tokens, progress=progress)
     info = {
         "source": "sensitivity",
         "checkpoint": ckpt.path.name,
         "name": Path(w.calibration).name,
-        "sha256": sha256_file(Path(w.calibration)),
+        "sha256": data.sha256,
         "tokens": tokens.numel(),
         "floor": w.floor,
         "layer_sensitivity": [float(x) for x in (S.sum(1) / counts.sum())],
@@ -491,7 +521,7 @@ def compress(
     )
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
-        weights, weight_info = load_weights(options.weighting(), b, progress)
+        weights, weight_info = load_weights(options.weighting(), b, progress, note)
         ranks = plan_ranks(spec, b, weights, progress)
         job = {
             "command": "compress",

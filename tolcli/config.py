@@ -6,6 +6,7 @@ See ``docs/checkpoint-format.md`` for the meaning of each key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ MAX_HIDDEN = 1 << 17
 MAX_LAYERS = 4096
 MAX_HEADS = 4096
 MAX_CONFIG_BYTES = 16 << 20  # real configs are a few KiB
+# A source fingerprint (tolcli.pairing): "sha256:" and 64 lowercase hex digits.
+SOURCE_FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ModelConfig:
     stripped: bool = False  # ``tolcli_stripped``: the context-free FFN weights were removed (run from a bundle)
     bos_token_id: int | None = None  # the tokenizer's begin-of-text id, when config.json names one
     eos_token_id: int | None = None  # end-of-text id (the first, when config.json lists several)
+    source_fingerprint: str | None = None  # ``tolcli_source_fingerprint``: what strip recorded (tolcli.pairing)
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -135,6 +139,7 @@ class ModelConfig:
             stripped=_bool(data.get("tolcli_stripped", False), "tolcli_stripped", source),
             bos_token_id=_token_id(data.get("bos_token_id"), "bos_token_id", source),
             eos_token_id=_token_id(data.get("eos_token_id"), "eos_token_id", source),
+            source_fingerprint=_fingerprint(data.get("tolcli_source_fingerprint"), source),
         )
 
     @classmethod
@@ -151,6 +156,9 @@ class ModelConfig:
         stripped = d.pop("stripped")
         if stripped:
             d["tolcli_stripped"] = True
+        fingerprint = d.pop("source_fingerprint")
+        if fingerprint is not None:
+            d["tolcli_source_fingerprint"] = fingerprint
         if not self.has_memory:
             for k in ("memory_norm_type", "memory_norm_eps", "ffn_alpha"):
                 d.pop(k)
@@ -191,3 +199,15 @@ def _token_id(v: Any, key: str, source: str | Path) -> int | None:
             return None
         v = v[0]
     return _int(v, key, source, 0, MAX_VOCAB - 1)
+
+
+def _fingerprint(v: Any, source: str | Path) -> str | None:
+    """``tolcli_source_fingerprint``: absent/null, or ``sha256:`` and 64 lowercase hex digits."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not re.fullmatch(SOURCE_FINGERPRINT_PATTERN, v):
+        raise CheckpointError(
+            f"tolcli_source_fingerprint must be 'sha256:' and 64 lowercase hex digits, got {short(v, 80)}",
+            path=source,
+        )
+    return v

@@ -145,9 +145,10 @@ def loads(
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError as e:
             raise fail(f"not UTF-8 ({e.reason} at byte {e.start})") from None
-    depth = nesting_depth(text)
-    if depth > max_depth:
-        raise fail(f"JSON nested {depth} levels deep (limit {max_depth})")
+    if text.count("[") + text.count("{") > max_depth:  # an upper bound on the depth: most texts skip the scan
+        depth = nesting_depth(text)
+        if depth > max_depth:
+            raise fail(f"JSON nested {depth} levels deep (limit {max_depth})")
     try:
         return json.loads(
             text,

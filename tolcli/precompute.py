@@ -34,6 +34,7 @@ from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import sha256_file
 from tolcli.layout import EMBED, memory_ffn_names, parse_layer_spec
 from tolcli.model import MemoryFFN, context_free_term, load_memory_ffn
+from tolcli.pairing import source_fingerprint
 from tolcli.progress import NullProgress, Progress
 
 FP16_MAX = 65504.0
@@ -55,11 +56,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def source_description(ckpt: Checkpoint) -> dict[str, Any]:
-    """The manifest's ``source``: checkpoint name, its files with sha256, and its config."""
+    """The manifest's ``source``: checkpoint name, its files with sha256, its config, and the fingerprint of what
+    determines the ToLs (:func:`tolcli.pairing.source_fingerprint`)."""
     files = []
     for f in sorted({*ckpt.files, *([ckpt.index_path] if ckpt.index_path else [])}):
         files.append({"name": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)})
-    return {"checkpoint": ckpt.path.name, "files": files, "config": ckpt.config.to_dict()}
+    source = {"checkpoint": ckpt.path.name, "files": files, "config": ckpt.config.to_dict()}
+    fingerprint = source_fingerprint(ckpt)
+    if fingerprint is not None:
+        source["fingerprint"] = fingerprint
+    return source
 
 
 def vocabulary_description(vocab_size: int, tokenizer: bytes | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.summary import bundle_summary
-from tolcli.checkpoint import open_checkpoint
+from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
 from tolcli.compress import CompressOptions, compress
@@ -44,8 +44,11 @@ class SweepOptions:
     group_sizes: Sequence[int] = (32, 64, 128)
     int4_budgets: Sequence[float] = (0.1, 0.15, 0.25)
     calibration: str | None = None
+    protocol: str = "tolcli"
     ctx: int = 512
     stride: int | None = None
+    text_field: str = "text"
+    doc_sep: str = "eos"
     max_tokens: int | None = None
     batch_size: int = 4
     device: str = "auto"
@@ -95,7 +98,7 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
     return grid + [(str(s), s.name, CompressOptions(codec=s)) for s in specs]
 
 
-def _at_uniform_bytes(name: str, built: dict[str, Path], opts: SweepOptions, checkpoint: str) -> CompressOptions:
+def _at_uniform_bytes(name: str, built: dict[str, Path], opts: SweepOptions, checkpoint: Checkpoint) -> CompressOptions:
     """adaptive-svd at the stored bytes of the uniform bundle ``name`` refers to (``adaptive-svd@r16``: ``svd-r16``)."""
     uniform = name.split("@", 1)[1].removesuffix("-sensitivity")
     with open_bundle(built[f"svd-{uniform}"]) as u:
@@ -110,7 +113,7 @@ def _build(
     grid: list[tuple[str, str, CompressOptions | None]],
     dense: Path,
     opts: SweepOptions,
-    checkpoint: str,
+    checkpoint: Checkpoint,
     progress: Progress,
     note: Callable[[str], None],
 ) -> tuple[dict[str, Path], dict[str, str]]:
@@ -136,8 +139,12 @@ def _row(name: str, variant: dict[str, Any], family: str, path: Path | None) -> 
         "name": name,
         "family": family,
         "ppl": variant["ppl"],
+        "ppl_stderr": variant["ppl_stderr"],
         "ppl_change_pct": variant["ppl_change_pct"],
+        "ppl_change_pct_ci": variant.get("ppl_change_pct_ci"),
+        "bits_per_byte": variant["bits_per_byte"],
         "mean_kl": variant["mean_kl"],
+        "kl_p99": variant["kl"]["p99"] if "kl" in variant else None,
         "top1_agreement": variant["top1_agreement"],
         "stored_bytes": None,
         "fraction_of_dense_fp16": None,
@@ -159,7 +166,7 @@ def _row(name: str, variant: dict[str, Any], family: str, path: Path | None) -> 
 
 
 def sweep(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Checkpoint,
     data: Sequence[str | Path],
     out_dir: str | Path,
     options: SweepOptions | None = None,
@@ -185,20 +192,23 @@ def sweep(
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputError("sweep directory is not empty", path=out, hint="pass --force to reuse it")
     (out / "bundles").mkdir(parents=True, exist_ok=True)
-    ckpt = open_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     dense = out / "bundles" / "dense-fp32.safetensors"
     precompute(ckpt, dense, device=opts.device, force=True)
     cfg = ckpt.config
     grid = _grid(opts, cfg.hidden_size)
-    built, families = _build(grid, dense, opts, str(checkpoint), progress, note)
+    built, families = _build(grid, dense, opts, ckpt, progress, note)
     L = cfg.num_hidden_layers
     drops = [(f"drop-last-{k}", set(range(L - k))) for k in range(1, L + 1)] if "drop" in opts.families else []
     report = eval_ppl(
         ckpt,
         data,
         tols=[dense, *built.values()],
+        protocol=opts.protocol,
         ctx=opts.ctx,
         stride=opts.stride,
+        text_field=opts.text_field,
+        doc_sep=opts.doc_sep,
         max_tokens=opts.max_tokens,
         batch_size=opts.batch_size,
         device=opts.device,

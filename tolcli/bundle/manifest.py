@@ -34,6 +34,7 @@ from tolcli.bundle.spec import (
     TOKENIZER_TENSOR,
     layer_tensor,
 )
+from tolcli.config import SOURCE_FINGERPRINT_PATTERN
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, TolcliError
 from tolcli.jsonsafe import cut, loads, short
@@ -129,6 +130,13 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     },
                 },
                 "config": {"type": "object", "description": "the checkpoint's config as tolcli read it"},
+                "fingerprint": {
+                    "type": "string",
+                    "pattern": SOURCE_FINGERPRINT_PATTERN,
+                    "minLength": 71,
+                    "maxLength": 71,
+                    "description": "sha256 of what determines the ToLs (docs/bundle-format.md); older bundles lack it",
+                },
             },
         },
         "model": {

@@ -22,6 +22,15 @@ TensorMapOpt = Annotated[
     str | None,
     typer.Option("--tensor-map", metavar="FILE.json", help="Rename foreign tensor names (docs/checkpoint-format.md)."),
 ]
+AllowSourceMismatchOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-source-mismatch",
+        help="Warn instead of refusing when a bundle was computed from another checkpoint (source fingerprints).",
+    ),
+]
+
+
 RevisionOpt = Annotated[
     str | None,
     typer.Option(

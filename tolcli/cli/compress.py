@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,6 +12,7 @@ import tolcli
 from tolcli.bundle.summary import bundle_summary
 from tolcli.choices import SCHEMES
 from tolcli.cli._common import (
+    AllowSourceMismatchOpt,
     BundleArg,
     CompressionOpt,
     ForceOpt,
@@ -20,15 +22,20 @@ from tolcli.cli._common import (
     Output,
     OutputOpt,
     QuietOpt,
+    RevisionOpt,
     RichProgress,
     Sha256sumsOpt,
+    TensorMapOpt,
     VerifyOpt,
+    checkpoint_from_cli,
     fmt_bytes,
     note_to_stderr,
 )
+from tolcli.errors import UsageError
 from tolcli.fsutil import check_sums_path, path_bytes, write_sha256sums
 
 if TYPE_CHECKING:
+    from tolcli.checkpoint import Checkpoint
     from tolcli.compress import CompressResult
 
 _SVD = "SVD"
@@ -128,10 +135,14 @@ def compress_cmd(
         typer.Option(
             "--sensitivity",
             metavar="CHECKPOINT",
-            help="With --calibration: weight each layer's errors by the loss's sensitivity (needs the model).",
+            help="With --calibration: weight each layer's errors by the loss's sensitivity (needs the model the "
+            "bundle was computed from).",
             rich_help_panel=_W,
         ),
     ] = None,
+    tensor_map: TensorMapOpt = None,
+    revision: RevisionOpt = None,
+    allow_source_mismatch: AllowSourceMismatchOpt = False,
     weight_floor: Annotated[
         float,
         typer.Option("--weight-floor", help="Added to every count, so unseen tokens still count.", rich_help_panel=_W),
@@ -161,44 +172,57 @@ def compress_cmd(
     out = Output(json=json_out, quiet=quiet)
     if sha256sums:
         check_sums_path(sha256sums, output, bundle)
-    opts = tolcli.CompressOptions(
-        scheme=scheme,
-        rank=rank,
-        ratio=ratio,
-        budget=budget,
-        energy=energy,
-        rank_multiple=rank_multiple,
-        min_rank=min_rank,
-        max_rank=max_rank,
-        svd_method=svd_method,
-        oversample=oversample,
-        power_iters=power_iters,
-        seed=seed,
-        group_size=group_size,
-        symmetric=symmetric,
-        factor_dtype=factor_dtype,
-        token_weights=token_weights,
-        calibration=calibration,
-        sensitivity=sensitivity,
-        weight_floor=weight_floor,
-        codec=codec,
-    )
-    res = tolcli.compress(
-        bundle,
-        output,
-        opts,
-        container=fmt,
-        force=force,
-        resume=resume,
-        compression=compression,
-        max_shard_size=max_shard_size,
-        verify_input=verify,
-        progress=RichProgress(out),
-        note=note_to_stderr(out),
-    )
+    with _open_sensitivity(sensitivity, tensor_map, revision) as sens:
+        opts = tolcli.CompressOptions(
+            scheme=scheme,
+            rank=rank,
+            ratio=ratio,
+            budget=budget,
+            energy=energy,
+            rank_multiple=rank_multiple,
+            min_rank=min_rank,
+            max_rank=max_rank,
+            svd_method=svd_method,
+            oversample=oversample,
+            power_iters=power_iters,
+            seed=seed,
+            group_size=group_size,
+            symmetric=symmetric,
+            factor_dtype=factor_dtype,
+            token_weights=token_weights,
+            calibration=calibration,
+            sensitivity=sens,
+            weight_floor=weight_floor,
+            codec=codec,
+            allow_source_mismatch=allow_source_mismatch,
+        )
+        res = tolcli.compress(
+            bundle,
+            output,
+            opts,
+            container=fmt,
+            force=force,
+            resume=resume,
+            compression=compression,
+            max_shard_size=max_shard_size,
+            verify_input=verify,
+            progress=RichProgress(out),
+            note=note_to_stderr(out),
+        )
     if sha256sums:
         write_sha256sums(Path(sha256sums), [res.path])
     _report(out, res, scheme or codec or "")
+
+
+def _open_sensitivity(
+    arg: str | None, tensor_map: str | None, revision: str | None
+) -> AbstractContextManager[Checkpoint | None]:
+    """The ``--sensitivity`` checkpoint, opened with ``--tensor-map`` and ``--revision`` (which need it)."""
+    if arg is None:
+        if tensor_map is not None or revision is not None:
+            raise UsageError("`tensor_map` and `revision` apply to the `sensitivity` checkpoint, which is not given")
+        return nullcontext()
+    return checkpoint_from_cli(arg, tensor_map=tensor_map, revision=revision)
 
 
 def _report(out: Output, res: CompressResult, what: str) -> None:

@@ -12,6 +12,7 @@ from rich.table import Table
 import tolcli
 from tolcli._lazy import lazy_import
 from tolcli.cli._common import (
+    AllowSourceMismatchOpt,
     BundleArg,
     CheckpointArg,
     DeviceOpt,
@@ -19,16 +20,31 @@ from tolcli.cli._common import (
     JsonOpt,
     Output,
     QuietOpt,
+    RevisionOpt,
+    TensorMapOpt,
+    checkpoint_from_cli,
     fmt_bytes,
+    note_to_stderr,
 )
-from tolcli.demo import resolve_checkpoint_arg
 
 runtime = lazy_import("tolcli.runtime")
 
 
+# Shared with compress (and, for the lead, eval-ppl): belongs in _common.py.
 def strip_cmd(
     checkpoint: CheckpointArg,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="The stripped checkpoint directory.")],
+    tol: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--tol",
+            metavar="BUNDLE",
+            help="A bundle to deploy with it (repeatable): refuse to strip when it came from another checkpoint.",
+        ),
+    ] = None,
+    allow_source_mismatch: AllowSourceMismatchOpt = False,
+    tensor_map: TensorMapOpt = None,
+    revision: RevisionOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -38,10 +54,20 @@ def strip_cmd(
     Example:
 
         tolcli strip ./my-memoryllm -o ./my-memoryllm-active && tolcli info ./my-memoryllm-active
+
+        tolcli strip ./my-memoryllm -o ./active --tol tol-int4.safetensors   # refuses a bundle of another model
     """
     out = Output(json=json_out, quiet=quiet)
     t0 = time.monotonic()
-    res = tolcli.strip_checkpoint(resolve_checkpoint_arg(checkpoint), output, force=force)
+    with checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision) as ckpt:
+        res = tolcli.strip_checkpoint(
+            ckpt,
+            output,
+            force=force,
+            tols=tol or [],
+            allow_source_mismatch=allow_source_mismatch,
+            note=note_to_stderr(out),
+        )
     if json_out:
         out.emit_json(
             {
@@ -49,6 +75,7 @@ def strip_cmd(
                 "tensors_kept": res.kept,
                 "tensors_removed": res.removed,
                 "bytes_removed": res.bytes_removed,
+                "source_fingerprint": res.source_fingerprint,
             }
         )
         return

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 import tolcli
-from tolcli.choices import SWEEP_FAMILIES
+from tolcli.choices import DOC_SEPARATORS, PROTOCOLS, SWEEP_FAMILIES
 from tolcli.cli._common import (
+    AllowSourceMismatchOpt,
     CheckpointArg,
     DeviceOpt,
     DropLastOpt,
@@ -19,55 +20,88 @@ from tolcli.cli._common import (
     KeepLayersOpt,
     Output,
     QuietOpt,
+    RevisionOpt,
     RichProgress,
+    TensorMapOpt,
     VerifyOpt,
+    checkpoint_from_cli,
     fmt_bytes,
     note_to_stderr,
     parse_ints,
 )
-from tolcli.demo import resolve_checkpoint_arg
 from tolcli.errors import QualityGateError
 
 if TYPE_CHECKING:
     from tolcli.evaluation import EvalReport
 
 
+def _pm(value: float | None, err: float | None, fmt: str) -> str:
+    """``value ± err`` (the error left out when it is not a number)."""
+    if value is None:
+        return ""
+    text = format(value, fmt)
+    return text if err is None or err != err else f"{text} ± {format(err, fmt)}"
+
+
 def _print_report(out: Output, report: EvalReport) -> None:
     p = report.protocol
+    c = f"{100 * p['confidence']:g}%"
     t = Table(
         "variant",
         "ppl",
-        "change",
-        "mean NLL",
-        "KL vs ref",
+        f"change ({c} interval)",
+        "bits/byte",
+        "KL vs ref (mean)",
+        "KL p99 / max",
         "top-1 agree",
         "bytes",
-        title=f"{p['model']}: {p['tokens_scored']:,} tokens, ctx {p['ctx']}, stride {p['stride']} "
-        f"(reference: {p['reference']})",
+        title=f"{p['model']}: {p['tokens_scored']:,} tokens, protocol {p['protocol']}, ctx {p['ctx']}, "
+        f"stride {p['stride']} (reference: {p['reference']})",
         title_justify="left",
     )
     for v in report.variants:
-        change = "" if v is report.variants[0] else f"{v['ppl_change']:+.3f} ({v['ppl_change_pct']:+.2f}%)"
-        kl = "" if v is report.variants[0] else f"{v['mean_kl']:.2e}"
-        agree = "" if v is report.variants[0] else f"{100 * v['top1_agreement']:.2f}%"
+        first = v is report.variants[0]
+        change = ""
+        if not first:
+            lo, hi = v["ppl_change_pct_ci"]
+            change = f"{v['ppl_change_pct']:+.2f}% ({lo:+.2f}, {hi:+.2f})"
         t.add_row(
             v["name"],
-            f"{v['ppl']:.3f}",
+            _pm(v["ppl"], v["ppl_stderr"], ".3f"),
             change,
-            f"{v['mean_nll']:.4f}",
-            kl,
-            agree,
+            "" if v["bits_per_byte"] is None else f"{v['bits_per_byte']:.4f}",
+            "" if first else _pm(v["kl"]["mean"], v["kl"]["stderr"], ".2e"),
+            "" if first else f"{v['kl']['p99']:.2e} / {v['kl']['max']:.2e}",
+            "" if first else _pm(100 * v["top1_agreement"], 100 * v["top1_agreement_stderr"], ".2f") + "%",
             fmt_bytes(v["bytes"]) if v.get("bytes") else "",
         )
     out.print(t)
 
 
+ProtocolOpt = Annotated[
+    str,
+    typer.Option(
+        "--protocol",
+        help=f"Which tokens are scored, with which context: {', '.join(PROTOCOLS)} (docs/evaluation.md).",
+    ),
+]
+TextFieldOpt = Annotated[
+    str, typer.Option("--text-field", metavar="NAME", help="The text field of .jsonl/.json/.parquet/datasets records.")
+]
+DocSepOpt = Annotated[
+    str,
+    typer.Option(
+        "--doc-sep", help=f"Between two documents of a file: {', '.join(DOC_SEPARATORS)} (lm-eval-rolling: separate)."
+    ),
+]
+DATA_HELP = "Text (.txt .raw .md, .json/.jsonl records, .parquet, .gz/.zst of text) or token ids (.npy); repeatable."
+
+
 def eval_ppl_cmd(
     checkpoint: CheckpointArg,
-    data: Annotated[
-        list[Path], typer.Option("--data", help="Text (.txt, .jsonl with 'text') or token ids (.npy); repeatable.")
-    ],
+    data: Annotated[list[Path], typer.Option("--data", help=DATA_HELP)],
     tol: Annotated[list[Path] | None, typer.Option("--tol", help="A ToL bundle to evaluate; repeatable.")] = None,
+    protocol: ProtocolOpt = "tolcli",
     ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.")] = 512,
     stride: Annotated[int | None, typer.Option("--stride", help="Window step (default: --ctx).")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use the first N tokens of each file.")] = None,
@@ -78,9 +112,12 @@ def eval_ppl_cmd(
     tokenizer: Annotated[
         Path | None, typer.Option("--tokenizer", metavar="tokenizer.json", help="Tokenise text with this tokenizer.")
     ] = None,
+    text_field: TextFieldOpt = "text",
+    doc_sep: DocSepOpt = "eos",
     allow_tokenizer_mismatch: Annotated[
         bool, typer.Option("--allow-tokenizer-mismatch", help="Evaluate although a bundle's tokenizer hash differs.")
     ] = False,
+    allow_source_mismatch: AllowSourceMismatchOpt = False,
     verify: VerifyOpt = False,
     max_increase: Annotated[
         float | None,
@@ -90,26 +127,56 @@ def eval_ppl_cmd(
             help="Quality gate: exit 3 if a variant's perplexity rises more (or is NaN).",
         ),
     ] = None,
+    gate_significant: Annotated[
+        bool,
+        typer.Option(
+            "--gate-significant", help="Fail the gate only when the whole --confidence interval exceeds the limit."
+        ),
+    ] = False,
+    confidence: Annotated[
+        float, typer.Option("--confidence", metavar="C", help="Level of the reported intervals (two-sided).")
+    ] = 0.95,
+    save_reference: Annotated[
+        Path | None,
+        typer.Option("--save-reference", metavar="FILE", help="Store the reference's log-probabilities for reuse."),
+    ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference", metavar="FILE", help="Compare against a stored reference instead of the model's FFNs."
+        ),
+    ] = None,
+    reference_top_k: Annotated[
+        int, typer.Option("--reference-top-k", metavar="K", help="Top tokens per position --save-reference keeps.")
+    ] = 64,
+    tensor_map: TensorMapOpt = None,
+    revision: RevisionOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity with the model's own FFNs and with any bundles, on the same tokens, side by side.
 
-    Reports per variant: perplexity, mean NLL, change vs the reference, mean KL(reference || variant) per
-    token, and top-1 agreement. Exit code 3 when --max-increase is exceeded.
+    Reports per variant: perplexity ± standard error, the change vs the reference with a paired interval,
+    bits per byte (and word/byte perplexity in --json), KL(reference || variant) per token (mean ± error, 99th
+    percentile, max) and top-1 agreement. Exit code 3 when --max-increase is exceeded.
 
     Example:
 
         tolcli eval-ppl demo --data tolcli/demo/heldout.txt --tol int4.safetensors --tol svd.h5
 
-        tolcli eval-ppl ./stripped --data wiki.txt --tol tol.safetensors --max-increase 1 --json
+        tolcli eval-ppl demo --data wiki.test.raw --protocol lm-eval-rolling --ctx 512
+
+        tolcli eval-ppl demo --data heldout.txt --save-reference ref.safetensors --ctx 128
+
+        tolcli eval-ppl ./stripped --data wiki.txt --tol tol.safetensors --max-increase 1 --gate-significant --json
     """
     out = Output(json=json_out, quiet=quiet)
     try:
         report = tolcli.eval_ppl(
-            resolve_checkpoint_arg(checkpoint),
+            checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision),
             data,
             tols=tol or [],
+            protocol=protocol,
             ctx=ctx,
             stride=stride,
             max_tokens=max_tokens,
@@ -118,9 +185,17 @@ def eval_ppl_cmd(
             drop_last=drop_last,
             keep_layers=keep_layers,
             tokenizer=tokenizer,
+            text_field=text_field,
+            doc_sep=doc_sep,
             allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+            allow_source_mismatch=allow_source_mismatch,
             verify_input=verify,
             max_increase=max_increase,
+            gate_significant=gate_significant,
+            confidence=confidence,
+            save_reference=save_reference,
+            reference=reference,
+            reference_top_k=reference_top_k,
             progress=RichProgress(out),
             note=note_to_stderr(out),
         )
@@ -139,7 +214,7 @@ def _emit(out: Output, report: EvalReport, json_out: bool) -> None:
 
 def sweep_cmd(
     checkpoint: CheckpointArg,
-    data: Annotated[list[Path], typer.Option("--data", help="Evaluation text or token ids; repeatable.")],
+    data: Annotated[list[Path], typer.Option("--data", help=DATA_HELP)],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Where bundles and results go.")],
     schemes: Annotated[
         str, typer.Option("--schemes", help=f"Comma-separated families: {','.join(SWEEP_FAMILIES)}.")
@@ -150,11 +225,16 @@ def sweep_cmd(
     calibration: Annotated[
         str | None, typer.Option("--calibration", metavar="TEXT", help="Add loss-weighted SVD variants.")
     ] = None,
+    protocol: ProtocolOpt = "tolcli",
     ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.")] = 512,
     stride: Annotated[int | None, typer.Option("--stride", help="Window step (default: --ctx).")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use the first N tokens of each file.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
+    text_field: TextFieldOpt = "text",
+    doc_sep: DocSepOpt = "eos",
     device: DeviceOpt = "auto",
+    tensor_map: TensorMapOpt = None,
+    revision: RevisionOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -172,14 +252,17 @@ def sweep_cmd(
         families=[f.strip() for f in schemes.split(",") if f.strip()],
         ranks=parse_ints(ranks, "--ranks") if ranks else None,
         calibration=calibration,
+        protocol=protocol,
         ctx=ctx,
         stride=stride,
+        text_field=text_field,
+        doc_sep=doc_sep,
         max_tokens=max_tokens,
         batch_size=batch_size,
         device=device,
     )
     res = tolcli.sweep(
-        resolve_checkpoint_arg(checkpoint),
+        checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision),
         data,
         output,
         opts,
