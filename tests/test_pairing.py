@@ -373,3 +373,35 @@ def test_eval_ppl_refuses_a_bundle_of_another_checkpoint(pair: dict[str, Path], 
     notes: list[str] = []
     eval_ppl(pair["B"], data, tols=tol, ctx=32, allow_source_mismatch=True, note=notes.append)
     assert any(n.startswith("warning: ") and "another checkpoint" in n for n in notes)
+
+
+def test_eval_ppl_and_sweep_take_a_tensor_map(pair: dict[str, Path], cli) -> None:
+    # Expected: the foreign-named copy read through the map is the same model: the same perplexities as A itself.
+    foreign = foreign_copy(pair["A"], pair["dir"] / "A-foreign-eval")
+    common = ["--data", pair["calib"], "--tol", pair["bundle"], "--ctx", "32", "--json"]
+    plain = cli("eval-ppl", pair["A"], *common)
+    assert plain.code == 0, plain.err
+    refused = cli("eval-ppl", foreign, *common)
+    assert refused.code == 4 and "--tensor-map" in refused.err
+    mapped = cli("eval-ppl", foreign, *common, "--tensor-map", TENSOR_MAP)
+    assert mapped.code == 0, mapped.err
+    want, got = json.loads(plain.out)["variants"], json.loads(mapped.out)["variants"]
+    assert [v["ppl"] for v in got] == pytest.approx([v["ppl"] for v in want], rel=1e-12)
+    out = pair["dir"] / "sweep-foreign"
+    r = cli(
+        "sweep",
+        foreign,
+        "--data",
+        pair["calib"],
+        "-o",
+        out,
+        "--schemes",
+        "drop",
+        "--ctx",
+        "32",
+        "--tensor-map",
+        TENSOR_MAP,
+    )
+    assert r.code == 0, r.err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[0]["ppl"] == pytest.approx(want[0]["ppl"], rel=1e-12)
