@@ -190,12 +190,9 @@ class Batch:
 def plan_batches(plan: Plan, *, batch_size: int, device: torch.device | str) -> Iterator[Batch]:
     """Consecutive windows of equal length, at most ``batch_size`` per batch; scored tokens in plan order."""
     i = 0
-    ws = plan.windows
-    while i < len(ws):
-        j = i + 1
-        while j < len(ws) and j - i < batch_size and ws[j].length == ws[i].length:
-            j += 1
-        group = ws[i:j]
+    for size in _group_sizes(plan, batch_size):
+        group = plan.windows[i : i + size]
+        i += size
         length = group[0].length
         rows, tgts = [], []
         keep = torch.zeros(len(group), length, dtype=torch.bool)
@@ -208,7 +205,6 @@ def plan_batches(plan: Plan, *, batch_size: int, device: torch.device | str) -> 
             keep[r, w.first_scored : w.stop] = True
             tgts.append(seq[w.start + w.first_scored + 1 : w.start + w.stop + 1])
         yield Batch(torch.stack(rows).to(device), keep.to(device), torch.cat(tgts).to(device))
-        i = j
 
 
 def window_batches(
@@ -235,6 +231,7 @@ def count_plan_batches(plan: Plan, batch_size: int) -> int:
 
 
 def _group_sizes(plan: Plan, batch_size: int) -> Iterator[int]:
+    """Sizes of the batches: runs of consecutive windows of equal length, at most ``batch_size`` each."""
     i, ws = 0, plan.windows
     while i < len(ws):
         j = i + 1
