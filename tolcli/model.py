@@ -110,18 +110,63 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=False)
         self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerKV | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:  # keys and values of earlier positions, then causal within the new block
+            start = cache.length
+            k, v = cache.append(k, v)
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
             v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class LayerKV:
+    """One layer's cached keys and values (after RoPE), preallocated for ``capacity`` positions (gpt-fast style)."""
+
+    def __init__(self, batch: int, n_kv: int, capacity: int, head_dim: int, *, dtype: torch.dtype, device) -> None:
+        self.k = torch.zeros(batch, n_kv, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store the new positions; return keys and values of every position so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache full: {end} positions, capacity {self.k.shape[2]}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: ``model(ids, source, cache=cache)`` runs only the
+    new positions ``cache.length .. cache.length + T - 1`` and appends them."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, batch: int = 1, capacity: int | None = None, dtype=torch.float32, device="cpu"
+    ):
+        self.capacity = capacity or cfg.max_position_embeddings
+        self.layers = [
+            LayerKV(batch, cfg.num_key_value_heads, self.capacity, cfg.head_dim, dtype=dtype, device=device)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 def context_free_term(norm: nn.Module, mlp: Callable[[Tensor], Tensor], alpha: float, x0: Tensor) -> Tensor:
@@ -186,8 +231,10 @@ class Block(nn.Module):
             )
         return context_free_term(self.memory_layernorm, self.mlp, self.cfg.ffn_alpha, x0)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, memory: Tensor | None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, memory: Tensor | None, cache: LayerKV | None = None
+    ) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         if self.cfg.model_type == "llama":
             return h + self.mlp(self.post_attention_layernorm(h))
         if self.cfg.model_type == "flex_memoryllm":
@@ -286,22 +333,42 @@ class Transformer(nn.Module):
                 else:
                     p.fill_(1.0)
 
-    def forward(self, idx: Tensor, source: ContextFreeSource | None = None) -> Tensor:
-        """Logits (B, T, V) for token ids ``idx`` (B, T).
+    def forward(
+        self, idx: Tensor | list[int], source: ContextFreeSource | None = None, *, cache: KVCache | None = None
+    ) -> Tensor:
+        """Logits (B, T, V) for token ids ``idx``: (B, T), or one sequence as a 1-D tensor or a list (B = 1).
 
-        ``source`` supplies the context-free terms; ``None`` uses the model's own FFNs.
+        ``source`` supplies the context-free terms; ``None`` uses the model's own FFNs. With ``cache``, ``idx``
+        holds only the new positions, which attend to the cached ones (incremental decoding).
         """
+        idx = as_token_batch(idx, self.model.embed_tokens.weight.device)
         cfg = self.cfg
         _, T = idx.shape
         x0 = self.model.embed_tokens(idx)  # (B, T, h)
-        cos, sin = rope_tables(cfg, T, idx.device, torch.promote_types(x0.dtype, torch.float32))
+        start = 0 if cache is None else cache.length
+        cos, sin = rope_tables(cfg, start + T, idx.device, torch.promote_types(x0.dtype, torch.float32))
+        cos, sin = cos[start:], sin[start:]
         if cfg.has_memory and source is None:
             source = FFNSource(self)
         x = x0
         for i, layer in enumerate(self.model.layers):
             memory = source(i, idx, x0) if (cfg.has_memory and source is not None) else None
-            x = layer(x, cos, sin, memory)
+            x = layer(x, cos, sin, memory, None if cache is None else cache.layers[i])
         return self.lm_head(self.model.norm(x))  # (B, T, V)
+
+
+def as_token_batch(idx: Tensor | list[int], device: torch.device) -> Tensor:
+    """Token ids as a (B, T) int64 tensor: a (B, T) tensor as it is, a 1-D tensor or a list as one sequence.
+    Floats and booleans are refused (they would index silently)."""
+    if isinstance(idx, (list, tuple)):
+        idx = torch.tensor(idx, dtype=torch.long)
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"token ids must be integers, got {idx.dtype}")
+    if idx.ndim == 1:
+        idx = idx[None, :]
+    if idx.ndim != 2:
+        raise ValueError(f"token ids must be (B, T), (T,) or a list, got shape {tuple(idx.shape)}")
+    return idx.to(device=device, dtype=torch.long)
 
 
 def load_model(
