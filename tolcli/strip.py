@@ -29,6 +29,24 @@ from tolcli.layout import MEMORY_FFN
 from tolcli.pairing import check_pairing, source_fingerprint
 
 
+def write_weights(ckpt: Checkpoint, names: list[str], path: Path) -> None:
+    """``names`` of the checkpoint, canonical names and stored dtypes, as one safetensors file (tensors read one
+    at a time)."""
+
+    def entry(name: str) -> TensorEntry:
+        st = ckpt.tensors[name]
+        return TensorEntry(
+            name,
+            TORCH_TO_DTYPE[st.dtype].name,
+            st.shape,
+            "",
+            lambda: iter([tensor_to_numpy(ckpt.load(name, dtype=None))]),
+        )
+
+    with open(path, "wb") as f:
+        st_format.write(f, [entry(n) for n in names], None)
+
+
 @dataclass(frozen=True)
 class StripResult:
     path: Path
@@ -75,19 +93,8 @@ def strip_checkpoint(
     keep = [n for n in sorted(ckpt.tensors) if ckpt.specs[n].group != MEMORY_FFN and ckpt.has(n)]
     removed = [n for n in ckpt.tensors if ckpt.specs[n].group == MEMORY_FFN]
 
-    def entry(name: str) -> TensorEntry:
-        st = ckpt.tensors[name]
-        return TensorEntry(
-            name,
-            TORCH_TO_DTYPE[st.dtype].name,
-            st.shape,
-            "",
-            lambda: iter([tensor_to_numpy(ckpt.load(name, dtype=None))]),
-        )
-
     with atomic_dir(out, force=force) as tmp:
-        with open(tmp / ST_SINGLE, "wb") as f:
-            st_format.write(f, [entry(n) for n in keep], None)
+        write_weights(ckpt, keep, tmp / ST_SINGLE)
         stripped = replace(cfg, stripped=True, source_fingerprint=fingerprint)
         (tmp / CONFIG_NAME).write_text(json.dumps(stripped.to_dict(), indent=2, sort_keys=True) + "\n")
         if ckpt.tokenizer_path is not None:

@@ -20,7 +20,7 @@ from tolcli.cli.bundles import convert_cmd, drop_cmd, inspect_cmd, schema_cmd, v
 from tolcli.cli.compress import compress_cmd
 from tolcli.cli.deploy import bench_lookup_cmd, strip_cmd
 from tolcli.cli.evaluate import eval_ppl_cmd, sweep_cmd
-from tolcli.cli.generate import generate_cmd
+from tolcli.cli.generate import export_hf_cmd, generate_cmd
 from tolcli.cli.info import info
 from tolcli.cli.precompute import precompute_cmd
 from tolcli.cli.transport import pack_cmd, unpack_cmd
@@ -85,6 +85,7 @@ COMMANDS = {
     "sweep": sweep_cmd,
     "bench-lookup": bench_lookup_cmd,
     "generate": generate_cmd,
+    "export-hf": export_hf_cmd,
 }
 for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)

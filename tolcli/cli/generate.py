@@ -13,6 +13,7 @@ from tolcli.cli._common import (
     AllowSourceMismatchOpt,
     CheckpointArg,
     DeviceOpt,
+    ForceOpt,
     JsonOpt,
     Output,
     QuietOpt,
@@ -23,6 +24,7 @@ from tolcli.cli._common import (
 )
 
 gen = lazy_import("tolcli.generate")  # torch: not for --help
+hf = lazy_import("tolcli.hf")
 
 
 def generate_cmd(
@@ -90,3 +92,33 @@ def generate_cmd(
             f"tolcli: {len(g.new_ids)} tokens ({g.stopped}), prefill {1000 * g.prefill_seconds:.1f} ms, "
             f"{g.ms_per_token:.2f} ms/token\n"
         )
+
+
+def export_hf_cmd(
+    checkpoint: CheckpointArg,
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="The directory to write.")],
+    tol: Annotated[
+        Path | None, typer.Option("--tol", help="The bundle a stripped checkpoint runs from (recorded as a path).")
+    ] = None,
+    tensor_map: TensorMapOpt = None,
+    revision: RevisionOpt = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a checkpoint directory that transformers loads: AutoModelForCausalLM.from_pretrained(DIR,
+    trust_remote_code=True) (needs tolcli and transformers installed where it runs).
+
+    Example:
+
+        tolcli export-hf demo -o demo-hf
+
+        tolcli export-hf ./stripped --tol int4.safetensors -o deploy-hf
+    """
+    out = Output(json=json_out)
+    path = hf.export_hf(
+        checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision), output, tol=tol, force=force
+    )
+    if json_out:
+        out.emit_json({"output": str(path), "tol": None if tol is None else str(tol)})
+    else:
+        out.print(f"wrote {path} (load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")
