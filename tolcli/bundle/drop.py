@@ -49,6 +49,12 @@ def drop_layers(
     check_output(Path(out), force=force, directory=options.sharded, make_parent=False)  # before reading the input
     with open_bundle(src, verify=verify_input) as b:
         keep = layers_to_keep(b.num_layers, drop_last=drop_last, keep_layers=keep_layers)
+        if not keep & set(b.present_layers):
+            raise UsageError(
+                f"this keeps none of the bundle's {len(b.present_layers)} present layers: the output would hold no "
+                "table (a model runs the same with no bundle at all)",
+                hint="drop fewer layers; eval-ppl --drop-last measures dropping all of them without writing",
+            )
         layers, names = [], []
         for e in b.manifest["layers"]:
             if e["status"] == "present" and e["index"] in keep:

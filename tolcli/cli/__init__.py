@@ -96,9 +96,18 @@ def _error(text: str) -> None:
     sys.stderr.flush()
 
 
+def _debug_first(args: list[str]) -> list[str]:
+    """``--debug`` is accepted anywhere before ``--`` (``tolcli precompute demo -o x --debug``): moved to the front,
+    where the root command reads it."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug", *(a for i, a in enumerate(args) if not (i < end and a == "--debug"))]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (never raises unless --debug)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _debug_first(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or bool(os.environ.get("TOLCLI_DEBUG"))
     try:
         with sigterm_as_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files removed, locks released
@@ -111,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         _error(e.one_line(flag_for))
         return int(e.exit_code)
-    except click_exc.ClickException as e:  # bad usage: click's own message
-        e.show()
+    except click_exc.ClickException as e:  # bad usage: click's message, on one line like every other error
+        help_error = getattr(click_exc, "NoArgsIsHelpError", None)
+        if help_error is not None and isinstance(e, help_error):
+            e.show()  # `tolcli` alone: the help text
+            return int(e.exit_code)
+        ctx = getattr(e, "ctx", None)
+        where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        _error(" ".join(e.format_message().split()) + where)
         return int(e.exit_code)
     except _ABORTS:
         _error("interrupted")

@@ -31,7 +31,7 @@ from tolcli.cli._common import (
     fmt_bytes,
     print_written,
 )
-from tolcli.errors import VerifyError
+from tolcli.errors import UsageError, VerifyError
 from tolcli.fsutil import check_sums_path, path_bytes, write_sha256sums
 
 plots = lazy_import("tolcli.plots")
@@ -140,7 +140,13 @@ def verify_cmd(bundle: BundleArg, json_out: JsonOpt = False, quiet: QuietOpt = F
 
 def convert_cmd(
     src: Annotated[Path, typer.Argument(help="The bundle to read.")],
-    dst: Annotated[Path, typer.Argument(help="The bundle to write; its suffix picks the container.")],
+    dst_arg: Annotated[
+        Path | None, typer.Argument(metavar="[OUT]", help="Same as -o (the older spelling).", show_default=False)
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="OUT", help="The bundle to write; its suffix picks the container."),
+    ] = None,
     fmt: FormatOpt = None,
     compression: CompressionOpt = None,
     max_shard_size: MaxShardOpt = None,
@@ -154,10 +160,13 @@ def convert_cmd(
 
     Example:
 
-        tolcli convert tol.safetensors tol.h5
+        tolcli convert tol.safetensors -o tol.h5
 
-        tolcli convert tol.h5 tol.safetensors --sha256sums SHA256SUMS
+        tolcli convert tol.h5 -o tol.safetensors --sha256sums SHA256SUMS
     """
+    if (dst_arg is None) == (output is None):
+        raise UsageError("give the output once: -o OUT (or the older positional OUT)")
+    dst: Path = output if output is not None else dst_arg  # type: ignore[assignment]
     out = Output(json=json_out, quiet=quiet)
     if sha256sums:
         check_sums_path(sha256sums, dst, src)
