@@ -12,6 +12,9 @@ The public API (the CLI is a thin layer over it):
 - :func:`convert_bundle`: safetensors <-> HDF5, losslessly;
 - :func:`eval_ppl`: perplexity, KL and top-1 agreement of the model with its FFNs and with bundles;
 - :func:`drop_layers`, :func:`strip_checkpoint`: smaller bundles, deployable checkpoints;
+- :func:`generate_text` / :class:`SamplingOptions` / :class:`KVCache`: text generation from what tolcli ships;
+- :func:`read_data`: evaluation data files (text, records, parquet, compressed, datasets directories);
+- :func:`set_threads`: torch's thread pools, as ``--threads`` sets them;
 - :class:`TolcliError`: the one error type (subclasses carry the CLI exit code).
 """
 
@@ -51,6 +54,11 @@ _LAZY: dict[str, str] = {
     "strip_checkpoint": "tolcli.strip",
     "SweepOptions": "tolcli.sweep",
     "sweep": "tolcli.sweep",
+    "read_data": "tolcli.data",
+    "SamplingOptions": "tolcli.generate",
+    "generate_text": "tolcli.generate",
+    "KVCache": "tolcli.model",
+    "set_threads": "tolcli.threads",
 }
 
 
@@ -89,14 +97,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
     from tolcli.compress import CompressOptions, compress
     from tolcli.config import ModelConfig
+    from tolcli.data import read_data
     from tolcli.demo import demo_checkpoint_path, demo_heldout_path
     from tolcli.errors import ExitCode, TolcliError
     from tolcli.evaluation import EvalReport, eval_ppl
+    from tolcli.generate import SamplingOptions, generate_text
     from tolcli.info import describe_checkpoint
-    from tolcli.model import FFNSource, TableSource, Transformer, ZeroSource, load_model
+    from tolcli.model import FFNSource, KVCache, TableSource, Transformer, ZeroSource, load_model
     from tolcli.precompute import precompute
     from tolcli.strip import strip_checkpoint
     from tolcli.sweep import SweepOptions, sweep
+    from tolcli.threads import set_threads
 
 __all__ = [
     "Bundle",
@@ -106,7 +117,9 @@ __all__ = [
     "EvalReport",
     "ExitCode",
     "FFNSource",
+    "KVCache",
     "ModelConfig",
+    "SamplingOptions",
     "SweepOptions",
     "TableSource",
     "TensorMap",
@@ -121,10 +134,13 @@ __all__ = [
     "describe_checkpoint",
     "drop_layers",
     "eval_ppl",
+    "generate_text",
     "load_model",
     "open_bundle",
     "open_checkpoint",
     "precompute",
+    "read_data",
+    "set_threads",
     "strip_checkpoint",
     "sweep",
 ]

@@ -130,6 +130,26 @@ def fmt_count(n: int) -> str:
 
 
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        metavar="N",
+        min=1,
+        help="CPU threads torch computes with (default: what torch picks, one per core); fewer is often faster "
+        "on a shared machine (docs/ci.md).",
+    ),
+]
+
+
+def apply_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (before any torch work); ``None`` leaves torch's own choice."""
+    if threads is not None:
+        from tolcli.threads import set_threads
+
+        set_threads(threads)
+
+
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")]
 FormatOpt = Annotated[
     str | None,

@@ -26,7 +26,9 @@ from tolcli.cli._common import (
     RichProgress,
     Sha256sumsOpt,
     TensorMapOpt,
+    ThreadsOpt,
     VerifyOpt,
+    apply_threads,
     checkpoint_from_cli,
     fmt_bytes,
     note_to_stderr,
@@ -154,6 +156,7 @@ def compress_cmd(
     force: ForceOpt = False,
     verify: VerifyOpt = False,
     sha256sums: Sha256sumsOpt = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -169,6 +172,7 @@ def compress_cmd(
 
         tolcli compress dense.safetensors -o ad.h5 --codec 'svd(budget=0.1,a=int4(group=32))'
     """
+    apply_threads(threads)
     out = Output(json=json_out, quiet=quiet)
     if sha256sums:
         check_sums_path(sha256sums, output, bundle)

@@ -22,6 +22,8 @@ from tolcli.cli._common import (
     QuietOpt,
     RevisionOpt,
     TensorMapOpt,
+    ThreadsOpt,
+    apply_threads,
     checkpoint_from_cli,
     fmt_bytes,
     note_to_stderr,
@@ -30,7 +32,6 @@ from tolcli.cli._common import (
 runtime = lazy_import("tolcli.runtime")
 
 
-# Shared with compress (and, for the lead, eval-ppl): belongs in _common.py.
 def strip_cmd(
     checkpoint: CheckpointArg,
     output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="The stripped checkpoint directory.")],
@@ -97,6 +98,7 @@ def bench_lookup_cmd(
     ] = None,
     batch: Annotated[int, typer.Option("--batch", help="Token ids per lookup call.")] = 4096,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Lookup throughput and hit rate of a hot-token cache over a token stream (misses read the bundle).
@@ -107,6 +109,7 @@ def bench_lookup_cmd(
 
         tolcli bench-lookup int4.safetensors --data tolcli/demo/heldout.txt --cache-tokens 256
     """
+    apply_threads(threads)
     out = Output(json=json_out)
     doc = runtime.bench_lookup(
         bundle,

@@ -23,7 +23,9 @@ from tolcli.cli._common import (
     RevisionOpt,
     RichProgress,
     TensorMapOpt,
+    ThreadsOpt,
     VerifyOpt,
+    apply_threads,
     checkpoint_from_cli,
     fmt_bytes,
     note_to_stderr,
@@ -151,6 +153,7 @@ def eval_ppl_cmd(
     ] = 64,
     tensor_map: TensorMapOpt = None,
     revision: RevisionOpt = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -170,6 +173,7 @@ def eval_ppl_cmd(
 
         tolcli eval-ppl ./stripped --data wiki.txt --tol tol.safetensors --max-increase 1 --gate-significant --json
     """
+    apply_threads(threads)
     out = Output(json=json_out, quiet=quiet)
     try:
         report = tolcli.eval_ppl(
@@ -236,6 +240,7 @@ def sweep_cmd(
     tensor_map: TensorMapOpt = None,
     revision: RevisionOpt = None,
     force: ForceOpt = False,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -247,6 +252,7 @@ def sweep_cmd(
 
         tolcli sweep ./my-memoryllm --data wiki.txt -o sweep/ --schemes svd,adaptive-svd --ranks 256,512
     """
+    apply_threads(threads)
     out = Output(json=json_out, quiet=quiet)
     opts = tolcli.SweepOptions(
         families=[f.strip() for f in schemes.split(",") if f.strip()],

@@ -19,6 +19,8 @@ from tolcli.cli._common import (
     QuietOpt,
     RevisionOpt,
     TensorMapOpt,
+    ThreadsOpt,
+    apply_threads,
     checkpoint_from_cli,
     note_to_stderr,
 )
@@ -45,6 +47,7 @@ def generate_cmd(
     allow_source_mismatch: AllowSourceMismatchOpt = False,
     tensor_map: TensorMapOpt = None,
     revision: RevisionOpt = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -58,6 +61,7 @@ def generate_cmd(
 
         tolcli generate ./stripped --tol int4.safetensors --prompt "The " --temperature 0.8 --top-p 0.9 --seed 1
     """
+    apply_threads(threads)
     out = Output(json=json_out, quiet=quiet)
     options = gen.SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed)
     shown = [0]

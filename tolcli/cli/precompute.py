@@ -24,6 +24,8 @@ from tolcli.cli._common import (
     RichProgress,
     Sha256sumsOpt,
     TensorMapOpt,
+    ThreadsOpt,
+    apply_threads,
     note_to_stderr,
     print_written,
 )
@@ -53,6 +55,7 @@ def precompute_cmd(
     tensor_map: TensorMapOpt = None,
     revision: RevisionOpt = None,
     sha256sums: Sha256sumsOpt = None,
+    threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -68,6 +71,7 @@ def precompute_cmd(
 
         tolcli precompute org/my-memoryllm -o tol.safetensors   # from the local Hugging Face cache
     """
+    apply_threads(threads)
     out = Output(json=json_out, quiet=quiet)
     source = resolve_checkpoint_arg(checkpoint, revision=revision)
     if sha256sums:
