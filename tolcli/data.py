@@ -23,6 +23,9 @@ import gzip
 import hashlib
 import importlib
 import math
+import os
+import re
+import stat
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +42,9 @@ from tolcli.jsonsafe import cut, inside, load_file, loads, plain_file_name, regu
 MAX_DATA_BYTES = 2 << 30  # 2 GiB of text (after decompression) or of ids per data path
 MAX_DATA_RECORDS = 1 << 26  # 67,108,864 records (lines, array elements, rows) per data path
 MAX_JSONL_LINE_BYTES = 64 << 20  # one .jsonl line
+PARQUET_BATCH_BYTES = 64 << 20  # a Parquet read decodes at most about this much per batch (see _parquet_batch_rows)
+PARQUET_MAX_BATCH_ROWS = 4096
+BOM = "\ufeff"  # a UTF-8 byte order mark, decoded
 ZSTD_MAX_WINDOW_BYTES = 1 << 27  # 128 MiB: zstd's default limit for levels <= 19 (what `zstd` writes)
 # zstd expands one input byte into at most 32 KiB (a 4-byte RLE block of 128 KiB); input is fed in pieces small
 # enough that one call cannot decompress much past the bound.
@@ -193,7 +199,7 @@ def _read_stream(path: Path, compression: str | None, max_bytes: int) -> tuple[b
     chunks = {None: _plain_chunks, "gzip": _gzip_chunks, "zstd": _zstd_chunks}[compression]
     out = bytearray()
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             src = _Hashing(f)
             for chunk in chunks(src, max_bytes + 1, path):
                 out += chunk
@@ -208,6 +214,16 @@ def _read_stream(path: Path, compression: str | None, max_bytes: int) -> tuple[b
     except OSError as e:
         raise InputError(f"cannot read data file: {e.strerror}", path=path) from None
     return out, src.sha.hexdigest()
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for reading without blocking (``O_NONBLOCK``: a FIFO swapped in after the ``stat`` check
+    would otherwise block the open forever), and refused unless the descriptor itself is a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError("data file is not a regular file (it changed after it was checked)", path=path)
+    return os.fdopen(fd, "rb")
 
 
 def _plain_chunks(src: _Hashing, budget: int, path: Path) -> Iterator[bytes]:
@@ -263,10 +279,29 @@ _JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", str: "a st
 _JSON_TYPES |= {dict: "an object", type(None): "null"}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# One non-blank line of JSON Lines: anchored at a line start (so each line is tried once, in linear time).
+# A byte order mark at the very start of the file is skipped.
+_JSONL_LINE = re.compile("(?:\\A\ufeff|^)([ \t\r]*[^ \t\r\n][^\n]*)", re.MULTILINE)
+
+
+def _unicode(text: str, where: str, path: Path) -> str:
+    """``text`` unless it holds a lone surrogate (a JSON ``\\ud800`` escape): that is no Unicode text, and
+    neither a tokenizer nor a UTF-8 byte count can take it."""
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        raise InputError(
+            f"{where}: the text holds a lone surrogate {bad.group()!r} at character {bad.start()} (not Unicode text)",
+            path=path,
+            hint="fix the JSON escapes: a surrogate pair must be complete",
+        )
+    return text
+
+
 def _record_text(obj: Any, where: str, field: str, path: Path, *, strings: bool) -> str:
     """The text of one record: ``obj[field]`` of an object (or ``obj`` itself when ``strings`` and a string)."""
     if strings and isinstance(obj, str):
-        return obj
+        return _unicode(obj, where, path)
     if not isinstance(obj, dict):
         wanted = "a string or an object" if strings else "an object"
         raise InputError(
@@ -283,7 +318,7 @@ def _record_text(obj: Any, where: str, field: str, path: Path, *, strings: bool)
     value = obj[field]
     if not isinstance(value, str):
         raise InputError(f"{where}: field {short(field, 80)} is {_JSON_TYPES[type(value)]}, not a string", path=path)
-    return value
+    return _unicode(value, where, path)
 
 
 def _parse_txt(text: str, path: Path, field: str) -> list[str]:
@@ -291,14 +326,15 @@ def _parse_txt(text: str, path: Path, field: str) -> list[str]:
 
 
 def _parse_jsonl(text: str, path: Path, field: str) -> list[str]:
-    """One record per non-blank line (lines end at ``\\n``; a trailing ``\\r`` is JSON whitespace)."""
+    """One record per non-blank line (lines end at ``\\n``; a trailing ``\\r`` is JSON whitespace; a byte order
+    mark at the start of the file is ignored). Lines are found one at a time: blank lines cost no memory."""
     texts: list[str] = []
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip(" \t\r"):
-            continue
+    n, seen = 1, 0
+    for m in _JSONL_LINE.finditer(text):
+        n, seen = n + text.count("\n", seen, m.start()), m.start()
         if len(texts) >= MAX_DATA_RECORDS:
             raise InputError(f"more than {MAX_DATA_RECORDS:,} records", path=path)
-        obj = loads(line, path=path, what=f"line {n}", max_bytes=MAX_JSONL_LINE_BYTES)
+        obj = loads(m.group(1), path=path, what=f"line {n}", max_bytes=MAX_JSONL_LINE_BYTES)
         texts.append(_record_text(obj, f"line {n}", field, path, strings=False))
     return texts
 
@@ -306,6 +342,8 @@ def _parse_jsonl(text: str, path: Path, field: str) -> list[str]:
 def _parse_json(text: str, path: Path, field: str) -> list[str]:
     """A JSON array of records (objects holding ``field``) or of strings; nothing else."""
     only = "a .json data file must be one JSON array of records or strings"
+    text = text.removeprefix(BOM)  # RFC 8259 lets a parser ignore it; datasets' JSON reader does
+    _count_top_level(text, path)
     try:
         doc = loads(text, path=path, what="JSON data", max_bytes=len(text) + 1)
     except InputError as e:
@@ -321,6 +359,29 @@ def _parse_json(text: str, path: Path, field: str) -> list[str]:
     if len(doc) > MAX_DATA_RECORDS:
         raise InputError(f"{len(doc):,} records (limit {MAX_DATA_RECORDS:,})", path=path)
     return [_record_text(obj, f"record [{i}]", field, path, strings=True) for i, obj in enumerate(doc)]
+
+
+# A JSON string, or an unterminated one up to the end (so that the scan never retries: linear), or a bracket or comma.
+_JSON_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[\[\]{},]', re.DOTALL)
+
+
+def _count_top_level(text: str, path: Path) -> None:
+    """Refuse a JSON array of more than :data:`MAX_DATA_RECORDS` elements before parsing it: parsed, every element
+    costs a Python object (2 GiB of ``0,`` would be 8 GiB of list alone). Fewer commas than the limit prove it
+    without a scan; otherwise the top-level commas are counted, stopping past the limit."""
+    if text.count(",") < MAX_DATA_RECORDS:
+        return
+    depth = commas = 0
+    for m in _JSON_STRUCTURE.finditer(text):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        elif c == "," and depth == 1:
+            commas += 1
+            if commas >= MAX_DATA_RECORDS:
+                raise InputError(f"a JSON array of more than {MAX_DATA_RECORDS:,} records", path=path)
 
 
 _PARSERS: dict[str, Callable[[str, Path, str], list[str]]] = {
@@ -398,6 +459,17 @@ def _parquet_footer(pf: Any, path: Path, field: str, max_bytes: int) -> None:
         )
 
 
+def _parquet_batch_rows(group: Any, field: str) -> int:
+    """Rows to decode at once from a row group so that one batch stays near :data:`PARQUET_BATCH_BYTES`.
+
+    Dictionary and ``DELTA_BYTE_ARRAY`` (shared prefix) encodings store a repeated long string once: 3,000 rows of
+    one 100 kB string take 439 bytes of file and declare 100 kB, yet decode to 300 MB. No value can be longer than
+    its column chunk's uncompressed bytes, so batches of ``PARQUET_BATCH_BYTES // chunk bytes`` rows stay bounded and
+    the byte bound stops the read at the first batch past it."""
+    chunk = next(group.column(j) for j in range(group.num_columns) if group.column(j).path_in_schema == field)
+    return max(1, min(PARQUET_MAX_BATCH_ROWS, PARQUET_BATCH_BYTES // max(1, chunk.total_uncompressed_size)))
+
+
 def _read_parquet(path: Path, field: str, max_bytes: int) -> list[str]:
     """Column ``field`` of a Parquet file, row group by row group, its sizes checked from the footer first."""
     pa = _optional("pyarrow", "parquet", "Parquet files")
@@ -408,10 +480,12 @@ def _read_parquet(path: Path, field: str, max_bytes: int) -> list[str]:
         pf = pq.ParquetFile(path)
         _parquet_footer(pf, path, field, max_bytes)
         for i in range(pf.metadata.num_row_groups):
-            col = pf.read_row_group(i, columns=[field]).column(0)
-            used += col.nbytes
-            _check_bytes(used, max_bytes, field, path)
-            texts += _string_column(col, path, field, len(texts))
+            rows = _parquet_batch_rows(pf.metadata.row_group(i), field)
+            for batch in pf.iter_batches(batch_size=rows, row_groups=[i], columns=[field], use_threads=False):
+                col = batch.column(0)
+                used += col.nbytes
+                _check_bytes(used, max_bytes, field, path)
+                texts += _string_column(col, path, field, len(texts))
     except (pa.ArrowException, OSError, ValueError) as e:
         raise InputError(f"not a readable Parquet file ({_said(e, 200)})", path=path) from None
     return texts
@@ -429,7 +503,9 @@ def datasets_dir_sha256(files: list[Path]) -> str:
 def _datasets_files(path: Path) -> list[Path]:
     """The files a saved ``datasets.Dataset`` directory is read from, checked: regular, inside the directory."""
     if (path / "dataset_dict.json").exists():
-        splits = load_file(path / "dataset_dict.json", what="dataset_dict.json").get("splits", [])
+        inside(path / "dataset_dict.json", path, what="data file")
+        splits = load_file(path / "dataset_dict.json", what="dataset_dict.json")
+        splits = splits.get("splits", []) if isinstance(splits, dict) else []
         example = next((s for s in splits if isinstance(s, str) and plain_file_name(s)), "test")
         raise InputError(
             "a datasets DatasetDict directory (several splits), not one split",
@@ -442,6 +518,8 @@ def _datasets_files(path: Path) -> list[Path]:
             path=path,
             hint=f"pass a data file ({FORMATS_HELP})",
         )
+    for name in DATASETS_FILES:  # links out are refused before a byte of them is read
+        inside(path / name, path, what="data file")
     load_file(path / "dataset_info.json", what="dataset_info.json")  # hardened first: datasets parses it too
     state = load_file(path / "state.json", what="state.json")
     entries = state.get("_data_files") if isinstance(state, dict) else None
@@ -515,13 +593,19 @@ def load_npy(path: Path) -> np.ndarray:
         raise InputError(f"not a readable .npy file ({_said(e, 200)})", path=path) from None
 
 
+_ID_BYTES = np.dtype(np.int64).itemsize
+
+
 def _read_npy(path: Path, vocab_size: int | None, max_bytes: int) -> np.ndarray:
     """1-D integer token ids as int64, every id checked (against ``vocab_size`` when given) before the cast."""
     shape, dtype = npy_header(path, kinds="iu", what="token ids")
     if len(shape) != 1:
         raise InputError(f"expected 1-D integer token ids, got {dtype} of shape {short(shape, 80)}", path=path)
-    if shape[0] * dtype.itemsize > max_bytes:
-        raise InputError(f"{shape[0]:,} token ids of {dtype} exceed {max_bytes:,} bytes (the limit)", path=path)
+    if shape[0] * _ID_BYTES > max_bytes:  # the int64 copy, not the file: uint8 ids would grow 8 times
+        raise InputError(
+            f"{shape[0]:,} token ids ({shape[0] * _ID_BYTES:,} bytes as int64) exceed {max_bytes:,} bytes (the limit)",
+            path=path,
+        )
     if shape[0] == 0:
         raise InputError("no token ids (an empty array)", path=path)
     arr = load_npy(path)

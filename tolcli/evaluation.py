@@ -411,7 +411,12 @@ def eval_ppl(
         )
         stored = None
         if reference is not None:
-            stored = refs.load_reference(reference, run=run, vocab_size=ckpt.config.vocab_size)
+            stored = refs.load_reference(
+                reference,
+                run=run,
+                vocab_size=ckpt.config.vocab_size,
+                tokens_scored=sum(p.tokens_scored for p in plans),
+            )
             if stored.target_logp.numel() != sum(p.tokens_scored for p in plans):
                 raise InputError(
                     f"the reference holds {stored.target_logp.numel()} tokens, this run scores "

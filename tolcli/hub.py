@@ -187,6 +187,7 @@ def _read_ref(folder: Path, rev: str) -> str:
             path=folder,
             hint=download_hint(repo_id_of(folder), rev),
         )
+    inside(folder / "refs", folder, what="refs folder")  # refs/ itself may not be a link out of the repo
     inside(ref, folder / "refs", what="ref")
     text = read_bytes(ref, max_bytes=MAX_REF_BYTES, what="ref").decode("ascii", "replace").strip()
     if not _COMMIT.fullmatch(text):

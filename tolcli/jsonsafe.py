@@ -35,10 +35,12 @@ MAX_DEPTH = 64  # real documents nest < 10 deep
 MAX_JSON_BYTES = 64 << 20
 MAX_MESSAGE_VALUE = 300  # characters of a quoted value in a message
 
-# A JSON string (the unrolled-loop form: linear, no backtracking), or one of the tokens refused after parsing.
-_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
-_TOKEN = re.compile(_STRING + r"|(?P<tok>-?Infinity|NaN|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)")
-_STRINGS = re.compile(_STRING)
+# A JSON string (the unrolled-loop form), or one of the tokens refused after parsing. An unterminated string runs to
+# the end of the text, so the regex never retries it from each later quote (linear time on '"' followed by many
+# '\\"': the pattern without that ending took a minute on 40 kB).
+_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)'
+_TOKEN = re.compile(_STRING + r"|(?P<tok>-?Infinity|NaN|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)", re.DOTALL)
+_STRINGS = re.compile(_STRING, re.DOTALL)
 _KEEP_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 

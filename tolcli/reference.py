@@ -65,9 +65,12 @@ def save_reference(
     return path
 
 
-def load_reference(path: str | Path, *, run: dict[str, Any], vocab_size: int) -> StoredRef:
-    """Read a reference for this run: the header, the metadata and every shape are checked first; then values
-    (finite log-probabilities <= 0, ids inside the vocabulary)."""
+def load_reference(
+    path: str | Path, *, run: dict[str, Any], vocab_size: int, tokens_scored: int | None = None
+) -> StoredRef:
+    """Read a reference for this run: the header, the metadata and every shape are checked first (its token count
+    against ``tokens_scored`` when given, and never above the run's tokens, so a file cannot make tolcli allocate
+    more than the run scores); then values (:func:`check_values`)."""
     path = Path(path)
     regular_file(path, what="reference file")
     try:
@@ -80,16 +83,13 @@ def load_reference(path: str | Path, *, run: dict[str, Any], vocab_size: int) ->
                 raise InputError(f"not a {FORMAT} version {VERSION} file", path=path)
             _check_run(path, meta.get("run"), run)
             n, k = meta.get("tokens"), meta.get("top_k")
-            if (
-                meta.get("vocab_size") != vocab_size
-                or not isinstance(k, int)
-                or not 1 <= k <= min(vocab_size, MAX_TOP_K)
-            ):
+            if meta.get("vocab_size") != vocab_size or type(k) is not int or not 1 <= k <= min(vocab_size, MAX_TOP_K):
                 raise InputError(
                     f"reference for vocabulary {short(meta.get('vocab_size'))} with top-k {short(k)}; "
                     f"this model has {vocab_size} tokens",
                     path=path,
                 )
+            _check_tokens(path, n, run, tokens_scored)
             want = {"target_logp": ("F32", [n]), "topk_ids": ("I32", [n, k]), "topk_logp": ("F32", [n, k])}
             have = {name: (f.get_slice(name).get_dtype(), list(f.get_slice(name).get_shape())) for name in f.keys()}  # noqa: SIM118
             if have != want:
@@ -97,15 +97,52 @@ def load_reference(path: str | Path, *, run: dict[str, Any], vocab_size: int) ->
             target, ids, topk = (torch.from_numpy(f.get_tensor(name)) for name in want)
     except st.SafetensorError as e:
         raise InputError(f"not a readable safetensors file ({short(str(e), 200)})", path=path) from None
+    check_values(path, target, ids, topk, vocab_size)
+    name = meta.get("name")
+    return StoredRef(f"reference {path.name} ({short(name, 60)})", target, ids, topk, vocab_size)
+
+
+def _check_tokens(path: Path, n: Any, run: dict[str, Any], tokens_scored: int | None) -> None:
+    """The stored token count: an int, at most the run's tokens (a run scores each token at most once), and
+    ``tokens_scored`` when given; checked before any tensor is read."""
+    counts = run.get("tokens")
+    most = sum(counts) if isinstance(counts, list) and all(type(c) is int for c in counts) else None
+    if type(n) is not int or n < 0 or (most is not None and n > most):
+        raise InputError(
+            f"reference metadata declares {short(n, 40)} tokens; the run has {short(most, 40)}",
+            path=path,
+            hint="the file is damaged or forged: save the reference again",
+        )
+    if tokens_scored is not None and n != tokens_scored:
+        raise InputError(f"the reference holds {n} tokens, this run scores {tokens_scored}", path=path)
+
+
+# Slack for float32 rounding: log(sum of the top-k probabilities) of a real distribution is <= 0 (the whole
+# vocabulary sums to 1 up to about 1e-6 in float32).
+LOGSUMEXP_SLACK = 1e-3
+
+
+def check_values(path: Path, target: torch.Tensor, ids: torch.Tensor, topk: torch.Tensor, vocab_size: int) -> None:
+    """Refuse values that are no top-k of a distribution: log-probabilities that are NaN, infinite or > 0, ids
+    outside the vocabulary or repeated in a row, a top-k not sorted most likely first, or one whose probabilities
+    sum past 1 (each would silently bias KL and top-1 agreement)."""
     for label, t in (("target_logp", target), ("topk_logp", topk)):
         if not bool(torch.isfinite(t).all()) or bool((t > 0).any()):
             raise InputError(
                 f"reference {label} holds values that are not log-probabilities (NaN, inf or > 0)", path=path
             )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    if not ids.numel():
+        return
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
         raise InputError(f"reference token ids outside the vocabulary [0, {vocab_size})", path=path)
-    name = meta.get("name")
-    return StoredRef(f"reference {path.name} ({short(name, 60)})", target, ids, topk, vocab_size)
+    problems = {
+        "repeats a token id in a row": bool((ids.sort(dim=1).values.diff(dim=1) == 0).any()),
+        "is not sorted most likely first": bool((topk.diff(dim=1) > 0).any()),
+        "has probabilities summing past 1": bool((topk.double().logsumexp(dim=1) > LOGSUMEXP_SLACK).any()),
+    }
+    bad = [what for what, found in problems.items() if found]
+    if bad:
+        raise InputError(f"reference top-k {bad[0]}: not the top-k of a distribution", path=path)
 
 
 def _check_run(path: Path, stored: Any, run: dict[str, Any]) -> None:

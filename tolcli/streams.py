@@ -114,7 +114,7 @@ def file_streams(
     df = read_data(path, text_field=text_field, vocab_size=cfg.vocab_size)
     path = Path(path)
     if df.ids is not None:
-        seqs = [torch.from_numpy(df.ids.astype("int64", copy=True))]
+        seqs = [torch.from_numpy(df.ids)]  # read_data's own int64 copy: no second one
     else:
         if tokenizer is None:
             raise InputError("no tokenizer to encode this text", path=path, hint="pass --tokenizer tokenizer.json")
