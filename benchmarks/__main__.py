@@ -10,7 +10,16 @@ import time
 
 import torch
 
-NAMES = ("precompute_speed", "peak_memory", "svd_speed", "lookup_speed", "eval_speed", "paper_scale")
+NAMES = (
+    "precompute_speed",
+    "peak_memory",
+    "svd_speed",
+    "compress_memory",
+    "lookup_speed",
+    "eval_speed",
+    "deploy",
+    "paper_scale",
+)
 SLOW = ("paper_scale",)  # 15-25 minutes on 2 cores: run only when named
 DEFAULT = tuple(n for n in NAMES if n not in SLOW)
 

@@ -66,7 +66,8 @@ SCRIPT = textwrap.dedent(
 
 def _measure(checkpoint: Path, mode: str, tol: Path | None) -> dict[str, float]:
     arg = json.dumps({"checkpoint": str(checkpoint), "mode": mode, "tol": str(tol), "tokens": NEW_TOKENS})
-    r = subprocess.run([sys.executable, "-c", SCRIPT, arg], capture_output=True, text=True, check=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread: stable step times on a shared machine
+    r = subprocess.run([sys.executable, "-c", SCRIPT, arg], capture_output=True, text=True, check=True, env=env)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

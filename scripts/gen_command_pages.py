@@ -36,7 +36,7 @@ PAGES: list[tuple[str, str, list[str]]] = [
     (
         "convert",
         "Move a bundle between safetensors and HDF5 (or a sharded directory), losslessly.",
-        ["convert int4.safetensors int4.h5 --sha256sums SHA256SUMS"],
+        ["convert int4.safetensors -o int4.h5 --sha256sums SHA256SUMS"],
     ),
     (
         "compress",
@@ -52,7 +52,10 @@ PAGES: list[tuple[str, str, list[str]]] = [
     (
         "eval-ppl",
         "Measure what a bundle costs.",
-        [f"eval-ppl demo --data {HELD} --ctx 128 --tol int4.safetensors --tol svd.safetensors --drop-last 1"],
+        [
+            f"eval-ppl demo --data {HELD} --ctx 128 --stride 64 --tol int4.safetensors --tol svd.safetensors "
+            "--drop-last 1"
+        ],
     ),
     ("drop", "Remove later layers from a bundle.", ["drop int4.safetensors -o int4-5.safetensors --drop-last 1"]),
     ("strip", "The deployable checkpoint, without the context-free FFNs.", ["strip demo -o active"]),
@@ -65,6 +68,16 @@ PAGES: list[tuple[str, str, list[str]]] = [
         "bench-lookup",
         "Lookup throughput and the hot-token cache's hit rate.",
         [f"bench-lookup int4.safetensors --data {HELD} --cache-tokens 256"],
+    ),
+    (
+        "generate",
+        "Run what tolcli ships: text from a checkpoint, or a stripped checkpoint plus a bundle.",
+        ['generate demo --prompt "def " -n 24', 'generate active --tol int4.safetensors --prompt "def " -n 24'],
+    ),
+    (
+        "export-hf",
+        "A checkpoint directory that transformers loads (trust_remote_code).",
+        ["export-hf demo -o demo-hf"],
     ),
     ("schema", "The manifest's JSON Schema.", ["schema"]),
 ]

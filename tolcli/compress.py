@@ -28,13 +28,15 @@ compressed (``V * h * 2`` per layer): ``--ratio 0.25`` means a quarter of what f
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from tolcli import __version__
@@ -45,9 +47,11 @@ from tolcli.bundle.writer import Staging, WriteOptions
 from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, QUANT_SCHEMES, SCHEMES, SVD_KINDS
 from tolcli.codecs import NF4, SVD, Codec, CodecSpec, Dense, DictAccess, Int4, Int8, RankedSpec, parse_spec
+from tolcli.codecs.base import BatchEncoder, RowSource
+from tolcli.codecs.svd import DEFAULT_GRAM
 from tolcli.data import read_data
 from tolcli.demo import resolve_checkpoint_arg
-from tolcli.dtypes import tensor_to_numpy
+from tolcli.dtypes import DTYPES, tensor_to_numpy
 from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import parse_size
 from tolcli.model import load_model
@@ -57,6 +61,7 @@ from tolcli.sensitivity import sensitivity_weights, token_sensitivity
 from tolcli.text import load_token_weights, tokens_of
 
 DEFAULT_GROUP = 64  # int4 / nf4
+BATCH_BYTES = 8 << 20  # fp32 bytes of one row batch when streaming a layer (``batch_rows`` overrides)
 DEFAULT_A_GROUP = 32  # the A factor's group size in the svd+int4/nf4 schemes (ranks are kept multiples of it)
 # The CompressOptions fields that weight tokens; the others besides scheme and codec are the scheme's options.
 _WEIGHTING_FIELDS = ("token_weights", "calibration", "sensitivity", "weight_floor")
@@ -99,6 +104,7 @@ class CompressOptions:
     min_rank: int | None = None
     max_rank: int | None = None
     svd_method: str = "exact"
+    svd_gram: str | None = None
     oversample: int = 10
     power_iters: int = 2
     seed: int = 0
@@ -200,6 +206,7 @@ def scheme_spec(o: CompressOptions) -> CodecSpec:
         rank_multiple=o.rank_multiple,
         a=a,
         method=o.svd_method,
+        gram=o.svd_gram or DEFAULT_GRAM,
         oversample=o.oversample,
         power_iters=o.power_iters,
         seed=o.seed,
@@ -289,9 +296,14 @@ def energy_ranks(
 
 
 def plan_ranks(
-    spec: CodecSpec, b: Bundle, weights: dict[int, torch.Tensor] | None, progress: Progress
+    spec: CodecSpec,
+    b: Bundle,
+    weights: dict[int, torch.Tensor] | None,
+    progress: Progress,
+    batch_rows: int | None = None,
 ) -> dict[int, int]:
-    """Each layer's rank under a ranked spec (``{}`` for any other): given, from a ratio, or allocated."""
+    """Each layer's rank under a ranked spec (``{}`` for any other): given, from a ratio, or allocated (from
+    each layer's spectrum, its Gram read in batches of ``batch_rows`` rows)."""
     if not isinstance(spec, RankedSpec):
         return {}
     V, h = b.vocab_size, b.hidden_size
@@ -308,10 +320,11 @@ def plan_ranks(
         if not 1 <= rank <= top:
             raise UsageError(f"rank {rank} is outside 1..{top}")
         return dict.fromkeys(layers, rank)
+    batch_rows = default_batch_rows(h) if batch_rows is None else batch_rows
     progress.start(f"spectra of {len(layers)} layer(s)", len(layers))
     spectra = {}
     for i in layers:
-        spectra[i] = spec.spectrum(b.dense_layer(i), None if weights is None else weights[i])
+        spectra[i] = spec.spectrum(LayerRows(b, i, batch_rows), None if weights is None else weights[i])
         progress.advance(1)
     progress.finish()
     kw = {"multiple": step, "min_rank": min_rank, "max_rank": max_rank}
@@ -388,33 +401,142 @@ class EncodedLayer:
     entry: dict[str, Any]
 
 
+class ErrorStats:
+    """A layer's reconstruction-error statistics, accumulated row batch by row batch: the per-row squared
+    errors and norms are kept (fp64, 16 bytes a row, preallocated: appending small tensors between a batch's
+    large temporaries fragments the heap) and summed once at the end, so that the result is bit-for-bit the
+    whole-table sum whatever the batches."""
+
+    def __init__(self, rows: int):
+        self.err = torch.empty(rows, dtype=torch.float64)
+        self.norm = torch.empty(rows, dtype=torch.float64)
+        self.max_abs = 0.0
+        self.fp16_overflow = 0
+
+    def add(self, start: int, rows: torch.Tensor, decoded: torch.Tensor) -> None:
+        """Record rows ``start ..`` of the table: their fp32 values ``rows`` and their ``decoded`` reconstruction."""
+        end = start + rows.shape[0]
+        self.err[start:end] = (decoded - rows).double().pow(2).sum(1)  # squared error per row
+        self.norm[start:end] = rows.double().pow(2).sum(1)
+        mag = rows.abs()
+        self.max_abs = max(self.max_abs, float(mag.max()))
+        self.fp16_overflow += int((mag > 65504).sum())
+
+    def fields(self, weights: torch.Tensor | None) -> dict[str, Any]:
+        """The manifest entry's error fields (``weighted_rel_error`` with per-row ``weights``)."""
+        err, norm = self.err, self.norm
+        out: dict[str, Any] = {
+            "rel_error": math.sqrt(float(err.sum()) / max(float(norm.sum()), 1e-300)),
+            "max_abs": self.max_abs,
+            "fp16_overflow": self.fp16_overflow,
+        }
+        if weights is not None:
+            out["weighted_rel_error"] = math.sqrt(
+                float((weights * err).sum()) / max(float((weights * norm).sum()), 1e-300)
+            )
+        return out
+
+
+def _entry(
+    index: int, codec: Codec, roles: Sequence[str], shape: tuple[int, int], stats: ErrorStats, weights: Any
+) -> dict[str, Any]:
+    """Layer ``index``'s manifest entry: codec, tensors, bytes and the error ``stats``."""
+    V, h = shape
+    stored = codec.stored_bytes(V, h)
+    return {
+        "index": index,
+        "status": "present",
+        "codec": codec.name,
+        "params": codec.params(),
+        "tensors": {role: layer_tensor(index, role) for role in roles},
+        "stored_bytes": stored,
+        "bits_per_value": 8 * stored / (V * h),
+        **stats.fields(weights),
+    }
+
+
 def encode_layer(index: int, table: torch.Tensor, codec: Codec, weights: torch.Tensor | None = None) -> EncodedLayer:
     """Encode layer ``index``'s [V, h] fp32 table; the entry records the codec, bytes and reconstruction error
     (``weights``: per-token weights of the error, recorded as ``weighted_rel_error`` too)."""
     V, h = table.shape
     tensors = codec.encode(table)
     dtypes = {role: dtype for role, (_, dtype) in codec.tensor_specs(V, h).items()}
-    decoded = codec.decode_rows(DictAccess(tensors), torch.arange(V))
-    err = (decoded - table).double().pow(2).sum(1)  # (V,) squared error per row
-    norm = table.double().pow(2).sum(1)
-    stored = codec.stored_bytes(V, h)
-    entry: dict[str, Any] = {
-        "index": index,
-        "status": "present",
-        "codec": codec.name,
-        "params": codec.params(),
-        "tensors": {role: layer_tensor(index, role) for role in tensors},
-        "stored_bytes": stored,
-        "bits_per_value": 8 * stored / (V * h),
-        "rel_error": math.sqrt(float(err.sum()) / max(float(norm.sum()), 1e-300)),
-        "max_abs": float(table.abs().max()),
-        "fp16_overflow": int((table.abs() > 65504).sum()),
-    }
-    if weights is not None:
-        entry["weighted_rel_error"] = math.sqrt(
-            float((weights * err).sum()) / max(float((weights * norm).sum()), 1e-300)
-        )
+    stats = ErrorStats(V)
+    stats.add(0, table, codec.decode_rows(DictAccess(tensors), torch.arange(V)))
+    entry = _entry(index, codec, list(tensors), (V, h), stats, weights)
     return EncodedLayer({layer_tensor(index, r): (dtypes[r], t) for r, t in tensors.items()}, entry)
+
+
+def default_batch_rows(width: int) -> int:
+    """Rows per batch when streaming a layer: about ``BATCH_BYTES`` of fp32 rows."""
+    return max(1, BATCH_BYTES // (4 * width))
+
+
+class LayerRows:
+    """A :class:`~tolcli.codecs.base.RowSource` over one layer of an open bundle: its rows decoded to fp32,
+    ``batch`` at a time, refusing non-finite values."""
+
+    def __init__(self, b: Bundle, layer: int, batch: int):
+        if batch < 1:
+            raise UsageError(f"`batch_rows` must be >= 1, got {batch}")
+        self.b, self.layer, self.batch = b, layer, batch
+        self.rows, self.width = b.vocab_size, b.hidden_size
+
+    def _raw(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for s in range(0, self.rows, self.batch):
+            yield s, self.b.lookup(self.layer, torch.arange(s, min(s + self.batch, self.rows)))
+
+    def batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for s, rows in self._raw():
+            if not bool(torch.isfinite(rows).all()):
+                self._refuse()
+            yield s, rows
+
+    def _refuse(self) -> None:
+        bad = sum(int((~torch.isfinite(rows)).sum()) for _, rows in self._raw())
+        raise InputError(
+            f"layer {self.layer}: {bad:,} non-finite values (NaN/Inf) in the input table",
+            path=self.b.path,
+            hint="recompute the bundle from a checkpoint with finite weights",
+        )
+
+
+def _encoded_batches(
+    source: RowSource, codec: Codec, enc: BatchEncoder, stats: ErrorStats
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Each row batch of ``source``, encoded (its per-row roles), its error recorded in ``stats``."""
+    for s, rows in source.batches():
+        roles = enc.encode_rows(rows)
+        stats.add(s, rows, codec.decode_rows(DictAccess({**roles, **enc.fixed}), torch.arange(rows.shape[0])))
+        yield s, roles
+
+
+def stage_streamed(
+    index: int, source: RowSource, codec: Codec, enc: BatchEncoder, staging: Staging, weights: Any = None
+) -> dict[str, Any]:
+    """Encode layer ``index`` batch by batch straight into ``staging``; returns its manifest entry.
+
+    The first (largest) per-row role streams to its staged file as batches are encoded; the other per-row
+    roles (scales, offsets: a small fraction of it) are gathered in preallocated tensors and staged after,
+    then the fixed roles; the same order as ``codec.encode`` gives them."""
+    specs = codec.tensor_specs(source.rows, source.width)
+    stats = ErrorStats(source.rows)
+    batches = _encoded_batches(source, codec, enc, stats)
+    first = next(batches)
+    main, *rest = first[1]
+    bufs = {r: torch.empty(specs[r][0], dtype=DTYPES[specs[r][1]].torch) for r in rest}
+
+    def main_blocks() -> Iterator[np.ndarray]:
+        for s, roles in itertools.chain([first], batches):
+            for r in rest:
+                bufs[r][s : s + roles[r].shape[0]] = roles[r]
+            yield tensor_to_numpy(roles[main])
+
+    named = {**dict.fromkeys([main]), **bufs, **enc.fixed}
+    for role, t in named.items():
+        blocks = main_blocks() if t is None else [tensor_to_numpy(t)]
+        staging.stage(layer_tensor(index, role), specs[role][1], specs[role][0], blocks)
+    return _entry(index, codec, list(named), (source.rows, source.width), stats, weights)
 
 
 # ---- the whole job ----------------------------------------------------------------------------------------------
@@ -430,18 +552,6 @@ class CompressResult:
         return sum(e.get("stored_bytes", 0) for e in self.manifest["layers"])
 
 
-def _finite_table(b: Bundle, layer: int) -> torch.Tensor:
-    table = b.dense_layer(layer)  # (V, h) fp32
-    bad = int((~torch.isfinite(table)).sum())
-    if bad:
-        raise InputError(
-            f"layer {layer}: {bad:,} non-finite values (NaN/Inf) in the input table",
-            path=b.path,
-            hint="recompute the bundle from a checkpoint with finite weights",
-        )
-    return table
-
-
 def _encode_layers(
     b: Bundle,
     spec: CodecSpec,
@@ -449,18 +559,25 @@ def _encode_layers(
     weights: dict[int, torch.Tensor] | None,
     staging: Staging,
     progress: Progress,
+    batch_rows: int,
 ) -> None:
-    """Encode and stage every layer the staging does not hold yet."""
+    """Encode and stage every layer the staging does not hold yet, in row batches of ``batch_rows``."""
     todo = [i for i in sorted(b.layers) if staging.layer_done(i) is None]
     progress.start(f"compress {len(todo)} layer(s) ({spec})", len(todo))
     for i in todo:
-        table = _finite_table(b, i)
+        source = LayerRows(b, i, batch_rows)
         w = None if weights is None else weights[i]
         layer_spec = spec.with_rank(ranks[i]) if isinstance(spec, RankedSpec) else spec
-        layer = encode_layer(i, table, layer_spec.build(b.hidden_size, weights=w), w)
-        for name, (dtype, t) in layer.tensors.items():
-            staging.stage(name, dtype, tuple(t.shape), [tensor_to_numpy(t)])
-        staging.commit_layer(i, layer.entry)
+        codec = layer_spec.build(b.hidden_size, weights=w)
+        enc = codec.encoder(source)
+        if enc is None:  # a codec that needs the whole table
+            layer = encode_layer(i, torch.cat([rows for _, rows in source.batches()]), codec, w)
+            for name, (dtype, t) in layer.tensors.items():
+                staging.stage(name, dtype, tuple(t.shape), [tensor_to_numpy(t)])
+            entry = layer.entry
+        else:
+            entry = stage_streamed(i, source, codec, enc, staging, w)
+        staging.commit_layer(i, entry)
         progress.advance(1)
     progress.finish()
 
@@ -496,10 +613,16 @@ def compress(
     compression: str | None = None,
     max_shard_size: int | str | None = None,
     verify_input: bool = False,
+    batch_rows: int | None = None,
     progress: Progress | None = None,
     note: Callable[[str], None] = lambda s: None,
 ) -> CompressResult:
     """Compress bundle ``src`` into ``out`` with the codec ``options`` choose; returns the manifest and ranks.
+
+    Layers are read and encoded ``batch_rows`` rows at a time (default: about 8 MiB of fp32 rows), so memory
+    stays near one batch for row-wise codecs and near one h x h Gram for SVD, whatever the vocabulary
+    (docs/compression.md, "Memory"). The output does not depend on ``batch_rows`` except for SVD, whose
+    last bits may.
 
     Example:
         >>> import tempfile, pathlib
@@ -522,7 +645,8 @@ def compress(
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
         weights, weight_info = load_weights(options.weighting(), b, progress, note)
-        ranks = plan_ranks(spec, b, weights, progress)
+        batch_rows = default_batch_rows(b.hidden_size) if batch_rows is None else batch_rows
+        ranks = plan_ranks(spec, b, weights, progress, batch_rows)
         job = {
             "command": "compress",
             "input": {n: t["sha256"] for n, t in b.manifest["tensors"].items()},
@@ -533,7 +657,7 @@ def compress(
             **write.job(),
         }
         staging = Staging(out, job, resume=resume, options=write, note=note)
-        _encode_layers(b, spec, ranks, weights, staging, progress)
+        _encode_layers(b, spec, ranks, weights, staging, progress, batch_rows)
         tok = b.tokenizer_bytes()
         if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
             staging.stage_extra(TOKENIZER_TENSOR, tok)

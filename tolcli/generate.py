@@ -31,7 +31,12 @@ from tolcli.text import load_tokenizer
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """How the next token is chosen; ``temperature=0`` is greedy."""
+    """How the next token is chosen; ``temperature=0`` is greedy.
+
+    Example:
+        >>> SamplingOptions(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=1).top_p
+        0.9
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -208,7 +213,14 @@ def generate_text(
     the decoded text as it grows (for streaming to a terminal). With ``tol``, the context-free FFNs come from the
     bundle (a stripped checkpoint needs one), checked to belong to the checkpoint (:mod:`tolcli.pairing`);
     ``cache_tokens`` > 0 keeps that many of the prompt's most frequent tokens' rows resident (hot-token cache).
-    Stops at ``options.max_new_tokens`` or the model's EOS."""
+    Stops at ``options.max_new_tokens`` or the model's EOS.
+
+    Example:
+        >>> from tolcli import generate_text, SamplingOptions, demo_checkpoint_path
+        >>> r = generate_text(demo_checkpoint_path(), "def ", options=SamplingOptions(max_new_tokens=4))
+        >>> len(r.generation.new_ids), r.generation.prompt_ids
+        (4, [701, 221])
+    """
     options = options or SamplingOptions()
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     if ckpt.config.stripped and tol is None:

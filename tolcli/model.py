@@ -153,7 +153,17 @@ class LayerKV:
 
 class KVCache:
     """Keys and values of every layer for incremental decoding: ``model(ids, source, cache=cache)`` runs only the
-    new positions ``cache.length .. cache.length + T - 1`` and appends them."""
+    new positions ``cache.length .. cache.length + T - 1`` and appends them.
+
+    Example:
+        >>> import torch
+        >>> from tolcli import load_model, open_checkpoint, demo_checkpoint_path, KVCache
+        >>> model = load_model(open_checkpoint(demo_checkpoint_path()))
+        >>> cache = KVCache(model.cfg, capacity=8)
+        >>> _ = model([1, 2, 3], cache=cache); step = model([4], cache=cache)
+        >>> bool(torch.allclose(step[0, -1], model([1, 2, 3, 4])[0, -1], atol=1e-5)), cache.length
+        (True, 4)
+    """
 
     def __init__(
         self, cfg: ModelConfig, *, batch: int = 1, capacity: int | None = None, dtype=torch.float32, device="cpu"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tolcli.bundle.reader import Bundle, open_bundle
+from tolcli.bundle.reader import Bundle, check_out, open_bundle
 from tolcli.errors import InputError, UsageError
 from tolcli.precompute import resolve_device
 from tolcli.text import load_token_weights, read_tokens
@@ -51,30 +51,61 @@ class HotTokenCache:
         self.tokens = tokens.to(torch.long).cpu()
         self.slot = torch.full((bundle.vocab_size,), -1, dtype=torch.long)
         self.slot[self.tokens] = torch.arange(self.tokens.numel())
-        self.rows = {layer: bundle.lookup(layer, self.tokens).to(self.device) for layer in bundle.layers}
+        # [present layers, K, hidden], read in one all-layers lookup; ``rows[layer]`` are views of it
+        self.resident = bundle.lookup_layers(self.tokens).to(self.device)
+        self.rows = {layer: self.resident[k] for k, layer in enumerate(bundle.present_layers)}
         self.stats = CacheStats()
 
     @property
     def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.rows.values())
+        return self.resident.numel() * self.resident.element_size()
 
-    def lookup(self, layer: int, token_ids: Tensor) -> Tensor:
-        """Rows of ``layer`` for ``token_ids`` (any shape); ids outside the vocabulary are refused."""
+    def _slots(self, token_ids: Tensor) -> tuple[Tensor, tuple[int, ...], Tensor, Tensor]:
+        """``(flat ids, their shape, cache slots, hit mask)``, counted in :attr:`stats`; ids outside the vocabulary
+        are refused."""
         ids = token_ids.to(torch.long).cpu()
         flat = ids.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.bundle.vocab_size):
             raise InputError(f"token id outside the vocabulary [0, {self.bundle.vocab_size})", path=self.bundle.path)
         slots = self.slot[flat]
         hit = slots >= 0
+        self.stats.lookups += flat.numel()
+        self.stats.hits += int(hit.sum())
+        return flat, tuple(ids.shape), slots, hit
+
+    def lookup(self, layer: int, token_ids: Tensor) -> Tensor:
+        """Rows of ``layer`` for ``token_ids`` (any shape); ids outside the vocabulary are refused."""
+        flat, shape, slots, hit = self._slots(token_ids)
         out = torch.empty(flat.numel(), self.bundle.hidden_size, dtype=torch.float32, device=self.device)
         if bool(hit.any()):
             out[hit.to(self.device)] = self.rows[layer][slots[hit].to(self.device)]
         miss = ~hit
         if bool(miss.any()):
             out[miss.to(self.device)] = self.bundle.lookup(layer, flat[miss]).to(self.device)
-        self.stats.lookups += flat.numel()
-        self.stats.hits += int(hit.sum())
-        return out.reshape(*ids.shape, self.bundle.hidden_size)
+        return out.reshape(*shape, self.bundle.hidden_size)
+
+    def lookup_layers(self, token_ids: Tensor, *, out: Tensor | None = None) -> Tensor:
+        """Rows of every present layer for ``token_ids`` (any shape), exactly what
+        :meth:`~tolcli.bundle.reader.Bundle.lookup_layers` returns, on :attr:`device`: hits from the resident rows,
+        misses in one all-layers read of the bundle. ``out``: a contiguous fp32 buffer of that shape on
+        :attr:`device`, written in place."""
+        flat, shape, slots, hit = self._slots(token_ids)
+        want = (len(self.bundle.present_layers), *shape, self.bundle.hidden_size)
+        if out is None:
+            out = torch.empty(want, dtype=torch.float32, device=self.device)
+        else:
+            check_out(out, want, self.device)
+        rows = out.view(want[0], flat.numel(), want[-1])
+        if bool(hit.all()):
+            torch.index_select(self.resident, 1, slots.to(self.device), out=rows)
+            return out
+        if not bool(hit.any()) and self.device.type == "cpu":
+            self.bundle.lookup_layers(flat, out=rows)
+            return out
+        miss = ~hit
+        rows[:, hit.to(self.device)] = self.resident[:, slots[hit].to(self.device)]
+        rows[:, miss.to(self.device)] = self.bundle.lookup_layers(flat[miss]).to(self.device)
+        return out
 
     def __call__(self, layer: int, token_ids: Tensor, x0: Tensor) -> Tensor | None:
         """A :class:`tolcli.model.ContextFreeSource` through the cache."""

@@ -47,6 +47,9 @@ class ContainerReader(Protocol):
 
     def close(self) -> None: ...
 
+    # Optional: ``view(name) -> np.ndarray | None``, a zero-copy read-only view of a tensor (over a memory map) or
+    # None; ``Bundle.lookup_layers`` gathers from it when present (looked up with ``getattr``).
+
 
 class Container(Protocol):
     """A file format for bundles and shards: recognises, opens and writes whole files."""

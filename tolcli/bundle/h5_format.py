@@ -115,6 +115,8 @@ class HDF5Reader:
         """``shard=True``: a shard of a sharded bundle, which holds tensors but no manifest."""
         self.path = path
         self.file_size = regular_file(path, what="HDF5 file").st_size
+        self._mm: np.memmap | None = None  # the whole file, mapped on the first zero-copy view
+        self._chunk_maps: dict[str, tuple[np.ndarray, np.ndarray, int, int] | None] = {}
         with open(path, "rb") as fh:
             sig = fh.read(8)
         if sig != SIGNATURE:
@@ -253,9 +255,17 @@ class HDF5Reader:
             return self.datasets[name][()]
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
-        """Rows in any order, with repeats. Each chunk holding a requested row is read once (h5py's point
-        selection is far slower); when most chunks are needed, the dataset is read in one go."""
+        """Rows in any order, with repeats. Unfiltered chunked datasets are gathered from a memory map of the file
+        through their chunks' offsets (:meth:`_chunk_map`); otherwise each chunk holding a requested row is read once
+        through HDF5 (h5py's point selection is far slower), or the whole dataset when most chunks are needed."""
         ds = self.datasets[name]
+        mapped = self._chunk_map(name)
+        if mapped is not None and ids.size:
+            if int(ids.min()) < 0 or int(ids.max()) >= ds.shape[0]:
+                raise InputError(f"row ids outside [0, {ds.shape[0]}) of {dataset_path(name)}", path=self.path)
+            windows, starts, per, step = mapped
+            got = windows[starts[ids // per] + (ids % per) * step]
+            return got.view(ds.dtype).reshape(len(ids), *ds.shape[1:])
         uniq, inverse = np.unique(ids, return_inverse=True)
         with _guard(self.path, f"read rows of {name!r}"):
             if not len(uniq):
@@ -274,6 +284,72 @@ class HDF5Reader:
                     got[a:b] = block[uniq[a:b] - c0]
         return got[inverse]
 
+    def view(self, name: str) -> np.ndarray | None:
+        """A dataset as a zero-copy, read-only ndarray over a memory map of the file, where its bytes lie in the file
+        as one run of little-endian rows: a contiguous dataset (``id.get_offset()``), or an unfiltered chunked one
+        whose whole-row chunks lie in row order, back to back (tolcli's writer does so up to 64 chunks; HDF5 puts an
+        index node after each 64). None otherwise (filtered, compact or scattered chunks, big-endian or unknown
+        element types): :meth:`rows` reads those, through the chunks' offsets where unfiltered.
+
+        The run must lie inside the file as it was validated; a file that shrank since is refused."""
+        ds = self.datasets[name]
+        if ds.ndim == 0 or ds.size == 0 or ds.dtype.str not in _NUMPY_TO_DTYPE:
+            return None
+        with _guard(self.path, f"locate tensor {name!r}"):
+            start = _run_start(ds)
+        if start is None:
+            return None
+        nbytes = ds.dtype.itemsize * math.prod(ds.shape)
+        if not 0 <= start <= self.file_size - nbytes:
+            raise VerifyError(
+                f"{dataset_path(name)}: its {nbytes:,} bytes at offset {start:,} lie outside the file's "
+                f"{self.file_size:,}",
+                path=self.path,
+            )
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        raw = self._mm[start : start + nbytes]
+        if raw.size != nbytes:
+            raise VerifyError(f"the file shrank below {start + nbytes:,} bytes while open", path=self.path)
+        return raw.view(np.ndarray).view(ds.dtype).reshape(ds.shape)
+
+    def _chunk_map(self, name: str) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+        """For an unfiltered dataset chunked by whole rows whose every chunk lies inside the file: ``(windows,
+        starts, rows per chunk, step)``, where ``windows`` is a read-only [n, row bytes] view of the memory-mapped
+        file whose window ``i`` starts at byte ``i * g`` (``g`` divides the row size and every chunk offset), so row
+        ``t`` is window ``starts[t // per] + (t % per) * step``. None for other layouts (cached)."""
+        if name not in self._chunk_maps:
+            with _guard(self.path, f"locate the chunks of {name!r}"):
+                self._chunk_maps[name] = self._make_chunk_map(self.datasets[name])
+        return self._chunk_maps[name]
+
+    def _make_chunk_map(self, ds: h5py.Dataset) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+        plist = ds.id.get_create_plist()
+        if ds.chunks is None or plist.get_nfilters() or ds.ndim < 1 or ds.size == 0 or ds.chunks[1:] != ds.shape[1:]:
+            return None
+        if ds.dtype.str not in _NUMPY_TO_DTYPE:
+            return None
+        per, row = ds.chunks[0], ds.dtype.itemsize * math.prod(ds.shape[1:])
+        chunk_bytes, n = per * row, -(-ds.shape[0] // per)
+        found: dict[int, tuple[int, int, int]] = {}
+        ds.id.chunk_iter(lambda c: found.__setitem__(c.chunk_offset[0], (c.byte_offset, c.size, c.filter_mask)))
+        offsets = np.array([found.get(k * per, (-1, 0, 1))[0] for k in range(n)], dtype=np.int64)
+        ok = len(found) == n and all(found.get(k * per, (-1, 0, 1))[1:] == (chunk_bytes, 0) for k in range(n))
+        if not ok or offsets.min() < 0 or offsets.max() > self.file_size - chunk_bytes:
+            raise VerifyError(
+                f"{ds.name}: chunk offsets or sizes outside the file or the declared layout", path=self.path
+            )
+        g = math.gcd(row, *offsets.tolist())
+        if self._mm is None:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        mm = self._mm.view(np.ndarray)
+        if mm.size != self.file_size:
+            raise VerifyError("the file changed size while open", path=self.path)
+        windows = np.lib.stride_tricks.as_strided(
+            mm, shape=((self.file_size - row) // g + 1, row), strides=(g, 1), writeable=False
+        )
+        return windows, offsets // g, per, row // g
+
     def blocks(self, name: str, rows: int) -> Iterator[np.ndarray]:
         ds = self.datasets[name]
         with _guard(self.path, f"read tensor {name!r}"):
@@ -284,8 +360,27 @@ class HDF5Reader:
                 yield ds[s : s + rows]
 
     def close(self) -> None:
+        self._mm = None
+        self._chunk_maps.clear()
         with contextlib.suppress(Exception):  # closing a corrupted file may fail; nothing to keep
             self.file.close()
+
+
+def _run_start(ds: h5py.Dataset) -> int | None:
+    """The file offset at which ``ds``'s rows lie back to back (see :meth:`HDF5Reader.view`), or None."""
+    plist = ds.id.get_create_plist()
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        return ds.id.get_offset()  # None when unallocated
+    if layout != h5py.h5d.CHUNKED or plist.get_nfilters() or ds.chunks[1:] != ds.shape[1:]:
+        return None
+    per, chunk_bytes = ds.chunks[0], ds.dtype.itemsize * math.prod(ds.chunks)
+    found: dict[int, tuple[int, int, int]] = {}
+    ds.id.chunk_iter(lambda c: found.__setitem__(c.chunk_offset[0], (c.byte_offset, c.size, c.filter_mask)))
+    n = -(-ds.shape[0] // per)
+    base = found.get(0, (0, 0, 0))[0]
+    want = {k * per: (base + k * chunk_bytes, chunk_bytes, 0) for k in range(n)}
+    return base if found == want else None
 
 
 class HDF5:

@@ -1,13 +1,17 @@
 """Read bundles: the single way anything in tolcli reads ToLs.
 
 ``open_bundle(path)`` validates the container header, the manifest (schema, then against the stored
-tensors), and returns a :class:`Bundle` whose :meth:`Bundle.lookup` decodes rows on demand: through a
-memory map for safetensors, through chunked reads for HDF5.
+tensors), and returns a :class:`Bundle` whose :meth:`Bundle.lookup` (one layer) and :meth:`Bundle.lookup_layers`
+(every present layer, optionally into a caller's buffer) decode rows on demand: gathered from a zero-copy view of a
+memory map where the container has one (safetensors; HDF5 datasets whose rows lie back to back in the file), from
+the map through each chunk's offset for other uncompressed HDF5, through HDF5's chunked reads for compressed HDF5.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +27,16 @@ from tolcli.bundle.sharded import ShardedReader
 from tolcli.bundle.spec import TOKENIZER_TENSOR
 from tolcli.codecs import Codec, codec_from_manifest
 from tolcli.dtypes import DTYPES
-from tolcli.errors import InputError, VerifyError
+from tolcli.errors import InputError, UsageError, VerifyError
 from tolcli.jsonsafe import cut, regular_file
 
 # Stored dense values may exceed the exact table's ``max_abs`` by the rounding to their dtype (bf16: 2^-8 relative,
 # fp16: 2^-11, subnormals: 2^-24 absolute), never more; and a value beyond fp16 range by more than that rounding
 # comes from an exact value beyond it, so the manifest's ``fp16_overflow`` must count it.
 _ROUNDING = 2.0**-7
+# Gather buffers of lookup_layers kept per thread and run for the next call, up to this size each (a decoder's
+# batches; a one-off lookup of the whole vocabulary allocates instead of pinning a table's worth of memory).
+MAX_SCRATCH_BYTES = 64 << 20
 _TINY = 2.0**-24
 
 
@@ -39,6 +46,49 @@ class LayerInfo:
     codec: Codec
     tensors: dict[str, str]  # role -> tensor name
     entry: dict[str, Any]  # the manifest entry
+
+
+class _StackedAccess:
+    """TensorAccess over a run of layers whose codecs are alike and whose role tensors lie at a constant stride in
+    the memory map: row ``k * n + j`` of a role is row ``ids[j]`` of the ``k``-th layer's tensor, so a row-wise codec
+    decodes every layer of the run in one call, from one gather per role."""
+
+    def __init__(self, stacks: dict[str, np.ndarray], idx: np.ndarray, scratch: dict[str, np.ndarray]):
+        self.stacks, self.idx = stacks, idx  # role -> [layers, rows, ...] strided view; this lookup's ids
+        self.scratch = scratch  # role -> a buffer this thread reuses across lookups (fresh memory costs page faults)
+
+    def rows(self, role: str, ids: Tensor) -> Tensor:
+        """The role's rows of every layer of the run, in a reused buffer: valid until the next lookup (a codec's
+        ``decode_into`` consumes them at once)."""
+        stack, idx = self.stacks[role], self.idx
+        if ids.numel() != stack.shape[0] * idx.size:  # pragma: no cover - only lookup_layers calls it
+            raise AssertionError("stacked rows are read with the stacked ids of the current lookup")
+        buf = self.scratch.get(role)
+        shape = (stack.shape[0], idx.size, *stack.shape[2:])
+        if buf is None or buf.dtype != stack.dtype or buf.size < math.prod(shape):
+            buf = np.empty(math.prod(shape), dtype=stack.dtype)
+            if buf.nbytes <= MAX_SCRATCH_BYTES:  # kept for the next lookup; a huge one-off batch is not
+                self.scratch[role] = buf
+        arr = buf[: math.prod(shape)].reshape(shape)
+        for k in range(stack.shape[0]):  # each layer's view is contiguous; ids are checked, so no bounds buffering
+            np.take(stack[k], idx, axis=0, out=arr[k], mode="clip")
+        t = torch.from_numpy(arr.reshape(ids.numel(), *stack.shape[2:]))
+        return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+
+    def full(self, role: str) -> Tensor:  # pragma: no cover - row-wise codecs read rows only
+        raise AssertionError("row-wise codecs read rows only")
+
+
+@dataclass
+class _Run:
+    """Consecutive present layers (``start`` is the first one's position) decoded by one call where ``access`` is
+    a :class:`_StackedAccess`, else (one layer) through its own access."""
+
+    start: int
+    layers: list[int]
+    codec: Codec
+    views: list[dict[str, np.ndarray]]  # per layer, role -> zero-copy view (empty: none)
+    stacks: dict[str, np.ndarray] | None = None  # role -> [layers, rows, ...], for runs of more than one layer
 
 
 class _Access:
@@ -52,6 +102,9 @@ class _Access:
 
     def full(self, role: str) -> Tensor:
         return self.bundle.tensor(self.layer.tensors[role])
+
+    def full_f32(self, role: str) -> Tensor:
+        return self.bundle._tensor_f32(self.layer.tensors[role])
 
 
 def as_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
@@ -100,7 +153,15 @@ class Bundle:
             for e in self.manifest["layers"]
             if e["status"] == "present"
         }
+        self.present_layers: tuple[int, ...] = tuple(sorted(self.layers))
+        self._accesses = {i: _Access(self, info) for i, info in self.layers.items()}
         self._full_cache: dict[str, Tensor] = {}
+        self._f32_cache: dict[str, Tensor] = {}
+        self._views: dict[str, np.ndarray | None] = {}
+        self._last_ids: tuple[Tensor | None, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
+        self._run_plan: list[_Run] | None = None
+        self._placeholders: dict[int, Tensor] = {}
+        self._scratch = threading.local()  # per thread: run -> role -> gather buffer
         self._magnitudes: dict[str, tuple[float, int]] = {}
         # The tables of dense layers, whose values the manifest's max_abs and fp16_overflow bound (see verify).
         self._dense_tables = {info.tensors["table"] for info in self.layers.values() if info.codec.name == "dense"}
@@ -124,24 +185,125 @@ class Bundle:
             self._full_cache[name] = t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
         return self._full_cache[name]
 
-    def _rows(self, name: str, ids: Tensor) -> Tensor:
-        info = self.manifest["tensors"][name]
-        arr = self._reader.rows(name, ids.cpu().numpy().astype(np.int64, copy=False))
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-        return t.view(torch.bfloat16) if info["dtype"] == "BF16" else t
+    def _tensor_f32(self, name: str) -> Tensor:
+        """A whole stored tensor as fp32 (cached: an SVD's ``B``, multiplied on every lookup)."""
+        if name not in self._f32_cache:
+            self._f32_cache[name] = self.tensor(name).float()
+        return self._f32_cache[name]
 
-    def lookup(self, layer: int, token_ids: Tensor | list[int]) -> Tensor:
-        """Decoded ToL rows of ``layer`` for ``token_ids`` (any shape): fp32, shape (*ids.shape, hidden)."""
+    def _view(self, name: str) -> np.ndarray | None:
+        """The container's zero-copy view of a tensor (cached), or None where it has none."""
+        if name not in self._views:
+            get = getattr(self._reader, "view", None)
+            view = None if get is None else get(name)
+            info = self.manifest["tensors"][name]
+            if view is not None and (view.dtype != DTYPES[info["dtype"]].numpy or list(view.shape) != info["shape"]):
+                view = None  # never: the stored tensors were checked against the manifest
+            self._views[name] = view
+        return self._views[name]
+
+    def _rows(self, name: str, ids: Tensor) -> Tensor:
+        last, last_np = self._last_ids  # the ids of the current lookup, already as numpy
+        idx = last_np if ids is last else ids.cpu().to(torch.long).numpy()
+        view = self._view(name)
+        arr = np.take(view, idx, axis=0) if view is not None else np.ascontiguousarray(self._reader.rows(name, idx))
+        t = torch.from_numpy(arr)
+        return t.view(torch.bfloat16) if arr.dtype == np.uint16 else t
+
+    def _layer_info(self, layer: int) -> LayerInfo:
         info = self.layers.get(layer)
         if info is None:
             status = "dropped" if 0 <= layer < self.num_layers else "out of range"
             raise InputError(f"layer {layer} is {status} in this bundle", path=self.path)
+        return info
+
+    def _checked_ids(self, token_ids: Tensor | list[int]) -> tuple[Tensor, tuple[int, ...]]:
+        """``(flat int64 CPU ids, their shape)``; ids outside the vocabulary are refused."""
         ids = _integer_ids(token_ids, self.path)
-        flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.vocab_size):
+        flat = ids.reshape(-1).numpy()
+        lo, hi = _id_range(flat)
+        if flat.size and (lo < 0 or hi >= self.vocab_size):
             raise InputError(f"token id outside the vocabulary [0, {self.vocab_size})", path=self.path)
-        rows = info.codec.decode_rows(_Access(self, info), flat)
-        return rows.reshape(*ids.shape, self.hidden_size)
+        self._last_ids = (torch.from_numpy(flat), flat)
+        return self._last_ids[0], tuple(ids.shape)
+
+    def lookup(self, layer: int, token_ids: Tensor | list[int]) -> Tensor:
+        """Decoded ToL rows of ``layer`` for ``token_ids`` (any shape): fp32, shape (*ids.shape, hidden)."""
+        info = self._layer_info(layer)
+        flat, shape = self._checked_ids(token_ids)
+        out = torch.empty(flat.numel(), self.hidden_size, dtype=torch.float32)
+        info.codec.decode_into(self._accesses[layer], flat, out)
+        return out.reshape(*shape, self.hidden_size)
+
+    def lookup_layers(self, token_ids: Tensor | list[int], *, out: Tensor | None = None) -> Tensor:
+        """Decoded rows of every present layer (:attr:`present_layers`, in order) for ``token_ids`` (any shape):
+        fp32 ``[len(present_layers), *ids.shape, hidden]``, the same values as :meth:`lookup` layer by layer.
+
+        What a decoder calls once per step. ``out``: a contiguous fp32 CPU tensor of exactly that shape, written in
+        place and returned, so that no memory is allocated per call (fresh memory of a large batch costs the
+        operating system's page faults, more than the lookup itself).
+
+        Example:
+            >>> import tempfile, pathlib, torch
+            >>> from tolcli import open_bundle, precompute, demo_checkpoint_path
+            >>> path = pathlib.Path(tempfile.mkdtemp()) / "demo.safetensors"
+            >>> _ = precompute(demo_checkpoint_path(), path, dtype="fp16", layers="0,2")
+            >>> b = open_bundle(path)
+            >>> buf = torch.empty(2, 3, 128)
+            >>> b.lookup_layers([5, 0, 5], out=buf) is buf, torch.equal(buf[1], b.lookup(2, [5, 0, 5]))
+            (True, True)
+        """
+        flat, shape = self._checked_ids(token_ids)
+        want = (len(self.present_layers), *shape, self.hidden_size)
+        if out is None:
+            out = torch.empty(want, dtype=torch.float32)
+        else:
+            check_out(out, want, torch.device("cpu"))
+        rows = out.view(len(self.present_layers), flat.numel(), self.hidden_size)
+        for run in self._runs():
+            if len(run.layers) == 1:
+                run.codec.decode_into(self._accesses[run.layers[0]], flat, rows[run.start])
+            else:
+                block = rows[run.start : run.start + len(run.layers)].view(-1, self.hidden_size)
+                access = _StackedAccess(run.stacks or {}, flat.numpy(), self._scratch_of(run.start))
+                run.codec.decode_into(access, self._placeholder(len(run.layers) * flat.numel()), block)
+        return out
+
+    def _scratch_of(self, run: int) -> dict[str, np.ndarray]:
+        """This thread's reusable gather buffers for a run (role -> buffer)."""
+        mine = self._scratch.__dict__.setdefault("runs", {})
+        return mine.setdefault(run, {})
+
+    def _placeholder(self, n: int) -> Tensor:
+        """Ids of a stacked decode (:class:`_StackedAccess`): only their count is read; cached per count."""
+        if self._placeholders.get(n) is None:
+            self._placeholders = {n: torch.empty(n, dtype=torch.long)}  # one decoder batch size at a time
+        return self._placeholders[n]
+
+    def _runs(self) -> list[_Run]:
+        """The present layers grouped into runs decoded together (cached; see :class:`_StackedAccess`)."""
+        if self._run_plan is None:
+            runs: list[_Run] = []
+            for k, layer in enumerate(self.present_layers):
+                info = self.layers[layer]
+                views = self._layer_views(info)
+                if runs and views and _extends(runs[-1], info.codec, views):
+                    runs[-1].layers.append(layer)
+                    runs[-1].views.append(views)
+                else:
+                    runs.append(_Run(k, [layer], info.codec, [views]))
+            for run in runs:
+                if len(run.layers) > 1:
+                    run.stacks = {role: _stack(run, role) for role in run.views[0]}
+            self._run_plan = runs
+        return self._run_plan
+
+    def _layer_views(self, info: LayerInfo) -> dict[str, np.ndarray]:
+        """Role -> zero-copy view of a row-wise layer's tensors; empty when a role has none."""
+        if not info.codec.row_wise:
+            return {}
+        views = {role: self._view(name) for role, name in info.tensors.items()}
+        return {} if any(v is None for v in views.values()) else views  # type: ignore[misc]
 
     def dense_layer(self, layer: int) -> Tensor:
         """A whole decoded layer table [vocab, hidden] in fp32."""
@@ -273,6 +435,10 @@ class Bundle:
 
     def close(self) -> None:
         self._full_cache.clear()
+        self._f32_cache.clear()
+        self._views.clear()
+        self._run_plan = None
+        self._scratch = threading.local()
         self._reader.close()
 
     def __enter__(self) -> Bundle:
@@ -282,19 +448,73 @@ class Bundle:
         self.close()
 
 
+def _address(view: np.ndarray) -> int:
+    return view.__array_interface__["data"][0]
+
+
+def _extends(run: _Run, codec: Codec, views: dict[str, np.ndarray]) -> bool:
+    """Whether a layer continues ``run``: the same codec and parameters, tensors of the same shapes and types, each
+    role's tensor at the run's constant stride from the previous layer's (every byte a stacked view reads is then
+    a byte of one of the run's own validated views)."""
+    first, last = run.views[0], run.views[-1]
+    if not first or type(codec) is not type(run.codec) or codec.params() != run.codec.params():
+        return False
+    if set(views) != set(first):
+        return False
+    for role, v in views.items():
+        if v.shape != first[role].shape or v.dtype != first[role].dtype or v.strides != first[role].strides:
+            return False
+        stride = _address(v) - _address(last[role])
+        if stride <= 0 or (len(run.views) > 1 and stride != _address(last[role]) - _address(run.views[-2][role])):
+            return False
+    return True
+
+
+def _stack(run: _Run, role: str) -> np.ndarray:
+    """A role's tensors of every layer of ``run`` as one read-only [layers, rows, ...] view."""
+    first = run.views[0][role]
+    stride = _address(run.views[1][role]) - _address(first)
+    shape, strides = (len(run.views), *first.shape), (stride, *first.strides)
+    return np.lib.stride_tricks.as_strided(first, shape=shape, strides=strides, writeable=False)
+
+
+def _id_range(flat: np.ndarray) -> tuple[int, int]:
+    """``(min, max)`` of int64 ids (0, 0 when empty); a few ids in Python, whose call overhead is numpy's tenth."""
+    if flat.size <= 16:
+        vals = flat.tolist()
+        return (min(vals), max(vals)) if vals else (0, 0)
+    return int(flat.min()), int(flat.max())
+
+
+def check_out(out: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    """Refuse an ``out`` buffer that is not a contiguous fp32 tensor of ``shape`` on ``device``."""
+    ok = (
+        isinstance(out, Tensor)
+        and out.dtype == torch.float32
+        and out.device.type == device.type
+        and device.index in (None, out.device.index)
+        and tuple(out.shape) == shape
+        and out.is_contiguous()
+    )
+    if not ok:
+        raise UsageError(f"`out` must be a contiguous fp32 tensor of shape {list(shape)} on {device}")
+
+
 def _integer_ids(token_ids: Tensor | list[int], path: Path) -> Tensor:
-    """Token ids as an int64 tensor; floats, booleans and values beyond int64 are refused, never truncated."""
+    """Token ids as an int64 CPU tensor; floats, booleans and values beyond int64 are refused, never truncated."""
+    if isinstance(token_ids, Tensor) and token_ids.dtype == torch.long:
+        return token_ids.cpu()
     try:
         ids = torch.as_tensor(token_ids)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:
         raise InputError(f"token ids must be integers ({cut(str(e), 120)})", path=path) from None
     if ids.numel() == 0:
-        return ids.to(torch.long)
+        return ids.to(device="cpu", dtype=torch.long)
     if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise InputError(f"token ids must be integers, got {str(ids.dtype).removeprefix('torch.')}", path=path)
     if ids.dtype == torch.uint64:
         raise InputError("token ids must fit int64", path=path)
-    return ids.to(torch.long)
+    return ids.to(device="cpu", dtype=torch.long)
 
 
 class BundleSource:

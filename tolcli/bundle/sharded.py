@@ -247,6 +247,12 @@ class ShardedReader:
     def blocks(self, name: str, rows: int) -> Iterator[np.ndarray]:
         return self._reader(name).blocks(name, rows)
 
+    def view(self, name: str) -> np.ndarray | None:
+        """The shard's zero-copy view of a tensor (see :meth:`tolcli.bundle.reader.Bundle.lookup_layers`), or None
+        where its container has none."""
+        view = getattr(self._reader(name), "view", None)
+        return None if view is None else view(name)
+
     def close(self) -> None:
         for r in self.shards.values():
             r.close()

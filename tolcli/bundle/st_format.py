@@ -179,7 +179,12 @@ class SafetensorsReader:
         return raw.view(DTYPES[dtype].numpy).reshape(shape)
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
-        return self.array(name)[ids]
+        return np.take(self.view(name), ids, axis=0)
+
+    def view(self, name: str) -> np.ndarray:
+        """A tensor as a plain read-only ndarray over the memory map (no copy; ``np.memmap``'s per-call
+        overhead and subclass wrapping dropped): what the run-time lookup path gathers from."""
+        return self.array(name).view(np.ndarray)
 
     def blocks(self, name: str, rows: int) -> Iterator[np.ndarray]:
         arr = self.array(name)

@@ -92,6 +92,12 @@ def compress_cmd(
     svd_method: Annotated[
         str, typer.Option("--svd-method", help="exact (Gram eigendecomposition) or randomized.", rich_help_panel=_SVD)
     ] = "exact",
+    svd_gram: Annotated[
+        str | None,
+        typer.Option(
+            "--svd-gram", help="exact: the Gram's products in fp32 (fast, default) or fp64.", rich_help_panel=_SVD
+        ),
+    ] = None,
     oversample: Annotated[
         int, typer.Option("--oversample", help="randomized: extra columns.", rich_help_panel=_SVD)
     ] = 10,
@@ -156,6 +162,14 @@ def compress_cmd(
     force: ForceOpt = False,
     verify: VerifyOpt = False,
     sha256sums: Sha256sumsOpt = None,
+    batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-tokens",
+            help="Vocabulary rows read and encoded at a time (default: about 8 MiB of fp32 rows); lower it to use "
+            "less memory.",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -187,6 +201,7 @@ def compress_cmd(
             min_rank=min_rank,
             max_rank=max_rank,
             svd_method=svd_method,
+            svd_gram=svd_gram,
             oversample=oversample,
             power_iters=power_iters,
             seed=seed,
@@ -210,6 +225,7 @@ def compress_cmd(
             compression=compression,
             max_shard_size=max_shard_size,
             verify_input=verify,
+            batch_rows=batch_tokens,
             progress=RichProgress(out),
             note=note_to_stderr(out),
         )

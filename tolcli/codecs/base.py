@@ -15,7 +15,8 @@ have a rank, which ``compress`` chooses per layer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol, Self
 
 from torch import Tensor
@@ -26,6 +27,10 @@ from tolcli.errors import InputError, TolcliError, UsageError
 
 spec_strings = lazy_import("tolcli.codecs.spec")  # it imports this module
 
+# Rows decoded per step by ``decode_into``: one block of fp32 output (and its temporaries) stays in a core's L2
+# cache, so a batch is read from memory once and written once, whatever its size.
+DECODE_BLOCK_BYTES = 256 << 10
+
 
 class TensorAccess(Protocol):
     """What a codec may read from a stored layer: some rows of a role's tensor, or all of it."""
@@ -33,6 +38,40 @@ class TensorAccess(Protocol):
     def rows(self, role: str, ids: Tensor) -> Tensor: ...
 
     def full(self, role: str) -> Tensor: ...
+
+
+class RowSource(Protocol):
+    """A [rows, width] fp32 table read in row batches, as many times as asked: what streaming encoders read."""
+
+    rows: int
+    width: int
+
+    def batches(self) -> Iterator[tuple[int, Tensor]]:
+        """``(first row, fp32 [n, width] rows)`` in row order, covering the table once."""
+        ...
+
+
+class TableRows:
+    """A :class:`RowSource` over an in-memory table, in batches of ``batch`` rows."""
+
+    def __init__(self, table: Tensor, batch: int = 8192):
+        if batch < 1:
+            raise UsageError(f"`batch_rows` must be >= 1, got {batch}")
+        self.table, self.batch = table, batch
+        self.rows, self.width = table.shape
+
+    def batches(self) -> Iterator[tuple[int, Tensor]]:
+        for s in range(0, self.rows, self.batch):
+            yield s, self.table[s : s + self.batch].float()
+
+
+@dataclass
+class BatchEncoder:
+    """A codec fitted to a table, ready to encode it in row batches: ``encode_rows(batch)`` gives the per-row
+    roles of those rows (in the order ``encode`` gives them), ``fixed`` the roles computed once (an SVD's ``B``)."""
+
+    encode_rows: Callable[[Tensor], dict[str, Tensor]]
+    fixed: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Codec(ABC):
@@ -67,6 +106,17 @@ class Codec(ABC):
     @abstractmethod
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         """Rows ``ids`` of the table, as fp32 [len(ids), width]."""
+
+    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        """Rows ``ids`` decoded into ``out`` (fp32 [len(ids), width], contiguous), the same values as
+        :meth:`decode_rows`: what run-time lookups call. This default copies ``decode_rows``; the built-in codecs
+        decode in place, block by block (:func:`row_blocks`)."""
+        out.copy_(self.decode_rows(access, ids))
+
+    def encoder(self, source: RowSource) -> BatchEncoder | None:
+        """A batch encoder for ``source`` (reading it as often as fitting needs), or None when this codec can
+        only encode a whole table. Row-wise codecs encode each batch as it is."""
+        return BatchEncoder(self.encode) if self.row_wise else None
 
     def stored_bytes(self, rows: int, width: int) -> int:
         total = 0
@@ -161,8 +211,9 @@ class RankedSpec(CodecSpec):
         return self.rank_multiple
 
     @abstractmethod
-    def spectrum(self, table: Tensor, weights: Tensor | None) -> Tensor:
-        """The squared error each unit of rank removes, in rank order (non-increasing), for adaptive ranks."""
+    def spectrum(self, table: Tensor | RowSource, weights: Tensor | None) -> Tensor:
+        """The squared error each unit of rank removes, in rank order (non-increasing), for adaptive ranks;
+        ``table`` is a tensor or a :class:`RowSource` read in row batches."""
 
 
 def codec_from_manifest(name: str, params: dict[str, Any]) -> Codec:
@@ -179,6 +230,19 @@ def codec_from_manifest(name: str, params: dict[str, Any]) -> Codec:
         raise InputError(f"codec {name!r} parameters {params!r} are invalid ({type(e).__name__}: {e})") from None
 
 
+def row_blocks(rows: int, width: int) -> Iterator[slice]:
+    """Slices covering ``range(rows)`` in blocks of about :data:`DECODE_BLOCK_BYTES` of fp32 output."""
+    step = max(1, DECODE_BLOCK_BYTES // (4 * max(1, width)))
+    for s in range(0, rows, step):
+        yield slice(s, min(s + step, rows))
+
+
+def full_f32(access: TensorAccess, role: str) -> Tensor:
+    """A whole role's tensor as fp32: cached by accesses that have ``full_f32`` (a bundle's), converted otherwise."""
+    cached = getattr(access, "full_f32", None)
+    return cached(role) if cached is not None else access.full(role).float()
+
+
 class PrefixedAccess:
     """A view of a TensorAccess in which ``role`` means ``prefix + role`` (a codec nested in another)."""
 
@@ -190,6 +254,9 @@ class PrefixedAccess:
 
     def full(self, role: str) -> Tensor:
         return self.inner.full(self.prefix + role)
+
+    def full_f32(self, role: str) -> Tensor:
+        return full_f32(self.inner, self.prefix + role)
 
 
 class DictAccess:

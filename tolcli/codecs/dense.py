@@ -43,6 +43,9 @@ class DenseCodec(Codec):
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         return access.rows("table", ids).to(torch.float32)
 
+    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        out.copy_(access.rows("table", ids))  # one gather, one widening copy into the caller's memory
+
 
 @dataclass(frozen=True)
 class Dense(CodecSpec):

@@ -11,13 +11,14 @@ Nibble order of packed 4-bit codes: byte ``k`` of a row holds element ``2k`` in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from tolcli.codecs.base import Codec, CodecSpec, TensorAccess
+from tolcli.codecs.base import Codec, CodecSpec, TensorAccess, row_blocks
 from tolcli.errors import InputError, UsageError
 
 GROUP_SIZES_4BIT = (32, 64, 128)
@@ -65,6 +66,27 @@ def unpack_nibbles(packed: Tensor) -> Tensor:
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
 
 
+def unpack_nibbles_into(packed: Tensor, out: Tensor) -> None:
+    """packed bytes [R, n] -> the codes as fp32 values in ``out`` [R, 2n] (contiguous), without a uint8 copy."""
+    pairs = out.view(*packed.shape, 2)
+    pairs[..., 0].copy_(packed & 0x0F)
+    pairs[..., 1].copy_(packed >> 4)
+
+
+def _grouped(out: Tensor, group: int) -> Tensor:
+    return out.view(out.shape[0], out.shape[1] // group, group)
+
+
+def _decode_blocks(
+    access: TensorAccess, ids: Tensor, out: Tensor, roles: tuple[str | None, ...], block_fn: Callable[..., None]
+) -> None:
+    """Gather each role's rows once, then decode them into ``out`` block by block (:func:`row_blocks`):
+    ``block_fn(out_block, *role_blocks)``; a role absent from the codec (None in ``roles``) passes None."""
+    got = [None if r is None else access.rows(r, ids) for r in roles]
+    for b in row_blocks(ids.numel(), out.shape[1]):
+        block_fn(out[b], *(None if t is None else t[b] for t in got))
+
+
 # ---- int4 ------------------------------------------------------------------------------------------------
 def quantize_int4(x: Tensor, group: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """x [R, C] fp32 -> (packed codes U8 [R, C/2], scales F16 [R, C/group], offsets F16 [R, C/group] | None)."""
@@ -83,6 +105,16 @@ def quantize_int4(x: Tensor, group: int, symmetric: bool) -> tuple[Tensor, Tenso
         q = torch.where(s > 0, torch.round((xg - o) / s.clamp_min(1e-30)), 0.0).clamp(0, 15)
     codes = pack_nibbles(q.reshape(R, C).to(torch.uint8))
     return codes, scale, offset
+
+
+def dequantize_int4_into(out: Tensor, codes: Tensor, scale: Tensor, offset: Tensor | None, group: int) -> None:
+    """:func:`dequantize_int4` into ``out`` [R, C] fp32 (contiguous), operation for operation the same values."""
+    unpack_nibbles_into(codes, out)
+    og = _grouped(out, group)
+    if offset is None:
+        og.sub_(8.0).mul_(scale.float().unsqueeze(-1))
+    else:
+        og.mul_(scale.float().unsqueeze(-1)).add_(offset.float().unsqueeze(-1))
 
 
 def dequantize_int4(codes: Tensor, scale: Tensor, offset: Tensor | None, group: int) -> Tensor:
@@ -108,6 +140,12 @@ def quantize_nf4(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
     return pack_nibbles(q.reshape(R, C)), scale
 
 
+def dequantize_nf4_into(out: Tensor, codes: Tensor, scale: Tensor, group: int) -> None:
+    """:func:`dequantize_nf4` into ``out`` [R, C] fp32 (contiguous)."""
+    torch.index_select(NF4_LEVELS, 0, unpack_nibbles(codes).reshape(-1).to(torch.int32), out=out.view(-1))
+    _grouped(out, group).mul_(scale.float().unsqueeze(-1))
+
+
 def dequantize_nf4(codes: Tensor, scale: Tensor, group: int) -> Tensor:
     q = unpack_nibbles(codes).long()
     R, C = q.shape
@@ -122,6 +160,12 @@ def quantize_int8(x: Tensor, group: int) -> tuple[Tensor, Tensor]:
     s = scale.float().unsqueeze(-1)
     q = torch.where(s > 0, torch.round(xg / s.clamp_min(1e-30)), 0.0).clamp(-127, 127)
     return q.reshape(R, C).to(torch.int8), scale
+
+
+def dequantize_int8_into(out: Tensor, codes: Tensor, scale: Tensor, group: int) -> None:
+    """:func:`dequantize_int8` into ``out`` [R, C] fp32 (contiguous)."""
+    out.copy_(codes)
+    _grouped(out, group).mul_(scale.float().unsqueeze(-1))
 
 
 def dequantize_int8(codes: Tensor, scale: Tensor, group: int) -> Tensor:
@@ -194,6 +238,10 @@ class Int4Codec(_GroupCodec):
         offsets = None if self.symmetric else access.rows("offsets", ids)
         return dequantize_int4(access.rows("codes", ids), access.rows("scales", ids), offsets, self.group_size)
 
+    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        roles = ("codes", "scales", None if self.symmetric else "offsets")
+        _decode_blocks(access, ids, out, roles, lambda o, c, s, z: dequantize_int4_into(o, c, s, z, self.group_size))
+
 
 class NF4Codec(_GroupCodec):
     """4-bit NormalFloat: the nearest of 16 fixed levels times an fp16 absmax scale per group.
@@ -223,6 +271,11 @@ class NF4Codec(_GroupCodec):
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         return dequantize_nf4(access.rows("codes", ids), access.rows("scales", ids), self.group_size)
+
+    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        _decode_blocks(
+            access, ids, out, ("codes", "scales"), lambda o, c, s: dequantize_nf4_into(o, c, s, self.group_size)
+        )
 
 
 class Int8Codec(_GroupCodec):
@@ -254,6 +307,11 @@ class Int8Codec(_GroupCodec):
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         return dequantize_int8(access.rows("codes", ids), access.rows("scales", ids), self.group_size)
+
+    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        _decode_blocks(
+            access, ids, out, ("codes", "scales"), lambda o, c, s: dequantize_int8_into(o, c, s, self.group_size)
+        )
 
 
 # ---- specs ------------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@
 none): the factorisation that minimises ``sum_t w_t ||T_t - A_t B||^2``. Since ``B`` has orthonormal
 rows, ``A = T V_r`` is each row's exact projection whatever the weights.
 
-- ``exact``: eigendecomposition of the h x h Gram matrix ``T^T diag(w) T``, accumulated in fp64 over row
-  blocks (memory stays at one layer), so the eigenvalues are the squared singular values and the error
-  at any rank is known in advance (:func:`gram_spectrum`; adaptive rank allocation uses it).
+- ``exact``: eigendecomposition of the h x h Gram matrix ``T^T diag(w) T``, read in row batches (each
+  batch's product in fp32, the products summed in fp64: :func:`streamed_gram`; the table need not be in
+  memory), so the eigenvalues are the squared singular values and the error at any rank is known in
+  advance (:func:`gram_spectrum`; adaptive rank allocation uses it). ``A = T V_r`` is then encoded batch
+  by batch (:meth:`SVDCodec.encoder`).
 - ``randomized``: Halko-Martinsson-Tropp range finder with oversampling and power iterations, for
   ``r << h``; deterministic given the seed.
 
@@ -25,12 +27,28 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from tolcli.codecs.base import Codec, CodecSpec, PrefixedAccess, RankedSpec, TensorAccess, codec_from_manifest
+from tolcli.codecs.base import (
+    BatchEncoder,
+    Codec,
+    CodecSpec,
+    PrefixedAccess,
+    RankedSpec,
+    RowSource,
+    TableRows,
+    TensorAccess,
+    codec_from_manifest,
+    full_f32,
+)
 from tolcli.codecs.dense import Dense, DenseCodec
 from tolcli.errors import UsageError
 
 SVD_METHODS = ("exact", "randomized")
 _BLOCK = 8192
+# The precision of each row batch's Gram product (the products are summed in fp64). fp32 runs at the BLAS's fp32
+# speed and resolves singular values down to ~1e-3 of the largest; fp64 is exact to fp64 rounding and ~2x slower
+# (docs/compression.md, "The SVD's accuracy").
+GRAM_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+DEFAULT_GRAM = "fp32"
 
 
 def check_method(method: str) -> None:
@@ -38,26 +56,48 @@ def check_method(method: str) -> None:
         raise UsageError(f"svd method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
 
 
-def gram_spectrum(table: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (descending, fp64, >= 0) and eigenvectors (columns) of ``T^T diag(w) T``."""
-    V, h = table.shape
-    gram = torch.zeros(h, h, dtype=torch.float64)
-    for s in range(0, V, _BLOCK):
-        blk = table[s : s + _BLOCK].double()
+def check_gram(gram: str) -> None:
+    if gram not in GRAM_DTYPES:
+        raise UsageError(f"svd gram must be one of {', '.join(GRAM_DTYPES)}, got {gram!r}")
+
+
+def as_rows(table: Tensor | RowSource) -> RowSource:
+    """A table as a :class:`RowSource` (an in-memory tensor in blocks of 8,192 rows)."""
+    return TableRows(table, _BLOCK) if isinstance(table, Tensor) else table
+
+
+def _whole(source: RowSource) -> Tensor:
+    """The whole fp32 table of ``source`` (what the randomized range finder needs)."""
+    if isinstance(source, TableRows):
+        return source.table.float()
+    return torch.cat([blk for _, blk in source.batches()])
+
+
+def streamed_gram(source: RowSource, weights: Tensor | None = None, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``T^T diag(w) T`` as fp64 [h, h], read in row batches: each batch's product computed in ``dtype``
+    (fp32: the BLAS's speed; fp64: exact to fp64 rounding), the batch products summed in fp64."""
+    gram = torch.zeros(source.width, source.width, dtype=torch.float64)
+    for s, rows in source.batches():
+        blk = rows.to(dtype)
         if weights is not None:
-            blk = blk * weights[s : s + _BLOCK].double().sqrt().unsqueeze(1)
-        gram += blk.T @ blk
+            blk = blk * weights[s : s + blk.shape[0]].to(dtype).sqrt().unsqueeze(1)
+        gram += (blk.T @ blk).double()
+    return gram
+
+
+def gram_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, >= 0) and eigenvectors (columns, in that order) of a symmetric fp64 Gram."""
     evals, evecs = torch.linalg.eigh(gram)
     return evals.flip(0).clamp_min(0.0), evecs.flip(1)
 
 
-def _project(table: Tensor, basis: Tensor) -> Tensor:
-    """``table @ basis`` in fp64 by row blocks, returned as fp32 [V, r]."""
-    out = torch.empty(table.shape[0], basis.shape[1], dtype=torch.float32)
-    b64 = basis.double()
-    for s in range(0, table.shape[0], _BLOCK):
-        out[s : s + _BLOCK] = (table[s : s + _BLOCK].double() @ b64).float()
-    return out
+def gram_spectrum(
+    table: Tensor | RowSource, weights: Tensor | None = None, *, dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (descending, fp64, >= 0) and eigenvectors (columns) of ``T^T diag(w) T``; ``dtype`` is the
+    precision of each row batch's product (fp64 by default here: the reference; an SVD spec's ``gram`` chooses
+    what ``compress`` uses)."""
+    return gram_eigh(streamed_gram(as_rows(table), weights, dtype=dtype))
 
 
 def randomized_basis(
@@ -78,6 +118,32 @@ def randomized_basis(
     return vt[:rank].T  # (h, rank)
 
 
+def fit_basis(
+    source: RowSource,
+    rank: int,
+    *,
+    method: str = "exact",
+    weights: Tensor | None = None,
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
+    gram: str = DEFAULT_GRAM,
+) -> Tensor:
+    """The fp64 [h, rank] orthonormal basis ``V_r`` of ``source`` (read in row batches for ``exact``, each
+    batch's Gram product in ``gram`` precision; whole for ``randomized``) that minimises the (weighted) squared
+    reconstruction error."""
+    V, h = source.rows, source.width
+    if not 1 <= rank <= min(V, h):
+        raise UsageError(f"rank must be within 1..{min(V, h)}, got {rank}")
+    check_method(method)
+    check_gram(gram)
+    if method == "exact":
+        return gram_eigh(streamed_gram(source, weights, dtype=GRAM_DTYPES[gram]))[1][:, :rank]
+    return randomized_basis(
+        _whole(source), rank, weights=weights, oversample=oversample, power_iters=power_iters, seed=seed
+    )
+
+
 def factorize(
     table: Tensor,
     rank: int,
@@ -87,21 +153,22 @@ def factorize(
     oversample: int = 10,
     power_iters: int = 2,
     seed: int = 0,
+    gram: str = "fp64",
 ) -> tuple[Tensor, Tensor]:
-    """``(A [V, rank], B [rank, h])``, fp32, minimising the (weighted) squared reconstruction error."""
-    V, h = table.shape
-    if not 1 <= rank <= min(V, h):
-        raise UsageError(f"rank must be within 1..{min(V, h)}, got {rank}")
-    if method == "exact":
-        _, evecs = gram_spectrum(table, weights)
-        basis = evecs[:, :rank]
-    elif method == "randomized":
-        basis = randomized_basis(
-            table, rank, weights=weights, oversample=oversample, power_iters=power_iters, seed=seed
-        )
-    else:
-        check_method(method)
-    return _project(table, basis), basis.T.float().contiguous()
+    """``(A [V, rank], B [rank, h])``, fp32, minimising the (weighted) squared reconstruction error;
+    ``A = T V_r`` in fp32. ``gram``: the Gram products' precision (fp64 here, the reference; the codec's
+    default is fp32)."""
+    basis = fit_basis(
+        TableRows(table, _BLOCK),
+        rank,
+        method=method,
+        weights=weights,
+        oversample=oversample,
+        power_iters=power_iters,
+        seed=seed,
+        gram=gram,
+    ).float()
+    return table.float() @ basis, basis.T.contiguous()
 
 
 class SVDCodec(Codec):
@@ -124,11 +191,13 @@ class SVDCodec(Codec):
         power_iters: int = 2,
         seed: int = 0,
         weights: Tensor | None = None,
+        gram: str = DEFAULT_GRAM,
     ):
         if rank < 1:
             raise UsageError(f"rank must be >= 1, got {rank}")
         check_method(method)
-        self.rank = rank
+        check_gram(gram)
+        self.rank, self.gram = rank, gram
         self.a_codec = a_codec or DenseCodec("F16")
         _check_row_wise(self.a_codec)
         self.b = DenseCodec(b_dtype)
@@ -145,6 +214,8 @@ class SVDCodec(Codec):
         }
         if self.method == "randomized":
             p.update(oversample=self.oversample, power_iters=self.power_iters, seed=self.seed)
+        elif self.gram != DEFAULT_GRAM:  # recorded when not the default, so default params stay as always written
+            p["gram"] = self.gram
         return p
 
     @classmethod
@@ -155,6 +226,7 @@ class SVDCodec(Codec):
             codec_from_manifest(a["codec"], a["params"]),
             params["b_dtype"],
             method=params.get("method", "exact"),
+            gram=params.get("gram", DEFAULT_GRAM),
         )
 
     def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -163,22 +235,36 @@ class SVDCodec(Codec):
         return specs
 
     def encode(self, table: Tensor) -> dict[str, Tensor]:
-        a, b = factorize(
-            table,
+        enc = self.encoder(TableRows(table, _BLOCK))
+        return {**enc.encode_rows(table.float()), **enc.fixed}
+
+    def encoder(self, source: RowSource) -> BatchEncoder:
+        """Fit ``V_r`` (exact: one streamed pass for the Gram), then encode ``A = rows @ V_r`` batch by batch."""
+        basis = fit_basis(
+            source,
             self.rank,
             method=self.method,
             weights=self.weights,
             oversample=self.oversample,
             power_iters=self.power_iters,
             seed=self.seed,
-        )
-        out = {f"A.{role}": t for role, t in self.a_codec.encode(a).items()}
-        out["B"] = self.b.encode(b)["table"]
-        return out
+            gram=self.gram,
+        ).float()
+        a_codec = self.a_codec
+
+        def encode_rows(rows: Tensor) -> dict[str, Tensor]:
+            return {f"A.{role}": t for role, t in a_codec.encode(rows @ basis).items()}
+
+        return BatchEncoder(encode_rows, {"B": self.b.encode(basis.T.contiguous())["table"]})
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         a = self.a_codec.decode_rows(PrefixedAccess(access, "A."), ids)  # (n, r)
         return a @ access.full("B").float()  # (n, h)
+
+    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        a = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
+        self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
+        torch.mm(a, full_f32(access, "B"), out=out)  # B in fp32 is cached by a bundle's access
 
 
 def _check_row_wise(codec: Codec | type[Codec]) -> None:
@@ -192,7 +278,8 @@ class SVD(RankedSpec):
     """``svd(rank=R|ratio=F|budget=B|energy=E, a=dense(dtype=fp16), method=exact, ...)``: :class:`SVDCodec`.
 
     ``a`` is the spec of the ``A`` factor's codec (any row-wise one: ``a=int4(group=32)``); ``B`` is fp16.
-    ``method`` is ``exact`` or ``randomized`` (with ``oversample``, ``power_iters`` and ``seed``). The rank
+    ``method`` is ``exact`` (with ``gram``: ``fp32`` products, fast, or ``fp64``, for spectra spanning more than
+    six decades) or ``randomized`` (with ``oversample``, ``power_iters`` and ``seed``). The rank
     options are :class:`~tolcli.codecs.base.RankedSpec`'s.
 
     Example:
@@ -208,10 +295,12 @@ class SVD(RankedSpec):
     oversample: int = 10
     power_iters: int = 2
     seed: int = 0
+    gram: str = DEFAULT_GRAM
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_method(self.method)
+        check_gram(self.gram)
         _check_row_wise(self.a.codec)
         if self.oversample < 0 or self.power_iters < 0:
             raise UsageError(f"svd oversample and power_iters must be >= 0, got {self.oversample}, {self.power_iters}")
@@ -233,7 +322,8 @@ class SVD(RankedSpec):
             power_iters=self.power_iters,
             seed=self.seed,
             weights=weights,
+            gram=self.gram,
         )
 
-    def spectrum(self, table: Tensor, weights: Tensor | None) -> Tensor:
-        return gram_spectrum(table, weights)[0]
+    def spectrum(self, table: Tensor | RowSource, weights: Tensor | None) -> Tensor:
+        return gram_spectrum(table, weights, dtype=GRAM_DTYPES[self.gram])[0]
