@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.adversarial import NF4_DOC
 from tolcli import CompressOptions, compress, open_bundle
 from tolcli.bundle import h5_format
 from tolcli.bundle.entries import TensorEntry
@@ -26,14 +27,7 @@ from tolcli.testing import tiny_manifest
 V, H = 300, 64
 PRESENT = (0, 2)  # layer 1 is dropped
 
-# QLoRA's NF4 levels (Dettmers et al. 2023, appendix E), typed from the paper.
-NF4 = np.array(
-    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-     0.7229568362236023, 1.0],
-    dtype=np.float32,
-)  # fmt: skip
+NF4 = NF4_DOC  # QLoRA's NF4 levels, typed from the paper in tests/adversarial (not imported from tolcli)
 
 
 def _tables() -> dict[int, np.ndarray]:
