@@ -24,30 +24,17 @@ from tolcli.bundle.writer import write_bundle
 from tolcli.codecs.base import TableRows
 from tolcli.codecs.svd import SVDCodec
 from tolcli.compress import default_batch_rows
+from tolcli.testing import memory_probe_script
 
 SCHEMES = (("int4", {}), ("nf4", {}), ("svd", {"rank": 256}), ("svd+int4", {"rank": 256}))
-PEAK = """
-import sys, threading, time
-from tolcli import CompressOptions, compress
-def anon():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-peak, done = [anon()], threading.Event()
-def sample():
-    while not done.is_set():
-        peak[0] = max(peak[0], anon())
-        time.sleep(0.001)
-t = threading.Thread(target=sample, daemon=True)
-t.start()
-base = anon()
-rank = int(sys.argv[4])
-opts = CompressOptions(sys.argv[3], rank=rank) if rank else CompressOptions(sys.argv[3])
-compress(sys.argv[1], sys.argv[2], opts, force=True)
-done.set()
-t.join()
-hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(base, max(peak[0], anon()), int(hwm.split()[1]) * 1024)
-"""
+PEAK = memory_probe_script(
+    setup="from tolcli import CompressOptions, compress",
+    body="""
+    rank = int(sys.argv[4])
+    opts = CompressOptions(sys.argv[3], rank=rank) if rank else CompressOptions(sys.argv[3])
+    compress(sys.argv[1], sys.argv[2], opts, force=True)
+    """,
+)
 
 
 def shape() -> tuple[int, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from tolcli import CompressOptions, compress, open_bundle
 from tolcli.codecs.base import TableRows
 from tolcli.codecs.svd import gram_spectrum, streamed_gram
 from tolcli.errors import InputError, UsageError
+from tolcli.testing import memory_probe_script
 
 
 def _tables(V: int, h: int, seed: int, layers: int = 2) -> list[torch.Tensor]:
@@ -117,32 +117,13 @@ def test_streamed_gram_weights_rows_by_their_weight() -> None:
 # Peak anonymous memory (RssAnon, sampled every millisecond) of a fresh interpreter, plus VmHWM. VmHWM also counts the
 # input's memory-mapped file pages (clean page cache, which the kernel reclaims under pressure, growing with the
 # vocabulary); the anonymous peak is what a machine must have free.
-PEAK_SCRIPT = textwrap.dedent(
-    """
-    import sys, threading, time
-    from tolcli import CompressOptions, compress
-
-    def anon():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-
-    peak, done = [anon()], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
+PEAK_SCRIPT = memory_probe_script(
+    setup="from tolcli import CompressOptions, compress",
+    body="""
     scheme = sys.argv[3]
     opts = CompressOptions(scheme, rank=64) if "svd" in scheme else CompressOptions(scheme)
     compress(sys.argv[1], sys.argv[2], opts, batch_rows=1024)
-    done.set()
-    t.join()
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    print(max(peak[0], anon()), int(hwm.split()[1]) * 1024)
-    """
+    """,
 )
 
 
@@ -150,7 +131,7 @@ def _peak(src: Path, out: Path, scheme: str) -> int:
     r = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(src), str(out), scheme], capture_output=True, text=True, check=True
     )
-    return int(r.stdout.split()[0])
+    return int(r.stdout.split()[1])  # the peak anonymous RSS
 
 
 def test_compress_memory_does_not_grow_with_the_vocabulary(tmp_path: Path) -> None:

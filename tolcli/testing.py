@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,3 +153,36 @@ def tiny_manifest(vocab: int = 3, hidden: int = 2) -> dict[str, Any]:
         ],
         "tensors": {},
     }
+
+
+_PROBE = """\
+import sys, threading, time
+{setup}
+
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+peak, done = [anon()], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon())
+        time.sleep(0.001)
+
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+base = anon()
+{body}
+done.set()
+t.join()
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(base, max(peak[0], anon()), int(hwm.split()[1]) * 1024)
+"""
+
+
+def memory_probe_script(body: str, *, setup: str = "") -> str:
+    """A ``python -c`` script that runs ``setup`` (imports), then ``body`` (top-level code reading ``sys.argv``)
+    while a thread samples the anonymous RSS every millisecond, and prints ``anonymous-RSS-before-body
+    peak-anonymous-RSS VmHWM`` in bytes: the memory of one job in a fresh process, for memory tests and benchmarks."""
+    return _PROBE.format(setup=textwrap.dedent(setup).strip(), body=textwrap.dedent(body).strip())
