@@ -8,17 +8,21 @@ chunked layout, and a gzip copy for the fallback path). The baselines run in the
 * a memcpy (``np.copyto``, into a preallocated buffer) of the stored bytes of the rows (dense) or of the decoded
   fp32 bytes (int4): the batch bound.
 
-Lookups write into a reused ``out=`` buffer (what a decoder does); ``fresh`` rows allocate the result per call.
+Lookups write into a reused ``out=`` buffer (what a decoder does); ``fresh`` rows allocate the result per call. Ids
+are int64 torch tensors, as a decoder holds them. Run with ``OMP_NUM_THREADS=1`` on a shared machine; the load
+average is printed before and after (figures move with it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from benchmarks._util import best_of, row
 from tolcli import convert_bundle, open_bundle
@@ -89,7 +93,8 @@ def measure(directory: Path, repeat: int = 20) -> list[dict[str, Any]]:
         for container, path in paths.items():
             with open_bundle(path) as b:
                 for n in BATCHES:
-                    ids = g.integers(0, V, n)
+                    idn = g.integers(0, V, n)
+                    ids = torch.from_numpy(idn)
                     stored = n * LAYERS * (H * 2 if codec == "dense" else H // 2 + 2 * 2 * H // GROUP)
                     decoded = n * LAYERS * H * 4
                     src = np.ones(stored if codec == "dense" else decoded, np.uint8)
@@ -97,7 +102,7 @@ def measure(directory: Path, repeat: int = 20) -> list[dict[str, Any]]:
                     buf = b.lookup_layers(ids)
                     reps = repeat if n == 1 else max(3, repeat // 4)
 
-                    def take(ids: np.ndarray = ids) -> object:
+                    def take(ids: np.ndarray = idn) -> object:
                         return [np.take(memory, ids, axis=0) for _ in range(LAYERS)]
 
                     out.append(
@@ -121,8 +126,10 @@ def run() -> list[str]:
         "into a reused out= buffer; ratio = bound time / lookup time (numpy.take: from memory, once per layer; "
         "memcpy: preallocated, of the stored bytes (dense) or the decoded fp32 bytes (int4))"
     ]
+    lines.append("load average before: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     with tempfile.TemporaryDirectory() as d:
         cases = measure(Path(d))
+    lines.append("load average after: " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
     st = {(c["codec"], c["batch"]): c["lookup"] for c in cases if c["container"] == "safetensors"}
     for c in cases:
         name = f"{c['codec']:<5} {c['container']:<11} {c['batch']:>5} ids"

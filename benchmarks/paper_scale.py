@@ -13,8 +13,9 @@ at the bound, higher is better; a bound is measured in the same run on the same 
   scaled to the whole vocabulary: matmul time is linear in rows);
 - compress svd: one ``torch.mm`` of the same Gram ``T^T T`` (fp32) plus one ``h x h`` ``eigh`` (fp64), per layer;
 - compress int4/nf4/int8: no time bound; memory: a small multiple of one row batch (issue 15's goal);
-- lookups: ``numpy.take`` of the same stored rows from memory (1 id), a memcpy into new memory of the bytes the
-  call returns (4,096 ids);
+- lookups (``Bundle.lookup_layers(ids, out=buf)`` into a reused buffer, as a decoder calls it): ``numpy.take`` of
+  the same stored rows from memory (1 id), a memcpy of the bytes the call returns into preallocated memory (4,096
+  ids);
 - eval: the model's own forward (its context-free FFNs computed, no bundle) on the same tokens.
 """
 
@@ -185,31 +186,26 @@ def _id_batches(vocab: int, batch: int) -> list[torch.Tensor]:
 
 
 def step_lookup(s: Shape, d: Path, *, label: str) -> dict[str, Any]:
-    """Per-call time of all present layers' rows for 1 and 4,096 ids: ``Bundle.lookup_layers`` when the tree has
-    it (one call), else one ``Bundle.lookup`` per layer."""
+    """Per-call time of all present layers' rows for 1 and 4,096 ids: one ``Bundle.lookup_layers`` call into a
+    reused fp32 buffer."""
     from tolcli import open_bundle
 
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"api": "lookup_layers(ids, out=buf)"}
     with open_bundle(d / f"{label}.safetensors") as b:
-        layers = sorted(b.layers)
-        if hasattr(b, "lookup_layers"):
-            res["api"], fn = "lookup_layers", b.lookup_layers
-        else:
-            res["api"] = "lookup per layer"
-
-            def fn(ids: torch.Tensor) -> list[torch.Tensor]:
-                return [b.lookup(i, ids) for i in layers]
-
         for n in LOOKUP_BATCHES:
             ids = _id_batches(s.vocab, n)
+            buf = torch.empty(len(b.present_layers), n, b.hidden_size)  # a decoder's reused buffer
+
+            def fn(x: torch.Tensor, buf: torch.Tensor = buf) -> torch.Tensor:
+                return b.lookup_layers(x, out=buf)
+
             res[f"seconds_{n}"] = _per_call(fn, ids)
-            out = fn(ids[0])
-            res[f"bytes_{n}"] = sum(t.nbytes for t in out) if isinstance(out, list) else out.nbytes
+            res[f"bytes_{n}"] = buf.nbytes
     return res
 
 
 def step_lookup_bound(s: Shape, d: Path, *, nbytes: list[int]) -> dict[str, Any]:
-    """numpy.take of fp16 rows from in-memory tables (every layer), and memcpy into new memory of ``nbytes``."""
+    """numpy.take of fp16 rows from in-memory tables (every layer); memcpy of ``nbytes`` into preallocated memory."""
     g = np.random.default_rng(0)
     tables = [g.standard_normal((s.vocab, s.hidden), dtype=np.float32).astype(np.float16) for _ in range(s.layers)]
     res: dict[str, Any] = {}
@@ -217,8 +213,8 @@ def step_lookup_bound(s: Shape, d: Path, *, nbytes: list[int]) -> dict[str, Any]
         ids = [x.numpy() for x in _id_batches(s.vocab, n)]
         res[f"take_{n}"] = _per_call(lambda x: [np.take(t, x, axis=0) for t in tables], ids)  # type: ignore[arg-type,misc]
     for size in nbytes:
-        src = np.ones(size, dtype=np.uint8)
-        res[f"memcpy_{size}"] = _per_call(lambda _, src=src: src.copy(), [torch.empty(0)] * 8)
+        src, dst = np.ones(size, dtype=np.uint8), np.zeros(size, dtype=np.uint8)  # into preallocated memory
+        res[f"memcpy_{size}"] = _per_call(lambda _, src=src, dst=dst: np.copyto(dst, src), [torch.empty(0)] * 8)
     return res
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.test_compress import synthetic_bundle
-from tolcli import CompressOptions, compress, open_bundle
+from tolcli import CompressOptions, compress, convert_bundle, open_bundle
 from tolcli.codecs.base import TableRows
 from tolcli.codecs.svd import gram_spectrum, streamed_gram
 from tolcli.errors import InputError, UsageError
@@ -113,10 +113,10 @@ def test_streamed_gram_weights_rows_by_their_weight() -> None:
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-# ---- memory -------------------------------------------------------------------------------------------------------
-# Peak anonymous memory (RssAnon, sampled every millisecond) of a fresh interpreter, plus VmHWM. VmHWM also counts the
-# input's memory-mapped file pages (clean page cache, which the kernel reclaims under pressure, growing with the
-# vocabulary); the anonymous peak is what a machine must have free.
+# ---- memory ----------------------------------------------------------------------------------------------------------
+# Peak anonymous memory (RssAnon, sampled every millisecond) of a fresh interpreter, and VmHWM, which also counts the
+# input's memory-mapped file pages: compress hands them back after each row batch (``Bundle.read_rows``), so neither
+# grows with the vocabulary.
 PEAK_SCRIPT = memory_probe_script(
     setup="from tolcli import CompressOptions, compress",
     body="""
@@ -127,20 +127,53 @@ PEAK_SCRIPT = memory_probe_script(
 )
 
 
-def _peak(src: Path, out: Path, scheme: str) -> int:
+def _peak(src: Path, out: Path, scheme: str) -> tuple[int, int]:
+    """(peak anonymous RSS, VmHWM) of one compress run in a fresh interpreter."""
     r = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(src), str(out), scheme], capture_output=True, text=True, check=True
     )
-    return int(r.stdout.split()[1])  # the peak anonymous RSS
+    _, anon, hwm = (int(x) for x in r.stdout.split())
+    return anon, hwm
 
 
 def test_compress_memory_does_not_grow_with_the_vocabulary(tmp_path: Path) -> None:
-    """16,384 -> 65,536 rows x 256 (one fp32 table: 16.8 -> 67.1 MB; 2 layers) must add less than a quarter of
-    the larger table (16.8 MB) to the anonymous peak, for int4 (row batches) and for SVD (streamed Gram, then A
-    streamed). Measured when written: +2.4 MB (int4) and +2.8 MB (svd rank 64); before streaming, +350 MB and
-    +300 MB (whole tables decoded, copied to fp64, and encoded at once)."""
+    """16,384 -> 65,536 rows x 256 (one fp32 table: 16.8 -> 67.1 MB; 2 layers, 134 MB of input) must add less than a
+    quarter of the larger table (16.8 MB) to the anonymous peak and to VmHWM (file pages included), for int4 (row
+    batches) and for SVD (streamed Gram, then A streamed). Measured when written: anonymous +2.4 MB (int4) and
+    +2.8 MB (svd rank 64), before streaming +350 MB and +300 MB; VmHWM +7-9 MB and +3-4 MB, and +100 MB and +113 MB
+    while the input's mapped pages were kept (each touched once, then counted until the end)."""
     table64k = 65536 * 256 * 4
     srcs = {V: synthetic_bundle(tmp_path / f"d{V}.safetensors", _tables(V, 256, seed=7)) for V in (16384, 65536)}
     for scheme in ("int4", "svd"):
         peaks = {V: _peak(src, tmp_path / f"{scheme}{V}.safetensors", scheme) for V, src in srcs.items()}
-        assert peaks[65536] - peaks[16384] < table64k / 4, (scheme, peaks)
+        assert peaks[65536][0] - peaks[16384][0] < table64k / 4, (scheme, "anonymous", peaks)
+        assert peaks[65536][1] - peaks[16384][1] < table64k / 4, (scheme, "VmHWM", peaks)
+
+
+def _rss_file() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".h5"])
+def test_read_rows_decodes_a_range_and_gives_the_mapped_pages_back(tmp_path: Path, suffix: str) -> None:
+    """``read_rows`` gives the rows ``lookup`` gives; after it, the mapped pages of the 32 MB of tables read are no
+    longer resident in this process (RssFile from /proc, the kernel's count, falls by at least 3/4 of the bytes read),
+    and reading them again gives the same values."""
+    tables = _tables(16384, 256, seed=8)
+    src = synthetic_bundle(tmp_path / "d.safetensors", tables)
+    path = src if suffix == ".safetensors" else convert_bundle(src, tmp_path / "d.h5")
+    with open_bundle(path) as b:
+        for i, t in enumerate(tables):
+            torch.testing.assert_close(b.read_rows(i, 100, 1124), t[100:1124], rtol=0, atol=0)
+        assert b.read_rows(0, 5, 5).shape == (0, 256)
+        for bad in ((-1, 3), (5, 4), (0, 16385)):
+            with pytest.raises(UsageError, match="not a range"):
+                b.read_rows(0, *bad)
+        before = _rss_file()
+        touched = [b.lookup(i, torch.arange(16384)) for i in range(2)]  # every page of both tables mapped in
+        assert _rss_file() - before > 0.75 * 2 * t.numel() * 4
+        b.release_pages()
+        assert _rss_file() - before < 0.25 * 2 * t.numel() * 4
+        for i, t in enumerate(tables):
+            assert torch.equal(touched[i], t) and torch.equal(b.read_rows(i, 0, 16384), t)

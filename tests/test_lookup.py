@@ -35,11 +35,11 @@ def _tables() -> dict[int, np.ndarray]:
     return {i: (g.standard_normal((V, H)) * (1 + i)).astype(np.float32) for i in PRESENT}
 
 
-def _dense(path: Path, dtype: str = "F32") -> Path:
+def _dense(path: Path, dtype: str = "F32", tables: dict[int, np.ndarray] | None = None) -> Path:
     """A 3-layer dense bundle (layer 1 dropped) written with the library's writer from random tables."""
     np_dtype = {"F32": np.float32, "F16": np.float16}
     entries, layers = [], []
-    for i, t in _tables().items():
+    for i, t in (tables or _tables()).items():
         stored = t.astype(np_dtype[dtype]) if dtype in np_dtype else _bf16_bits(t)
         name = f"layers.{i}.table"
         digest = hashlib.sha256(stored.tobytes()).hexdigest()
@@ -218,8 +218,9 @@ def test_dense_reference_is_the_written_table(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ref[i], t)
 
 
-def test_out_buffer_is_written_in_place_and_checked(tmp_path: Path) -> None:
-    path = _make(tmp_path, "int4", "safetensors")
+@pytest.mark.parametrize("codec", ["int4", "fp16"])  # fp16: the fast dense path's own checks
+def test_out_buffer_is_written_in_place_and_checked(tmp_path: Path, codec: str) -> None:
+    path = _make(tmp_path, codec, "safetensors")
     ref = _reference(path)
     with open_bundle(path) as b:
         buf = torch.full((2, 3, H), float("nan"))
@@ -229,6 +230,47 @@ def test_out_buffer_is_written_in_place_and_checked(tmp_path: Path) -> None:
         for bad in (torch.empty(2, 4, H), torch.empty(2, 3, H, dtype=torch.float64), torch.empty(2, H, 3).mT):
             with pytest.raises(UsageError, match="out must be a contiguous fp32 tensor"):
                 b.lookup_layers([4, 0, V - 1], out=bad)
+        buf.set_(torch.full((2, 3, H), float("nan")))  # the same tensor object, new memory: written there
+        assert b.lookup_layers([4, 0, V - 1], out=buf) is buf
+        for k, layer in enumerate(PRESENT):
+            np.testing.assert_array_equal(buf[k].numpy(), ref[layer][[4, 0, V - 1]])
+
+
+# Values where a widening cast goes wrong first: signed zeros, the smallest subnormals, the largest finite values.
+SPECIAL = {
+    "F16": [0.0, -0.0, 2.0**-24, -(2.0**-24), 2.0**-14 - 2.0**-24, 65504.0, -65504.0, 1.0 + 2.0**-10],
+    "BF16": [0.0, -0.0, 2.0**-133, -(2.0**-126), 3.3895313892515355e38, -1.0 - 2.0**-7],
+    "F32": [0.0, -0.0, 2.0**-149, 3.4028234663852886e38, -(2.0**-126), 1.0 + 2.0**-23],
+}
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
+def test_fast_dense_path_gives_the_stored_values(tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few ids over dense layers take the fast path (the general path is made to fail here, so it must not run):
+    every value equals the stored element widened by the reference (another library's read, then numpy), for ids
+    as a list, a 1-d, 0-d and 2-d tensor, numpy arrays, with a fresh result, a reused ``out`` and a second ``out``."""
+    tables = _tables()
+    for t in tables.values():
+        t[7, : len(SPECIAL[dtype])] = SPECIAL[dtype]
+        t[V - 1, -len(SPECIAL[dtype]) :] = SPECIAL[dtype][::-1]
+    path = _dense(tmp_path / "d.safetensors", dtype, tables)
+    ref = _reference(path)
+    assert ref[2][7, 1].tobytes() == np.float32(-0.0).tobytes() and ref[0][7, 2] > 0  # the reference keeps them
+    g = np.random.default_rng(4)
+    cases: list[list[int] | torch.Tensor | np.ndarray] = [[7], [V - 1, 7, 0], torch.tensor([V - 1]), torch.tensor(7)]
+    cases += [torch.tensor([[7, 3], [V - 1, 7]]), torch.from_numpy(g.integers(0, V, 64)), list(range(V - 64, V))]
+    cases += [np.array([[7], [V - 1]], dtype=np.uint16), np.array([0, 7], dtype=np.int32)]
+    with open_bundle(path) as b:
+        monkeypatch.setattr(b, "_checked_ids", lambda *a: pytest.fail("the general path ran"))
+        for ids in cases:
+            idx = torch.as_tensor(ids).numpy()
+            want = np.stack([ref[layer][idx] for layer in PRESENT])
+            fresh = b.lookup_layers(ids)
+            for out in (torch.full(want.shape, float("nan")), torch.full(want.shape, float("nan"))):
+                for _ in range(2):  # the cached views of the same buffer, then of another one
+                    assert b.lookup_layers(ids, out=out) is out
+                    assert out.numpy().tobytes() == want.tobytes(), ids
+            assert fresh.shape == want.shape and fresh.numpy().tobytes() == want.tobytes(), ids
 
 
 @pytest.mark.parametrize("bad", [[V], [-1], [0, V + 5], [2**40]])
@@ -240,6 +282,8 @@ def test_out_of_range_ids_are_refused(tmp_path: Path, bad: list[int]) -> None:
             b.lookup(0, torch.tensor(bad))
         with pytest.raises(InputError, match="integers"):
             b.lookup_layers([1.5])
+        with pytest.raises(InputError, match="integers"):
+            b.lookup_layers([True])
         many = torch.arange(100) % V
         many[57] = bad[-1]  # past the few ids checked in Python: the vectorised check
         with pytest.raises(InputError, match="outside the vocabulary"):

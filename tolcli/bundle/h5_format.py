@@ -38,6 +38,7 @@ from tolcli.bundle.spec import (
     MAX_TENSORS,
     MIN_H5_EXPANSION_BYTES,
 )
+from tolcli.bundle.st_format import release_map
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, TolcliError, VerifyError
 from tolcli.jsonsafe import cut, regular_file, short
@@ -358,6 +359,10 @@ class HDF5Reader:
                 return
             for s in range(0, ds.shape[0], rows):
                 yield ds[s : s + rows]
+
+    def release(self) -> None:
+        """Hand the memory-mapped pages read so far back to the kernel (:func:`.st_format.release_map`)."""
+        release_map(self._mm)
 
     def close(self) -> None:
         self._mm = None

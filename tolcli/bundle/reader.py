@@ -37,6 +37,8 @@ _ROUNDING = 2.0**-7
 # Gather buffers of lookup_layers kept per thread and run for the next call, up to this size each (a decoder's
 # batches; a one-off lookup of the whole vocabulary allocates instead of pinning a table's worth of memory).
 MAX_SCRATCH_BYTES = 64 << 20
+# Lookups of at most this many ids over dense layers take :meth:`Bundle._fast_dense` (no torch op per call).
+MAX_FAST_IDS = 64
 _TINY = 2.0**-24
 
 
@@ -77,6 +79,17 @@ class _StackedAccess:
 
     def full(self, role: str) -> Tensor:  # pragma: no cover - row-wise codecs read rows only
         raise AssertionError("row-wise codecs read rows only")
+
+
+@dataclass(frozen=True)
+class _DenseStack:
+    """Layers ``start .. start + count - 1`` (positions in :attr:`Bundle.present_layers`) of a dense run, as one
+    read-only ``[count, vocab, hidden]`` view of the memory map in the stored dtype (BF16 as uint16 bits)."""
+
+    start: int
+    count: int
+    table: np.ndarray
+    bf16: bool
 
 
 @dataclass
@@ -160,6 +173,8 @@ class Bundle:
         self._views: dict[str, np.ndarray | None] = {}
         self._last_ids: tuple[Tensor | None, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
         self._run_plan: list[_Run] | None = None
+        self._dense_plan: list[_DenseStack] | None = None  # empty: lookups take the general path
+        self._out_np: tuple[Tensor, int, int, list[Any]] | None = None  # last ``out``, address, ids, targets
         self._placeholders: dict[int, Tensor] = {}
         self._scratch = threading.local()  # per thread: run -> role -> gather buffer
         self._magnitudes: dict[str, tuple[float, int]] = {}
@@ -235,13 +250,33 @@ class Bundle:
         info.codec.decode_into(self._accesses[layer], flat, out)
         return out.reshape(*shape, self.hidden_size)
 
+    def read_rows(self, layer: int, start: int, stop: int) -> Tensor:
+        """Rows ``start`` to ``stop - 1`` of ``layer`` decoded to fp32 [stop - start, hidden], then the memory-mapped
+        pages read so far handed back to the kernel (:meth:`release_pages`): what a pass over a whole table in
+        batches calls (compress), so that its resident memory stays at one batch whatever the vocabulary."""
+        if not 0 <= start <= stop <= self.vocab_size:
+            raise UsageError(f"rows `start`={start} to `stop`={stop} are not a range of [0, {self.vocab_size}]")
+        rows = self.lookup(layer, torch.arange(start, stop))
+        self.release_pages()
+        return rows
+
+    def release_pages(self) -> None:
+        """Drop this process's mappings of the file pages read so far (``madvise(MADV_DONTNEED)``; they stay in
+        the page cache): VmHWM then counts only what is read between two calls. A no-op for containers read
+        without a memory map."""
+        release = getattr(self._reader, "release", None)
+        if release is not None:
+            release()
+
     def lookup_layers(self, token_ids: Tensor | list[int], *, out: Tensor | None = None) -> Tensor:
         """Decoded rows of every present layer (:attr:`present_layers`, in order) for ``token_ids`` (any shape):
         fp32 ``[len(present_layers), *ids.shape, hidden]``, the same values as :meth:`lookup` layer by layer.
 
         What a decoder calls once per step. ``out``: a contiguous fp32 CPU tensor of exactly that shape, written in
         place and returned, so that no memory is allocated per call (fresh memory of a large batch costs the
-        operating system's page faults, more than the lookup itself).
+        operating system's page faults, more than the lookup itself). Up to :data:`MAX_FAST_IDS` ids over dense
+        layers take a path with no torch operation but one widening copy per stack of layers (a list, a numpy
+        integer array or an int64 CPU tensor of ids; the same values and refusals).
 
         Example:
             >>> import tempfile, pathlib, torch
@@ -253,6 +288,9 @@ class Bundle:
             >>> b.lookup_layers([5, 0, 5], out=buf) is buf, torch.equal(buf[1], b.lookup(2, [5, 0, 5]))
             (True, True)
         """
+        fast = self._fast_dense(token_ids, out)
+        if fast is not None:
+            return fast
         flat, shape = self._checked_ids(token_ids)
         want = (len(self.present_layers), *shape, self.hidden_size)
         if out is None:
@@ -268,6 +306,68 @@ class Bundle:
                 access = _StackedAccess(run.stacks or {}, flat.numpy(), self._scratch_of(run.start))
                 run.codec.decode_into(access, self._placeholder(len(run.layers) * flat.numel()), block)
         return out
+
+    def _fast_dense(self, token_ids: Tensor | list[int], out: Tensor | None) -> Tensor | None:
+        """:meth:`lookup_layers` for up to :data:`MAX_FAST_IDS` valid ids when every present layer is a dense table
+        with a zero-copy view: per stack of layers, one ``numpy.take`` (F32: straight into ``out``; F16/BF16: into a
+        reused buffer, then one torch copy that widens with SIMD, where numpy's fp16 cast is scalar), with the
+        buffers and ``out``'s views cached. None when the call does not qualify: anything unusual, every refusal
+        included, takes the general path, which raises."""
+        plan = self._dense_plan if self._dense_plan is not None else self._plan_dense()
+        ids = _small_ids(token_ids, self.vocab_size) if plan else None
+        if ids is None:
+            return None
+        flat, shape = ids
+        want = (len(self.present_layers), *shape, self.hidden_size)
+        if out is None:
+            out = torch.empty(want, dtype=torch.float32)
+            targets = _targets(out, plan, len(flat))
+        else:
+            targets = self._out_targets(out, want, plan, len(flat))
+            if targets is None:
+                return None
+        mine = self._scratch.__dict__
+        bufs = mine.get("fast")
+        if bufs is None or bufs[0] != len(flat):
+            bufs = mine["fast"] = (len(flat), [_gather_buffer(s, len(flat)) for s in plan])
+        for s, target, (raw, wide) in zip(plan, targets, bufs[1], strict=True):
+            if wide is None:  # F32: gathered straight into out (ids are checked: no bounds buffering)
+                np.take(s.table, flat, axis=1, out=target, mode="clip")
+            else:
+                np.take(s.table, flat, axis=1, out=raw, mode="clip")
+                target.copy_(wide)
+        return out
+
+    def _out_targets(self, out: Tensor, want: tuple[int, ...], plan: list[_DenseStack], n: int) -> list[Any] | None:
+        """:func:`_targets` of ``out`` when it is a contiguous fp32 CPU tensor of shape ``want`` (cached for the last
+        buffer seen, checked by identity and address on every call), else None."""
+        if not (
+            isinstance(out, Tensor)
+            and out.dtype is torch.float32
+            and out.is_cpu
+            and out.shape == want
+            and out.is_contiguous()
+        ):
+            return None
+        cached, ptr = self._out_np, out.data_ptr()
+        if cached is not None and cached[0] is out and cached[1] == ptr and cached[2] == n:
+            return cached[3]
+        targets = _targets(out, plan, n)
+        self._out_np = (out, ptr, n, targets)
+        return targets
+
+    def _plan_dense(self) -> list[_DenseStack]:
+        """The stacks :meth:`_fast_dense` reads (cached), or an empty list unless every present layer is dense with
+        a zero-copy view (stacked runs from :meth:`_runs`: every byte read is a byte of a validated view)."""
+        plan: list[_DenseStack] = []
+        for run in self._runs():
+            if run.codec.name != "dense" or not run.views[0] or set(run.views[0]) != {"table"}:
+                plan = []
+                break
+            table = run.stacks["table"] if run.stacks else run.views[0]["table"][None]
+            plan.append(_DenseStack(run.start, len(run.layers), table, run.codec.params()["dtype"] == "BF16"))
+        self._dense_plan = plan
+        return plan
 
     def _scratch_of(self, run: int) -> dict[str, np.ndarray]:
         """This thread's reusable gather buffers for a run (role -> buffer)."""
@@ -438,6 +538,7 @@ class Bundle:
         self._f32_cache.clear()
         self._views.clear()
         self._run_plan = None
+        self._dense_plan, self._out_np = None, None
         self._scratch = threading.local()
         self._reader.close()
 
@@ -484,6 +585,47 @@ def _id_range(flat: np.ndarray) -> tuple[int, int]:
         vals = flat.tolist()
         return (min(vals), max(vals)) if vals else (0, 0)
     return int(flat.min()), int(flat.max())
+
+
+def _targets(out: Tensor, plan: list[_DenseStack], n: int) -> list[Any]:
+    """Where each stack of :meth:`Bundle._fast_dense` lands in ``out``: a numpy view (F32 stacks) or a torch view
+    (F16/BF16, widened by torch) of its ``[count, n, hidden]`` block."""
+    rows = out.view(-1, n, out.shape[-1])
+    arr = rows.detach().numpy() if any(s.table.dtype == np.float32 for s in plan) else None
+    return [
+        arr[s.start : s.start + s.count] if s.table.dtype == np.float32 else rows[s.start : s.start + s.count]
+        for s in plan
+    ]
+
+
+def _gather_buffer(s: _DenseStack, n: int) -> tuple[np.ndarray | None, Tensor | None]:
+    """A ``[count, n, hidden]`` buffer in a 16-bit stack's stored dtype and its torch view (fp16 or bf16), or
+    ``(None, None)`` for an F32 stack (gathered straight into ``out``)."""
+    if s.table.dtype == np.float32:
+        return None, None
+    raw = np.empty((s.count, n, s.table.shape[2]), dtype=s.table.dtype)
+    wide = torch.from_numpy(raw)
+    return raw, wide.view(torch.bfloat16) if s.bf16 else wide
+
+
+def _small_ids(token_ids: Tensor | list[int], vocab: int) -> tuple[list[int], tuple[int, ...]] | None:
+    """``(flat ids, shape)`` of 1 to :data:`MAX_FAST_IDS` valid ids given as a flat list of Python ints, an integer
+    numpy array or an int64 CPU tensor; None for anything else (other types, bools, empty, out of range: the general
+    path judges those)."""
+    if isinstance(token_ids, Tensor):
+        if token_ids.dtype is not torch.long or not token_ids.is_cpu or not 0 < token_ids.numel() <= MAX_FAST_IDS:
+            return None
+        shape = tuple(token_ids.shape)
+        flat = (token_ids if len(shape) == 1 else token_ids.reshape(-1)).tolist()
+    elif isinstance(token_ids, np.ndarray) and token_ids.dtype.kind in "iu" and 0 < token_ids.size <= MAX_FAST_IDS:
+        flat, shape = token_ids.ravel().tolist(), token_ids.shape
+    elif type(token_ids) is list and 0 < len(token_ids) <= MAX_FAST_IDS:
+        flat, shape = token_ids, (len(token_ids),)
+        if not all(type(x) is int for x in flat):
+            return None
+    else:
+        return None
+    return (flat, shape) if min(flat) >= 0 and max(flat) < vocab else None
 
 
 def check_out(out: Tensor, shape: tuple[int, ...], device: torch.device) -> None:

@@ -253,6 +253,13 @@ class ShardedReader:
         view = getattr(self._reader(name), "view", None)
         return None if view is None else view(name)
 
+    def release(self) -> None:
+        """Each shard's ``release`` (memory-mapped pages handed back to the kernel), where its container has one."""
+        for r in self.shards.values():
+            release = getattr(r, "release", None)
+            if release is not None:
+                release()
+
     def close(self) -> None:
         for r in self.shards.values():
             r.close()

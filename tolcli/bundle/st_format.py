@@ -8,6 +8,7 @@ order. tolcli's header holds ``__metadata__ = {"format": "pt", "tol.manifest": <
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,17 @@ from tolcli.jsonsafe import loads, regular_file, short
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # (h5_format.SIGNATURE; h5_format imports this module's registry peers)
 registry = lazy_import("tolcli.bundle.container")  # the registry imports this module
+
+
+def release_map(mapped: np.ndarray | None) -> None:
+    """Hand every page of a read-only ``numpy.memmap`` of a file back to the kernel (``madvise(MADV_DONTNEED)``):
+    the pages stay in the page cache and are faulted in again when read, but no longer count in this process's
+    resident memory, so a pass over a large file in batches keeps VmHWM at one batch. A no-op where the platform or
+    the array has no such mapping."""
+    raw = getattr(mapped, "_mmap", None)  # numpy.memmap's mmap.mmap object
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if isinstance(raw, mmap.mmap) and advice is not None and not raw.closed:
+        raw.madvise(advice)
 
 
 def header_bytes(entries: list[TensorEntry], metadata: dict[str, str]) -> bytes:
@@ -193,6 +205,10 @@ class SafetensorsReader:
             return
         for s in range(0, arr.shape[0], rows):
             yield np.asarray(arr[s : s + rows])
+
+    def release(self) -> None:
+        """Hand the memory-mapped pages read so far back to the kernel (:func:`release_map`)."""
+        release_map(self._mm)
 
     def close(self) -> None:
         self._mm = None
