@@ -18,6 +18,7 @@ NAMES = (
     "lookup_speed",
     "eval_speed",
     "deploy",
+    "mixed_decode",
     "paper_scale",
 )
 SLOW = ("paper_scale",)  # 15-25 minutes on 2 cores: run only when named

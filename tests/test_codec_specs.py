@@ -68,9 +68,9 @@ def test_spec_strings_parse_and_round_trip(text: str, spec: CodecSpec, canonical
     ("text", "msg"),
     [
         ("", "character 1: expected a codec name, found the end"),
-        ("zip", "unknown codec 'zip'; choose one of dense, int4, int8, nf4, svd"),
+        ("zip", "unknown codec 'zip'; choose one of dense, int2, int3, int4, int8, "),
         ("svd(rank=8,a=zip)", "character 14: unknown codec 'zip'"),
-        ("int4(grp=32)", "character 6: int4 has no option 'grp' \\(it has group, symmetric\\)"),
+        ("int4(grp=32)", "character 6: int4 has no option 'grp' \\(it has group, symmetric, fit\\)"),
         ("int4(group=32,group=64)", "group given twice"),
         ("int4(group=x)", "int4 group takes an integer, got 'x'"),
         ("int4(group=32.0)", "int4 group takes an integer, got '32.0'"),
@@ -95,7 +95,10 @@ def test_spec_strings_parse_and_round_trip(text: str, spec: CodecSpec, canonical
         # nesting: a spec where a plain value goes, a value where a spec goes, and a spec that cannot nest
         ("int4(group=int4(group=32))", "int4 group takes an integer, not a codec spec"),
         ("svd(rank=8,a=32)", "unknown codec '32'"),
-        ("svd(rank=8,a=svd(rank=4))", "the svd A factor needs a row-wise codec \\(dense, int4, int8, nf4\\), not svd"),
+        (
+            "svd(rank=8,a=svd(rank=4))",
+            "the svd A factor needs a row-wise codec \\(dense, int2, int3, int4, .*\\), not svd",
+        ),
         ("svd(rank=8,a=" * 10 + "int4" + ")" * 10, "nested more than 8 deep"),
     ],
 )
@@ -105,7 +108,7 @@ def test_spec_strings_are_strict(text: str, msg: str) -> None:
 
 
 def test_every_spec_builds_a_codec_that_rebuilds_from_its_manifest_params() -> None:
-    assert spec_names() == ["dense", "int4", "int8", "nf4", "svd"]
+    assert {"dense", "int2", "int3", "int4", "int8", "nf4", "svd"} <= set(spec_names())
     for spec in (Dense(), Int4(), NF4(32), Int8(), SVD(rank=32, a=Int4(32), method="randomized")):
         codec = spec.build(128)
         assert codec.name == spec.name and type(codec).spec is type(spec)
@@ -124,18 +127,18 @@ SCHEME_CASES: list[tuple[str, dict[str, Any], str, int | None, dict[str, Any]]] 
     ("fp32", {}, "dense", None, {"dtype": "F32"}),
     ("fp16", {}, "dense(dtype=fp16)", None, {"dtype": "F16"}),
     ("bf16", {}, "dense(dtype=bf16)", None, {"dtype": "BF16"}),
-    ("int4", {}, "int4", None, {"bits": 4, "group_size": 64, "symmetric": False}),
+    ("int4", {}, "int4", None, {"bits": 4, "group_size": 64, "symmetric": False, "fit": "mse"}),
     (
         "int4",
         {"group_size": 32, "symmetric": True},
         "int4(group=32,symmetric=true)",
         None,
-        {"bits": 4, "group_size": 32, "symmetric": True},
+        {"bits": 4, "group_size": 32, "symmetric": True, "fit": "mse"},
     ),
-    ("nf4", {}, "nf4", None, {"bits": 4, "group_size": 64}),
-    ("nf4", {"group_size": 128}, "nf4(group=128)", None, {"bits": 4, "group_size": 128}),
-    ("int8", {}, "int8", None, {"bits": 8, "group_size": 128}),
-    ("int8", {"group_size": 32}, "int8(group=32)", None, {"bits": 8, "group_size": 32}),
+    ("nf4", {}, "nf4", None, {"bits": 4, "group_size": 64, "fit": "mse"}),
+    ("nf4", {"group_size": 128}, "nf4(group=128)", None, {"bits": 4, "group_size": 128, "fit": "mse"}),
+    ("int8", {}, "int8", None, {"bits": 8, "group_size": 128, "fit": "mse"}),
+    ("int8", {"group_size": 32}, "int8(group=32)", None, {"bits": 8, "group_size": 32, "fit": "mse"}),
     (
         "svd",
         {"rank": 32},
@@ -164,24 +167,24 @@ SCHEME_CASES: list[tuple[str, dict[str, Any], str, int | None, dict[str, Any]]] 
         {"rank": 64},
         "svd(rank=64,a=int4(group=32))",
         64,
-        {"rank": 64, "a": {"codec": "int4", "params": {"bits": 4, "group_size": 32, "symmetric": False}},
-         "b_dtype": "F16", "method": "exact", "weighted": False},
+        {"rank": 64, "a": {"codec": "int4", "params": {"bits": 4, "group_size": 32, "symmetric": False, "fit": "mse"}},
+         "b_dtype": "F16", "method": "exact", "weighted": False, "normalize": True},
     ),
     (
         "svd+nf4",
         {"rank": 32, "group_size": 64},
         "svd(rank=32,a=nf4)",
         32,
-        {"rank": 32, "a": {"codec": "nf4", "params": {"bits": 4, "group_size": 64}}, "b_dtype": "F16",
-         "method": "exact", "weighted": False},
+        {"rank": 32, "a": {"codec": "nf4", "params": {"bits": 4, "group_size": 64, "fit": "mse"}}, "b_dtype": "F16",
+         "method": "exact", "weighted": False, "normalize": True},
     ),
     (
         "svd+int8",
         {"rank": 16},
         "svd(rank=16,a=int8)",
         16,
-        {"rank": 16, "a": {"codec": "int8", "params": {"bits": 8, "group_size": 16}}, "b_dtype": "F16",
-         "method": "exact", "weighted": False},
+        {"rank": 16, "a": {"codec": "int8", "params": {"bits": 8, "group_size": 16, "fit": "mse"}}, "b_dtype": "F16",
+         "method": "exact", "weighted": False, "normalize": True},
     ),
     (
         "adaptive-svd",
@@ -195,24 +198,62 @@ SCHEME_CASES: list[tuple[str, dict[str, Any], str, int | None, dict[str, Any]]] 
         {"budget": "12MB", "symmetric": True},
         "svd(budget=12MB,a=int4(group=32,symmetric=true))",
         96,
-        {"rank": 96, "a": {"codec": "int4", "params": {"bits": 4, "group_size": 32, "symmetric": True}},
-         "b_dtype": "F16", "method": "exact", "weighted": False},
+        {"rank": 96, "a": {"codec": "int4", "params": {"bits": 4, "group_size": 32, "symmetric": True, "fit": "mse"}},
+         "b_dtype": "F16", "method": "exact", "weighted": False, "normalize": True},
     ),
     (
         "adaptive-svd+nf4",
         {"energy": 0.9, "rank_multiple": 16},
         "svd(energy=0.9,rank_multiple=16,a=nf4(group=32))",
         32,
-        {"rank": 32, "a": {"codec": "nf4", "params": {"bits": 4, "group_size": 32}}, "b_dtype": "F16",
-         "method": "exact", "weighted": False},
+        {"rank": 32, "a": {"codec": "nf4", "params": {"bits": 4, "group_size": 32, "fit": "mse"}}, "b_dtype": "F16",
+         "method": "exact", "weighted": False, "normalize": True},
     ),
     (
         "adaptive-svd+int8",
         {"budget": "400kB"},
         "svd(budget=400kB,a=int8)",
         8,
-        {"rank": 8, "a": {"codec": "int8", "params": {"bits": 8, "group_size": 8}}, "b_dtype": "F16",
-         "method": "exact", "weighted": False},
+        {"rank": 8, "a": {"codec": "int8", "params": {"bits": 8, "group_size": 8, "fit": "mse"}}, "b_dtype": "F16",
+         "method": "exact", "weighted": False, "normalize": True},
+    ),
+]  # fmt: skip
+
+
+SCHEME_CASES += [
+    ("int3", {}, "int3", None, {"bits": 3, "group_size": 64, "fit": "mse"}),
+    ("int2", {"group_size": 32, "fit": "minmax"}, "int2(group=32,fit=minmax)", None, {"bits": 2, "group_size": 32}),
+    (
+        "svd+int3",
+        {"rank": 32},
+        "svd(rank=32,a=int3(group=32))",
+        32,
+        {"rank": 32, "a": {"codec": "int3", "params": {"bits": 3, "group_size": 32, "fit": "mse"}}, "b_dtype": "F16",
+         "method": "exact", "weighted": False, "normalize": True},
+    ),
+    (
+        "adaptive-svd+int2",
+        {"budget": "0.2", "fit": "minmax"},
+        "svd(budget=0.2,a=int2(group=32,fit=minmax))",
+        64,
+        {"rank": 64, "a": {"codec": "int2", "params": {"bits": 2, "group_size": 32}}, "b_dtype": "F16",
+         "method": "exact", "weighted": False, "normalize": True},
+    ),
+    (
+        "svd+int2",
+        {"rank": 32, "fit": "minmax"},
+        "svd(rank=32,a=int2(group=32,fit=minmax))",
+        32,
+        {"rank": 32, "a": {"codec": "int2", "params": {"bits": 2, "group_size": 32}}, "b_dtype": "F16",
+         "method": "exact", "weighted": False, "normalize": True},
+    ),
+    (
+        "adaptive-svd+int3",
+        {"energy": 0.9},
+        "svd(energy=0.9,a=int3(group=32))",
+        32,
+        {"rank": 32, "a": {"codec": "int3", "params": {"bits": 3, "group_size": 32, "fit": "mse"}}, "b_dtype": "F16",
+         "method": "exact", "weighted": False, "normalize": True},
     ),
 ]  # fmt: skip
 
@@ -267,7 +308,12 @@ def test_cli_codec_option_and_errors_naming_flags(tmp_path: Path, make_ckpt, cli
     r = cli("compress", dense, "-o", tmp_path / "c.safetensors", "--codec", "int4(group=32,symmetric=true)", "--json")
     assert r.code == 0, r.err
     layer = json.loads(r.out)["manifest"]["layers"][0]
-    assert layer["codec"] == "int4" and layer["params"] == {"bits": 4, "group_size": 32, "symmetric": True}
+    assert layer["codec"] == "int4" and layer["params"] == {
+        "bits": 4,
+        "group_size": 32,
+        "symmetric": True,
+        "fit": "mse",
+    }
     r = cli("compress", dense, "-o", tmp_path / "x.safetensors", "--codec", "svd(rank=8)", "--rank", "8")
     assert r.code == 2 and r.err.startswith("tolcli: error: --rank: only with --scheme; a --codec spec carries")
     r = cli("compress", dense, "-o", tmp_path / "x.safetensors", "--scheme", "nf4", "--symmetric")
@@ -343,13 +389,13 @@ def test_a_new_codec_is_one_class_pair(
     assert a == {"codec": "sign", "params": {"gain": 1.0}}
     with open_bundle(dense) as d, open_bundle(res.path, verify=True) as b:
         for i in b.layers:
-            codec = SVDCodec(res.ranks[i], SignCodec())
+            codec = SVDCodec(res.ranks[i], SignCodec(), normalize=True)  # a quantised A: columns scaled
             expected = codec.decode_rows(DictAccess(codec.encode(d.dense_layer(i))), ids)
             assert torch.allclose(b.lookup(i, ids), expected, atol=1e-6)
 
 
 def test_the_toy_codec_is_gone_after_its_test() -> None:
-    assert "sign" not in Codec.registry and spec_names() == ["dense", "int4", "int8", "nf4", "svd"]
+    assert "sign" not in Codec.registry and "sign" not in spec_names()
 
 
 def test_sweep_takes_codec_specs_too() -> None:
@@ -367,3 +413,16 @@ def test_sweep_takes_codec_specs_too() -> None:
 def test_a_huge_integer_in_a_spec_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="an integer"):
         parse_spec("svd(rank=" + "9" * 5000 + ")")
+
+
+def test_cli_fit_option(tmp_path: Path, make_ckpt, cli) -> None:
+    dense = precompute(make_ckpt(), tmp_path / "d.safetensors").path
+    r = cli("compress", dense, "-o", tmp_path / "c.h5", "-s", "int3", "--fit", "minmax", "--group-size", "32", "--json")
+    assert r.code == 0, r.err
+    layer = json.loads(r.out)["manifest"]["layers"][0]
+    assert layer["codec"] == "int3" and layer["params"] == {"bits": 3, "group_size": 32}
+    r = cli("compress", dense, "-o", tmp_path / "x.safetensors", "-s", "int4", "--fit", "lsq")
+    assert r.code == 2 and "--fit must be one of mse, minmax, got 'lsq'" in r.err
+    r = cli("compress", dense, "-o", tmp_path / "x.safetensors", "--codec", "int2", "--fit", "mse")
+    assert r.code == 2 and "--fit" in r.err and "only with --scheme" in r.err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -65,6 +65,11 @@ CALLS: list[tuple[str, list[str]]] = [
     ),
     ("svd-sharded", ["compress", "d32.safetensors", "-o", "svd-sharded", "-s", "svd", "--rank", "16",
                      "--max-shard-size", "200KB", "--format", "hdf5"]),
+    ("int3.h5", ["compress", "d32.safetensors", "-o", "int3.h5", "-s", "int3", "--group-size", "32"]),
+    ("int2-minmax.safetensors", ["compress", "d32.safetensors", "-o", "int2-minmax.safetensors", "-s", "int2",
+                                 "--fit", "minmax"]),
+    ("int4-minmax.safetensors", ["compress", "d32.safetensors", "-o", "int4-minmax.safetensors", "-s", "int4",
+                                 "--fit", "minmax"]),
     ("drop.h5", ["drop", "int4.safetensors", "-o", "drop.h5", "--drop-last", "2"]),
     ("conv.h5", ["convert", "svd.safetensors", "conv.h5"]),
     ("conv-back.safetensors", ["convert", "conv.h5", "conv-back.safetensors"]),
@@ -79,26 +84,36 @@ CALLS: list[tuple[str, list[str]]] = [
 # whose Gram products are now fp32 (summed in fp64) and A = T V_r fp32, where both were fp64: every rank unchanged,
 # every layer's rel_error within 3.1e-7 relative of the old pins' (weighted_rel_error within 2.4e-8). The row-wise
 # outputs (int4, int4sym, nf4, int8, fp16, drop) keep their pins: streaming them in row batches is bit-for-bit.
+# Re-recorded for issue 16 (an intended change of the quantisers' bytes): `--fit mse` is the default for every
+# quantiser (int4, int4sym, nf4, int8, svdint4, adaptive-nf4-energy, weighted, drop: their scales, offsets and codes
+# change, and their params gain "fit": "mse"); symmetric int4 follows llama.cpp's Q4_0 rule (int4sym); a quantised
+# SVD A factor's columns are scaled into B (svdint4, adaptive-nf4-energy, weighted: params gain "normalize": true);
+# adaptive-svd+int8 prices its per-row scales as stored (weighted: larger ranks). The dense, fp16, unquantised SVD,
+# sensitivity (dense A), sharded, converted and stripped outputs keep their pins. New calls pin int3, int2 and
+# --fit minmax (int4-minmax: the tensors of the old int4 pin, checked equal; its history records the option).
 FINGERPRINT = "x86_64 torch-2.13.0+cpu AVX2"
 GOLDEN: dict[str, str] = {
     "d32.safetensors": "8a6762bcb5168a73e508520d3010817aa2431bc42d3fd87dde06a5275431c58c",
     "d16.h5": "fdab61bc7c195d45dba7a4a1a84ce0304205cc838aea96a099d3bfaad5677ca8",
     "dbf16-sharded": "39048425b8885242211ce6fc4fd77e51b797385004c6d82047aad21c04ba86d5",
-    "int4.safetensors": "b5e859f82e536b643477b9ebeff5462e2395a19ed6f5af14f04f9e8907e11d5a",
-    "int4sym.h5": "045956236c24683f23b1322dfbbb4749e094c9d8b6b270ff5ee126404d00d0a8",
-    "nf4.h5": "da7713c0d2904af5f6d7368342aafa0afb2ad13e72835695b0ac4f9275c3128f",
-    "int8.safetensors": "7aba3f6d3d19c01f23765e0f6fd6a6145acf685dba8915150872f36561948ad4",
+    "int4.safetensors": "ce8c18449cd261094774719d5adc4b6221635a97123e7a060c0cf927ae1f9e6d",
+    "int4sym.h5": "4acf85ae1db27d2873f81e292612c7f2cb294b90549267dc7addbae2a671f6fe",
+    "nf4.h5": "fadeb069cca6fe700b709b21ba3dc0d73a65adad12cd257150613139b905cb5d",
+    "int8.safetensors": "d0f3e937c7ebb01ddd5d62fe682aa0d34f458b9d7f2a3803818d9c04bf42083c",
     "fp16.safetensors": "03460f3c00a1a3a1eb18cfa725465ffcf1867cf7f017ebc8f27fac15565c992f",
     "svd.safetensors": "9c6c60aaf8857730eb2d2bb7d644ef1427ecb240e6f9bba29e4259280e8b163f",
     "svdratio.h5": "8e7e6fddebc0f374408b3722473f419556b1774570f51f5aab8151a5495ed1d1",
     "svdrand.safetensors": "06717f5ceaa17c0c9c7f8ef6248b6dd7598d5229803882e76411a5dd8da61999",
-    "svdint4.safetensors": "3371000005e19b4643546a84c0487ff1de19f6d33334c2854afc10d885a18dec",
+    "svdint4.safetensors": "48773ce16d02a14337ec67ff4790c7934f9fa8c69370c7a487e549774f33111a",
     "adaptive.h5": "f8d7a7c0847686cee3c54f73cc24196c3533ff9ac1bd18c225f2f1983d499d4f",
-    "adaptive-nf4-energy.safetensors": "df1ee7e82da2f6c9373041630089d3d5698e811c2d43d680a2805fa852c1b3ce",
-    "weighted.safetensors": "39065f559e426959e97a4bf6c9e0dd46b0a73907d63099a61e2a41ed41a2e40a",
+    "adaptive-nf4-energy.safetensors": "fa6d8ffd5a9fdb23b1ba9c553bf8273f768a3c8aa29e138e516b9c07164fecc0",
+    "weighted.safetensors": "6f8bbb8d44520af392de8f69e25c476f94a3d6338c3861c3b6a2da768336ff05",
     "sensitivity.safetensors": "d65c2038039ff069b4542c11ff87e48534876178c59f1f2d992194f63900dc18",
     "svd-sharded": "aa4ddf4f0024644567886bd6182f8677b1dba1e5c417bfb78dadd08c5d47fbd6",
-    "drop.h5": "4596bd6ba16adaefe1c68e95ff5885f65ef20185cb8b4d51c1249603a0892677",
+    "int3.h5": "942cf48fae3c81eff4720ac611b4ab2ec9cc57b44aa62bdd22b7a585faa5379a",
+    "int2-minmax.safetensors": "214c09ac3a37e91e5a2dd7bdf81f5bbd926f9a5a41c984325e49b7033207a704",
+    "int4-minmax.safetensors": "809a21d55625dfe7f87e0fb9e4c2da283f7dd1364644efc79b430fa9264abeeb",
+    "drop.h5": "ef3ffd3b75febf2726387487570370dcf23c701bb2e337643d78e6a0c0ce387d",
     "conv.h5": "1bd283f75bf29056ffa59091567eb1591b2e741919e254060ea8d68cc3404ab7",
     "conv-back.safetensors": "9c6c60aaf8857730eb2d2bb7d644ef1427ecb240e6f9bba29e4259280e8b163f",
     "stripped": "a9a5f3daa5eb210395e73a1132bb490b0e17b1637ecb17bd98de81450e649295",

@@ -129,3 +129,41 @@ def test_compress_with_sensitivity(tmp_path: Path, make_ckpt) -> None:
         with pytest.raises(InputError, match=msg):
             opts = CompressOptions("svd", rank=8, calibration=str(calib), sensitivity=other)
             compress(dense, tmp_path / "x.safetensors", opts)
+
+
+def test_compress_device_is_where_the_sensitivity_passes_run(tmp_path: Path, cli, monkeypatch) -> None:
+    # Issue 18: --device on compress reaches the sensitivity model (recorded here by wrapping load_model); a device
+    # that is not there is a usage error (exit 2) before anything is written.
+    import importlib
+
+    from tolcli import demo_checkpoint_path
+
+    C = importlib.import_module("tolcli.compress")  # the module (``tolcli.compress`` is the function)
+
+    dense = precompute(demo_checkpoint_path(), tmp_path / "d.safetensors").path
+    calib = tmp_path / "calib.txt"
+    calib.write_text(demo_heldout_path().read_text()[:3000])
+    seen: list[str] = []
+    real = C.load_model
+
+    def spy(ckpt, **kw):
+        seen.append(str(kw.get("device")))
+        return real(ckpt, **kw)
+
+    monkeypatch.setattr(C, "load_model", spy)
+    args = [
+        "compress",
+        dense,
+        "-s",
+        "adaptive-svd",
+        "--budget",
+        "0.25",
+        "--calibration",
+        calib,
+        "--sensitivity",
+        "demo",
+    ]
+    assert cli(*args, "-o", tmp_path / "a.safetensors", "--device", "cpu").code == 0 and seen == ["cpu"]
+    if not torch.cuda.is_available():
+        r = cli(*args, "-o", tmp_path / "b.safetensors", "--device", "cuda")
+        assert r.code == 2 and "no CUDA device" in r.err and not (tmp_path / "b.safetensors").exists()

@@ -4,7 +4,9 @@ without torch so that ``--help`` and ``--version`` stay fast. The library module
 from __future__ import annotations
 
 DENSE_SCHEMES = ("fp32", "fp16", "bf16")
-QUANT_SCHEMES = ("int4", "nf4", "int8")
+QUANT_SCHEMES = ("int4", "nf4", "int8", "int3", "int2")
+# compress --fit: how quantisers fit each group's scale, the default first (docs/compression.md, "Fitting scales")
+FITS = ("mse", "minmax")
 SVD_KINDS = ("svd", "adaptive-svd")
 SCHEMES: tuple[str, ...] = (
     *DENSE_SCHEMES,
@@ -12,7 +14,7 @@ SCHEMES: tuple[str, ...] = (
     *SVD_KINDS,
     *(f"{k}+{q}" for k in SVD_KINDS for q in QUANT_SCHEMES),
 )
-SWEEP_FAMILIES = ("svd", "adaptive-svd", "int4", "nf4", "int8", "adaptive-svd+int4", "drop")
+SWEEP_FAMILIES = ("svd", "adaptive-svd", "int4", "nf4", "int8", "int3", "int2", "adaptive-svd+int4", "drop")
 DEFAULT_BATCH_ROWS = 4096  # precompute: vocabulary rows per batch
 PROTOCOLS = ("tolcli", "hf-sliding", "lm-eval-rolling", "llama-cpp")  # eval-ppl --protocol (docs/evaluation.md)
 DOC_SEPARATORS = ("eos", "bos", "blank-line")  # eval-ppl --doc-sep: what goes between two documents of a file

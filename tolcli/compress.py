@@ -8,7 +8,8 @@ The codec is a spec from :mod:`tolcli.codecs` (``svd(rank=64,a=int4(group=32))``
 schemes, which map to specs:
 
 - ``fp32`` / ``fp16`` / ``bf16``: dense casts;
-- ``int4`` / ``nf4`` / ``int8``: group-wise quantisation along the hidden axis;
+- ``int4`` / ``nf4`` / ``int8`` / ``int3`` / ``int2``: group-wise quantisation along the hidden axis, each
+  group's scale fitted by ``fit`` (``mse``: a clipping search plus least squares; ``minmax``: the range);
 - ``svd``: the same rank for every layer (``--rank R`` or ``--ratio F``);
 - ``adaptive-svd``: per-layer ranks minimising the total squared error under one byte budget
   (``--budget``), or the smallest rank keeping a fraction of each layer's energy (``--energy``);
@@ -32,7 +33,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
 from tolcli.bundle.writer import Staging, WriteOptions
 from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, QUANT_SCHEMES, SCHEMES, SVD_KINDS
-from tolcli.codecs import NF4, SVD, Codec, CodecSpec, Dense, DictAccess, Int4, Int8, RankedSpec, parse_spec
+from tolcli.codecs import NF4, SVD, Codec, CodecSpec, Dense, DictAccess, Int2, Int3, Int4, Int8, RankedSpec, parse_spec
 from tolcli.codecs.base import BatchEncoder, RowSource
 from tolcli.codecs.svd import DEFAULT_GRAM
 from tolcli.data import read_data
@@ -56,6 +57,7 @@ from tolcli.errors import InputError, UsageError
 from tolcli.fsutil import parse_size
 from tolcli.model import load_model
 from tolcli.pairing import check_pairing
+from tolcli.precompute import resolve_device
 from tolcli.progress import NullProgress, Progress
 from tolcli.sensitivity import sensitivity_weights, token_sensitivity
 from tolcli.text import load_token_weights, tokens_of
@@ -81,6 +83,7 @@ class Weighting:
     sensitivity: str | Checkpoint | None = None
     floor: float = 1.0
     allow_source_mismatch: bool = False
+    device: str = "cpu"  # where the sensitivity passes run (auto, cpu, cuda, cuda:N)
 
 
 @dataclass
@@ -110,6 +113,7 @@ class CompressOptions:
     seed: int = 0
     group_size: int | None = None
     symmetric: bool = False
+    fit: str | None = None
     factor_dtype: str = "fp16"
     token_weights: str | None = None
     calibration: str | None = None
@@ -171,14 +175,18 @@ def parse_scheme(scheme: str) -> tuple[str, str | None]:
     return kind, quant or None
 
 
-def quant_spec(quant: str, group: int | None, symmetric: bool) -> CodecSpec:
-    """The spec of scheme ``quant`` (int4, nf4 or int8) with a group size (``None``: the default)."""
+def quant_spec(quant: str, group: int | None, symmetric: bool, fit: str | None = None) -> CodecSpec:
+    """The spec of scheme ``quant`` (int4, nf4, int8, int3 or int2) with a group size (``None``: the default) and a
+    scale ``fit`` (``None``: the specs' default, :data:`~tolcli.codecs.quant.DEFAULT_FIT`)."""
     if symmetric and quant != "int4":
         raise UsageError("`symmetric` applies to int4 only (nf4 and int8 are symmetric already)")
+    fit_kw = {} if fit is None else {"fit": fit}
     if quant == "int8":
-        return Int8(group)
+        return Int8(group, **fit_kw)
     group = DEFAULT_GROUP if group is None else group
-    return Int4(group, symmetric) if quant == "int4" else NF4(group)
+    if quant == "int4":
+        return Int4(group, symmetric, **fit_kw)
+    return {"nf4": NF4, "int3": Int3, "int2": Int2}[quant](group, **fit_kw)
 
 
 def scheme_spec(o: CompressOptions) -> CodecSpec:
@@ -189,13 +197,19 @@ def scheme_spec(o: CompressOptions) -> CodecSpec:
     if kind not in SVD_KINDS:
         if any(x is not None for x in (o.rank, o.ratio, o.budget, o.energy)):
             raise UsageError(f"`rank`/`ratio`/`budget`/`energy` apply to SVD schemes, not {o.scheme}")
-        return Dense(o.scheme) if kind == "dense" else quant_spec(o.scheme, o.group_size, o.symmetric)
+        if kind == "dense":
+            if o.fit is not None:
+                raise UsageError(f"`fit` applies to quantised schemes, not {o.scheme}")
+            return Dense(o.scheme)
+        return quant_spec(o.scheme, o.group_size, o.symmetric, o.fit)
     _check_rank_choice(kind, o)
     if quant is None:
+        if o.fit is not None:
+            raise UsageError(f"`fit` applies to quantised schemes (svd+int4, ...), not {o.scheme}")
         a = Dense(o.factor_dtype)
     else:
         group = o.group_size if o.group_size is not None or quant == "int8" else DEFAULT_A_GROUP
-        a = quant_spec(quant, group, o.symmetric)
+        a = quant_spec(quant, group, o.symmetric, o.fit)
     return SVD(
         rank=o.rank,
         ratio=o.ratio,
@@ -313,10 +327,10 @@ def plan_ranks(
     max_rank = min(top, spec.max_rank if spec.max_rank is not None else top)
     if min_rank < 1 or min_rank > max_rank:
         raise UsageError(f"{spec.name} needs 1 <= min rank ({min_rank}) <= max rank ({max_rank})")
-    per_rank = spec.with_rank(step).build(h).stored_bytes(V, h) / step
+    fixed, per_rank = rank_bytes(spec, V, h)
     dense16 = V * h * 2
     if not spec.adaptive:
-        rank = spec.rank if spec.ratio is None else _round_to(spec.ratio * dense16 / per_rank, step)
+        rank = spec.rank if spec.ratio is None else _round_to((spec.ratio * dense16 - fixed) / per_rank, step)
         if not 1 <= rank <= top:
             raise UsageError(f"rank {rank} is outside 1..{top}")
         return dict.fromkeys(layers, rank)
@@ -330,7 +344,20 @@ def plan_ranks(
     kw = {"multiple": step, "min_rank": min_rank, "max_rank": max_rank}
     if spec.energy is not None:
         return energy_ranks(spectra, spec.energy, **kw)
-    return allocate_ranks(spectra, per_rank, parse_budget(str(spec.budget), dense16 * len(layers)), **kw)
+    budget = parse_budget(str(spec.budget), dense16 * len(layers)) - fixed * len(layers)
+    return allocate_ranks(spectra, per_rank, budget, **kw)
+
+
+def rank_bytes(spec: RankedSpec, rows: int, width: int) -> tuple[float, float]:
+    """A layer's stored bytes under ``spec`` as ``fixed + per_rank * rank`` (what ranks cost, exactly as stored):
+    measured at two ranks, and checked at a third (the bytes of every built-in codec are affine in the rank; an
+    int8 ``A`` stores one scale per row whatever the rank)."""
+    step = spec.rank_step()
+    b1, b2, b3 = (spec.with_rank(k * step).build(width).stored_bytes(rows, width) for k in (1, 2, 3))
+    if b3 - b2 != b2 - b1:
+        raise UsageError(f"{spec}: stored bytes are not affine in the rank ({b1}, {b2}, {b3} at ranks {step}, ...)")
+    per_rank = (b2 - b1) / step
+    return b1 - per_rank * step, per_rank
 
 
 # ---- planning: token weights --------------------------------------------------------------------------------
@@ -378,7 +405,8 @@ def _sensitivity_weights(
         raise InputError("the bundle has no embedded tokenizer to read the calibration text with")
     data = read_data(w.calibration, vocab_size=b.vocab_size)
     tokens = tokens_of(data, tok, b.vocab_size)
-    S, counts = token_sensitivity(load_model(ckpt), tokens, progress=progress)
+    model = load_model(ckpt, device=resolve_device(w.device))
+    S, counts = token_sensitivity(model, tokens, progress=progress)
     info = {
         "source": "sensitivity",
         "checkpoint": ckpt.path.name,
@@ -474,7 +502,9 @@ def default_batch_rows(width: int) -> int:
 
 class LayerRows:
     """A :class:`~tolcli.codecs.base.RowSource` over one layer of an open bundle: its rows decoded to fp32,
-    ``batch`` at a time, refusing non-finite values."""
+    ``batch`` at a time (:meth:`~tolcli.bundle.reader.Bundle.read_rows`: the input's mapped pages are given back
+    after each batch, so resident memory, file pages included, does not grow with the vocabulary), refusing
+    non-finite values."""
 
     def __init__(self, b: Bundle, layer: int, batch: int):
         if batch < 1:
@@ -484,7 +514,7 @@ class LayerRows:
 
     def _raw(self) -> Iterator[tuple[int, torch.Tensor]]:
         for s in range(0, self.rows, self.batch):
-            yield s, self.b.lookup(self.layer, torch.arange(s, min(s + self.batch, self.rows)))
+            yield s, self.b.read_rows(self.layer, s, min(s + self.batch, self.rows))
 
     def batches(self) -> Iterator[tuple[int, torch.Tensor]]:
         for s, rows in self._raw():
@@ -582,11 +612,42 @@ def _encode_layers(
     progress.finish()
 
 
+def input_error(entry: dict[str, Any]) -> float:
+    """The error a bundle's layer already carries against the fp32 computation (0 for fp32 tables)."""
+    e = entry.get("rel_error") if entry.get("status") == "present" else None
+    return float(e) if e is not None and math.isfinite(e) and e > 0 else 0.0
+
+
+def compounded(old: dict[str, Any], new: dict[str, Any] | None) -> dict[str, Any]:
+    """Layer entry ``new`` (encoded from ``old``'s table) with ``rel_error`` against the fp32 computation, as the
+    manifest schema defines it: when the input was already lossy (``e0 = old.rel_error > 0``), the error measured
+    against the input, ``e1``, becomes the triangle-inequality bound ``e0 + e1 (1 + e0)`` (since
+    ``||T - T2|| <= ||T - T1|| + ||T1 - T2||`` and ``||T1|| <= (1 + e0) ||T||``). ``old`` when not re-encoded."""
+    if new is None:
+        return old
+    e0 = input_error(old)
+    if e0 == 0.0 or new.get("rel_error") is None:
+        return new
+    return {**new, "rel_error": e0 + new["rel_error"] * (1 + e0)}
+
+
+def warn_lossy_input(b: Bundle, note: Callable[[str], None]) -> None:
+    """Warn when the input's tables are already lossy (not fp32, or compressed): errors compound."""
+    lossy = [e["index"] for e in b.manifest["layers"] if input_error(e) > 0]
+    if lossy:
+        worst = max(input_error(e) for e in b.manifest["layers"])
+        note(
+            f"warning: the input's tables are already lossy ({len(lossy)} layer(s), relative error up to "
+            f"{worst:.2e} against the fp32 computation): the errors compound, and each layer's rel_error is recorded "
+            "as a bound; compress from an fp32 bundle for the best result"
+        )
+
+
 def _manifest(
     b: Bundle, staging: Staging, record: dict[str, Any], weight_info: dict[str, Any] | None, ranks: dict[int, int]
 ) -> dict[str, Any]:
     """The output's manifest: the input's, with the new layer entries and a history entry for this run."""
-    layers = [staging.layer_done(e["index"]) or e for e in b.manifest["layers"]]
+    layers = [compounded(e, staging.layer_done(e["index"])) for e in b.manifest["layers"]]
     manifest = {k: v for k, v in b.manifest.items() if k not in ("tensors", "created")}
     manifest["tolcli_version"] = __version__
     manifest["layers"] = layers
@@ -602,6 +663,25 @@ def _manifest(
     return manifest
 
 
+def warn_above_fp16(spec: CodecSpec, b: Bundle, ranks: dict[int, int], note: Callable[[str], None]) -> list[int]:
+    """Warn (before encoding) about layers whose chosen codec stores more bytes than dense fp16 would: an SVD above
+    its break-even rank (about ``V h / (V + h)`` for fp16 factors) costs bytes and accuracy. Returns those layers."""
+    fp16 = b.vocab_size * b.hidden_size * 2
+    sizes = {}
+    for i in b.present_layers:
+        layer_spec = spec.with_rank(ranks[i]) if isinstance(spec, RankedSpec) else spec
+        sizes[i] = layer_spec.build(b.hidden_size).stored_bytes(b.vocab_size, b.hidden_size)
+    big = [i for i, n in sizes.items() if n > fp16]
+    if big:
+        worst = max(big, key=lambda i: sizes[i])
+        note(
+            f"warning: {len(big)} layer(s) ({', '.join(map(str, big))}) will store more bytes than dense fp16 "
+            f"(layer {worst}: {sizes[worst] / fp16:.2f}x) with {spec}: lower the rank or budget, or use "
+            f"--scheme fp16"
+        )
+    return big
+
+
 def compress(
     src: str | Path,
     out: str | Path,
@@ -614,6 +694,7 @@ def compress(
     max_shard_size: int | str | None = None,
     verify_input: bool = False,
     batch_rows: int | None = None,
+    device: str = "cpu",
     progress: Progress | None = None,
     note: Callable[[str], None] = lambda s: None,
 ) -> CompressResult:
@@ -622,7 +703,8 @@ def compress(
     Layers are read and encoded ``batch_rows`` rows at a time (default: about 8 MiB of fp32 rows), so memory
     stays near one batch for row-wise codecs and near one h x h Gram for SVD, whatever the vocabulary
     (docs/compression.md, "Memory"). The output does not depend on ``batch_rows`` except for SVD, whose
-    last bits may.
+    last bits may. ``device`` is where the ``sensitivity`` passes (forward and backward through the model) run:
+    the CPU by default, so that the bytes do not depend on the machine; the codecs encode on the CPU.
 
     Example:
         >>> import tempfile, pathlib
@@ -644,9 +726,12 @@ def compress(
     )
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
-        weights, weight_info = load_weights(options.weighting(), b, progress, note)
+        weighting = replace(options.weighting(), device=device)
+        weights, weight_info = load_weights(weighting, b, progress, note)
         batch_rows = default_batch_rows(b.hidden_size) if batch_rows is None else batch_rows
         ranks = plan_ranks(spec, b, weights, progress, batch_rows)
+        warn_above_fp16(spec, b, ranks, note)
+        warn_lossy_input(b, note)
         job = {
             "command": "compress",
             "input": {n: t["sha256"] for n, t in b.manifest["tensors"].items()},

@@ -58,8 +58,10 @@ def token_sensitivity(
 
     ``Loss`` is the summed cross-entropy of every target, the text cut into disjoint windows of ``ctx``
     tokens (:func:`disjoint_windows`): each input position is in exactly one window, so each occurrence is
-    counted once (``n`` tokens give ``n - 1`` positions for ``n - 1`` targets)."""
+    counted once (``n`` tokens give ``n - 1`` positions for ``n - 1`` targets). The passes run on the model's
+    device; ``S`` and ``counts`` are accumulated on the CPU."""
     cfg = model.cfg
+    device = next(model.parameters()).device
     L, V = cfg.num_hidden_layers, cfg.vocab_size
     S = torch.zeros(L, V, dtype=torch.float64)
     counts = torch.zeros(V, dtype=torch.float64)
@@ -78,10 +80,12 @@ def token_sensitivity(
         for batch in batches:
             idx = torch.stack([tokens[s : s + n + 1] for s, n in batch])  # (B, T+1)
             src = _GradSource(model)
-            logits = model(idx[:, :-1], src)  # (B, T, V)
-            F.cross_entropy(logits.flatten(0, 1).float(), idx[:, 1:].flatten(), reduction="sum").backward()
+            logits = model(idx[:, :-1].to(device), src)  # (B, T, V)
+            target = idx[:, 1:].flatten().to(device)
+            F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").backward()
             for layer, (term, ids) in src.terms.items():
-                S[layer].index_add_(0, ids.flatten(), term.grad.double().pow(2).sum(-1).flatten())  # type: ignore[union-attr]
+                g2 = term.grad.double().pow(2).sum(-1).flatten().cpu()  # type: ignore[union-attr]
+                S[layer].index_add_(0, ids.flatten().cpu(), g2)
             counts.index_add_(0, idx[:, :-1].flatten(), torch.ones(idx[:, :-1].numel(), dtype=torch.float64))
             progress.advance(len(batch))
     finally:

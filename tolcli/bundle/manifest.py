@@ -45,6 +45,7 @@ _SHA = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _NAT = {"type": "integer", "minimum": 0}
 _FLOAT_DTYPE = {"enum": ["F32", "F16", "BF16"]}
 _GROUP_4BIT = {"type": "integer", "enum": [32, 64, 128]}
+_FIT = {"enum": ["minmax", "mse"], "description": "how the scales were fitted (absent: minmax); decoding ignores it"}
 # Array and object sizes, checked before the schema (a million dropped layers must not take minutes to refuse).
 MAX_FILES = 1 << 16
 MAX_LIST = 1 << 16
@@ -69,13 +70,30 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
     "dense": _closed(["dtype"], {"dtype": _FLOAT_DTYPE}),
     "int4": _closed(
         ["bits", "group_size", "symmetric"],
-        {"bits": {"type": "integer", "const": 4}, "group_size": _GROUP_4BIT, "symmetric": {"type": "boolean"}},
+        {
+            "bits": {"type": "integer", "const": 4},
+            "group_size": _GROUP_4BIT,
+            "symmetric": {"type": "boolean"},
+            "fit": _FIT,
+        },
     ),
-    "nf4": _closed(["bits", "group_size"], {"bits": {"type": "integer", "const": 4}, "group_size": _GROUP_4BIT}),
+    "nf4": _closed(
+        ["bits", "group_size"], {"bits": {"type": "integer", "const": 4}, "group_size": _GROUP_4BIT, "fit": _FIT}
+    ),
     "int8": _closed(
         ["bits", "group_size"],
-        {"bits": {"type": "integer", "const": 8}, "group_size": {"type": "integer", "minimum": 1, "maximum": MAX_DIM}},
+        {
+            "bits": {"type": "integer", "const": 8},
+            "group_size": {"type": "integer", "minimum": 1, "maximum": MAX_DIM},
+            "fit": _FIT,
+        },
     ),
+    **{
+        f"int{b}": _closed(
+            ["bits", "group_size"], {"bits": {"type": "integer", "const": b}, "group_size": _GROUP_4BIT, "fit": _FIT}
+        )
+        for b in (3, 2)
+    },
     "svd": _closed(
         ["rank", "a", "b_dtype", "method", "weighted"],
         {
@@ -91,6 +109,11 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
             "oversample": {"type": "integer", "minimum": 0, "maximum": MAX_MANIFEST_HIDDEN},
             "power_iters": {"type": "integer", "minimum": 0, "maximum": 64},
             "seed": {"type": "integer", "minimum": 0, "maximum": (1 << 63) - 1},
+            "gram": {"enum": ["fp32", "fp64"]},
+            "normalize": {
+                "const": True,
+                "description": "A's columns were scaled by powers of two folded into B (absent: not); informational",
+            },
         },
     ),
 }
@@ -188,7 +211,8 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     "bits_per_value": {"type": "number", "minimum": 0},
                     "rel_error": {
                         "type": ["number", "null"],
-                        "description": "||stored - exact||_F / ||exact||_F vs the fp32 computation",
+                        "description": "||stored - exact||_F / ||exact||_F vs the fp32 computation; after more "
+                        "than one lossy step (bf16 -> int4, int4 -> int4), the bound e0 + e1 (1 + e0)",
                     },
                     "weighted_rel_error": {"type": ["number", "null"]},
                     "max_abs": {"type": ["number", "null"], "minimum": 0},

@@ -21,11 +21,25 @@ from tolcli.codecs.base import (
     codec_from_manifest,
 )
 from tolcli.codecs.dense import Dense, DenseCodec
-from tolcli.codecs.quant import NF4, NF4_LEVELS, Int4, Int4Codec, Int8, Int8Codec, NF4Codec
+from tolcli.codecs.quant import (
+    FITS,
+    NF4,
+    NF4_LEVELS,
+    Int2,
+    Int2Codec,
+    Int3,
+    Int3Codec,
+    Int4,
+    Int4Codec,
+    Int8,
+    Int8Codec,
+    NF4Codec,
+)
 from tolcli.codecs.spec import format_spec, parse_spec, spec_names
 from tolcli.codecs.svd import SVD, SVDCodec
 
 __all__ = [
+    "FITS",
     "NF4",
     "NF4_LEVELS",
     "SVD",
@@ -34,6 +48,10 @@ __all__ = [
     "Dense",
     "DenseCodec",
     "DictAccess",
+    "Int2",
+    "Int2Codec",
+    "Int3",
+    "Int3Codec",
     "Int4",
     "Int4Codec",
     "Int8",
@@ -48,3 +66,4 @@ __all__ = [
     "parse_spec",
     "spec_names",
 ]
+from tolcli.codecs.mixed import Mixed, MixedCodec  # noqa: F401  (registers the mixed codec)
