@@ -28,12 +28,32 @@ def test_usage_error_exit_2(cli) -> None:
     r = cli("info", "--no-such-option")
     assert r.code == 2 and "No such option" in r.err
     assert cli("no-such-command").code == 2
+    # under --json the same error is also one JSON document on stdout (docs/json-output.md)
+    r = cli("info", "--no-such-option", "--json")
+    doc = json.loads(r.out)
+    assert r.code == 2 and doc["ok"] is False and doc["command"] == "info"
+    assert doc["error"] == {
+        "code": "usage",
+        "exit_code": 2,
+        "message": r.err.removeprefix("tolcli: error: ").rstrip("\n"),
+        "hint": None,
+        "path": None,
+    }
+    r = cli("no-such-command", "--json")
+    assert r.code == 2 and json.loads(r.out)["command"] is None
 
 
 def test_json_is_the_only_stdout(cli) -> None:
     r = cli("info", "demo", "--json")
     assert r.code == 0
-    json.loads(r.out)  # exactly one document
+    doc = json.loads(r.out)  # exactly one document
+    assert (doc["command"], doc["ok"], doc["input"], doc["output"], doc["tolcli_version"]) == (
+        "info",
+        True,
+        "demo",
+        None,
+        __version__,
+    )
 
 
 def test_console_script_and_module_entry_points() -> None:
@@ -87,7 +107,17 @@ def test_a_bug_is_one_line_exit_1_and_debug_shows_the_traceback(cli, monkeypatch
     assert r.code == 1 and "Traceback" in r.err
 
 
-@pytest.mark.parametrize("args", [["--version"], ["schema"], ["--help"], ["compress", "--help"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--version"],
+        ["schema"],
+        ["schema", "eval-ppl"],
+        ["schema", "--list", "--json"],
+        ["--help"],
+        ["compress", "--help"],
+    ],
+)
 def test_fast_commands_do_not_import_torch(args: list[str]) -> None:
     """--version, --help and schema answer without loading torch or h5py (about 2 s saved per call)."""
     code = (

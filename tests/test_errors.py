@@ -177,5 +177,8 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(make_ckpt, tmp_p
     assert str(e.value) == "batch_rows must be >= 1, got 0"
     r = cli("precompute", ckpt, "-o", tmp_path / "t.safetensors", "--batch-tokens", "0")
     assert r.code == 2 and r.err == "tolcli: error: --batch-tokens must be >= 1, got 0\n"
+    r = cli("precompute", ckpt, "-o", tmp_path / "t.safetensors", "--batch-tokens", "0", "--json")
+    error = json.loads(r.out)["error"]
+    assert r.code == 2 and error["message"] == "--batch-tokens must be >= 1, got 0" and error["code"] == "usage"
     r = cli("eval-ppl", ckpt, "--data", tmp_path / "x.txt", "--drop-last", "1", "--keep-layers", "0")
     assert r.err == "tolcli: error: give --drop-last or --keep-layers, not both\n"

@@ -230,3 +230,15 @@ def test_kl_with_torch_reference_on_a_stored_full_distribution(tmp_path: Path) -
     assert logp.shape == (4096,) and np.all(np.diff(logp) <= 0)  # most likely first
     assert float(np.exp(logp.astype(np.float64)).sum()) == pytest.approx(1.0, abs=1e-4)
     assert torch.tensor(stored["target_logp"]).shape == (16,)
+
+
+def test_ctx_defaults_to_the_models_positions_up_to_512(make_ckpt, tmp_path) -> None:
+    # Issue 18: without --ctx, a model trained on 96 positions is evaluated with 96-token windows (not refused for
+    # the old fixed 512), and one trained on 1,024 with 512. Expected: the window each report states; the tolcli
+    # protocol scores every token but the first once whatever the window: 399 of 400.
+    text = tmp_path / "t.npy"
+    np.save(text, (np.arange(2000, dtype=np.int64) * 7) % 50)  # token ids: the random checkpoint has no tokenizer
+    for positions, want in ((96, 96), (1024, 512)):
+        ck = make_ckpt(max_position_embeddings=positions)
+        r = eval_ppl(ck, [text], max_tokens=400)
+        assert r.protocol["ctx"] == want and r.variants[0]["tokens"] == 399

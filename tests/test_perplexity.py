@@ -96,6 +96,13 @@ def test_quality_gate_exit_codes(demo_dense: Path, tmp_path: Path, cli) -> None:
     doc = json.loads(r.out)  # the report is still printed
     assert doc["variants"][2]["ppl_change_pct"] > 5 and "quality gate failed" in r.err
     assert cli(*args, "--max-increase", "1000").code == 0
+    # without --json the verdict is printed, passing or failing (issue 18), naming the failing variant
+    human = args[:-1]
+    r = cli(*human, "--max-increase", "1000")
+    assert r.code == 0 and "gate: pass (no variant's perplexity change above +1000%)" in r.out
+    r = cli(*human, "--max-increase", "5")
+    assert r.code == 3 and "gate: FAIL (1 variant(s) above +5% or not finite:" in r.out
+    assert svd.name in r.out[r.out.index("gate: FAIL") :]  # the verdict names the failing bundle
     with pytest.raises(QualityGateError):
         eval_ppl(demo_checkpoint_path(), [demo_heldout_path()], tols=[svd], ctx=128, max_tokens=3000, max_increase=5)
 

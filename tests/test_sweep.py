@@ -69,7 +69,10 @@ def test_sweep_on_a_small_model(make_ckpt, tmp_path: Path, cli) -> None:
         "64",
         "--json",
     )
-    assert r.code == 0 and [x["name"] for x in json.loads(r.out)["rows"]][-1] == "drop-last-3"
+    doc = json.loads(r.out)
+    assert r.code == 0 and [x["name"] for x in doc["rows"]][-1] == "drop-last-3"
+    assert doc["output"] == doc["directory"] == str(tmp_path / "sw3") and doc["command"] == "sweep"
+    assert doc["gate"] == {"max_increase_pct": None, "significant": False, "verdict": None, "failed": []}
 
 
 def test_inspect_plot(tmp_path: Path, make_ckpt, cli) -> None:
@@ -81,3 +84,14 @@ def test_inspect_plot(tmp_path: Path, make_ckpt, cli) -> None:
     dropped, _ = drop_layers(a, tmp_path / "x.safetensors", drop_last=1)
     r = cli("inspect", dropped, "--plot", tmp_path / "layers.png")
     assert r.code == 0 and (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_grid_has_the_sub_4_bit_families() -> None:
+    from tolcli.sweep import FAMILIES, SweepOptions, _grid
+
+    assert {"int3", "int2"} <= set(FAMILIES)
+    grid = _grid(SweepOptions(families=("int3", "int2")), 64)
+    assert [(name, fam, o.scheme, o.group_size) for name, fam, o in grid] == [
+        ("int3-g64", "int3", "int3", 64),
+        ("int2-g64", "int2", "int2", 64),
+    ]

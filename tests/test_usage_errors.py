@@ -3,6 +3,7 @@ silent default (issue 13, class 11)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def dense(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["bench-lookup", "{d}", "--data", HELD, "--batch", "0"], 2, "--batch must be >= 1"),
+        (["bench-lookup", "{d}", "--data", HELD, "--batch", "0"], 2, "--batch-tokens must be >= 1"),
         (["compress", "{d}", "-o", "{t}/x.safetensors", "-s", "svd", "--rank", "8", "--svd-method", "randomized",
           "--oversample", "-100"], 2, "oversample and power_iters must be >= 0"),
         (["compress", "{d}", "-o", "{t}/x.safetensors", "-s", "svd", "--rank", "8", "--svd-method", "randomized",
@@ -44,6 +45,10 @@ def test_bad_option_values(cli, dense: Path, tmp_path: Path, args: list[str], co
     r = cli(*[a.format(d=dense, t=tmp_path) for a in args])
     assert (r.code, r.err.count("\n")) == (code, 1), r.err
     assert message in r.err
+    r = cli(*[a.format(d=dense, t=tmp_path) for a in args], "--json")  # the same error as a JSON document
+    doc = json.loads(r.out)
+    assert r.code == code == doc["error"]["exit_code"] and doc["ok"] is False and doc["command"] == args[0]
+    assert message in doc["error"]["message"] and doc["error"]["code"] == {2: "usage", 6: "output"}[code]
 
 
 def test_hot_token_cache_refuses_ids_outside_the_vocabulary(dense: Path) -> None:

@@ -20,7 +20,7 @@ class ExitCode(IntEnum):
     OK = 0
     INTERNAL = 1  # a bug in tolcli: please report it (rerun with --debug for the traceback)
     USAGE = 2  # bad command-line usage (unknown option, invalid value)
-    QUALITY_GATE = 3  # eval-ppl --max-increase was exceeded
+    QUALITY_GATE = 3  # eval-ppl's or sweep's --max-increase was exceeded
     BAD_INPUT = 4  # an input file is missing, unreadable, malformed or inconsistent
     VERIFY_FAILED = 5  # a checksum, shape or dtype does not match the manifest
     OUTPUT = 6  # the output cannot be written (exists without --force, unwritable, disk full)
@@ -31,7 +31,7 @@ EXIT_CODE_MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "success",
     ExitCode.INTERNAL: "internal error: a bug in tolcli (rerun with --debug and report the traceback)",
     ExitCode.USAGE: "bad command-line usage: unknown option, invalid or contradictory values",
-    ExitCode.QUALITY_GATE: "quality gate failed: a variant exceeded eval-ppl --max-increase",
+    ExitCode.QUALITY_GATE: "quality gate failed: a variant exceeded eval-ppl's or sweep's --max-increase",
     ExitCode.BAD_INPUT: "bad input: a file is missing, unreadable, malformed or inconsistent",
     ExitCode.VERIFY_FAILED: "verification failed: a checksum, shape or dtype differs from the manifest",
     ExitCode.OUTPUT: "cannot write the output: it exists (use --force), another tolcli run is writing it, the directory"
@@ -60,12 +60,17 @@ class TolcliError(Exception):
 
     def one_line(self, name_of: Callable[[str], str] | None = None) -> str:
         """The message in one line; ``name_of`` maps each `parameter` it names (e.g. to a CLI flag)."""
+        text, hint = self.parts(name_of)
+        return f"{text} (hint: {hint})" if hint else text
+
+    def parts(self, name_of: Callable[[str], str] | None = None) -> tuple[str, str | None]:
+        """``(message, hint)`` as :meth:`one_line` words them: the path prefixed to the message when it does not
+        name it, each `parameter` mapped by ``name_of``; the hint None when there is none."""
         text = self.message
         if self.path is not None and str(self.path) not in text:
             text = f"{self.path}: {text}"
-        if self.hint:
-            text = f"{text} (hint: {self.hint})"
-        return _PARAM.sub(lambda m: (name_of or str)(m.group(1)), text)
+        sub = lambda t: _PARAM.sub(lambda m: (name_of or str)(m.group(1)), t)  # noqa: E731
+        return sub(text), (sub(self.hint) if self.hint else None)
 
 
 class InputError(TolcliError):

@@ -222,7 +222,7 @@ def build_variants(
                 "bytes": path_bytes(b.path),
                 "stored_bytes": sum(e["stored_bytes"] for e in present),
                 "codecs": sorted({e["codec"] for e in present}),
-                "layers_present": len(present),
+                "layers_present": sorted(e["index"] for e in present),
             }
         )
     L = cfg.num_hidden_layers
@@ -312,6 +312,14 @@ def _run_identity(
     }
 
 
+DEFAULT_CTX = 512  # tokens per window when `ctx` is not given, capped at the model's max_position_embeddings
+
+
+def default_ctx(ckpt: Checkpoint) -> int:
+    """``min(512, max_position_embeddings)``: the window when none is asked for (never beyond trained positions)."""
+    return min(DEFAULT_CTX, ckpt.config.max_position_embeddings)
+
+
 def _check_ctx_fits(ckpt: Checkpoint, ctx: int, protocol: str) -> None:
     limit = ckpt.config.max_position_embeddings
     if ctx > limit:
@@ -328,7 +336,7 @@ def eval_ppl(
     *,
     tols: Sequence[str | Path] = (),
     protocol: str = "tolcli",
-    ctx: int = 512,
+    ctx: int | None = None,
     stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 4,
@@ -372,15 +380,16 @@ def eval_ppl(
     """
     t0 = time.monotonic()
     progress = progress or NullProgress()
-    step = ctx if stride is None else stride
     if max_tokens is not None and max_tokens < 2:
         raise UsageError(f"`max_tokens` must be >= 2 (one token of context and one to score), got {max_tokens}")
-    _check_options(protocol, ctx, step, batch_size, drop_last, keep_layers, data, max_increase, confidence)
     if save_reference is not None:
         refs.check_top_k(reference_top_k)
     if save_reference is not None and reference is not None:
         raise UsageError("give `save_reference` or `reference`, not both")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    ctx = default_ctx(ckpt) if ctx is None else ctx
+    step = ctx if stride is None else stride
+    _check_options(protocol, ctx, step, batch_size, drop_last, keep_layers, data, max_increase, confidence)
     _check_ctx_fits(ckpt, ctx, protocol)
     bundles = open_bundles(tols, verify=verify_input)
     try:

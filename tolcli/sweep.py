@@ -1,7 +1,7 @@
 """``tolcli sweep``: what every compression choice costs, on one model and one text, in one table.
 
 Builds the dense bundle once, then a grid of compressed bundles (uniform SVD ranks, adaptive budgets at
-the same bytes as each uniform rank, int4 group sizes, nf4, int8, adaptive-svd+int4, and any codec spec
+the same bytes as each uniform rank, int4 group sizes, nf4, int8, int3, int2, adaptive-svd+int4, and any codec spec
 strings asked for), evaluates all of them and every drop-last-K on the same windows, and writes
 ``results.json``, ``results.csv`` and two plots (with matplotlib, an optional dependency): bytes vs
 perplexity change, and layers dropped vs perplexity.
@@ -45,7 +45,7 @@ class SweepOptions:
     int4_budgets: Sequence[float] = (0.1, 0.15, 0.25)
     calibration: str | None = None
     protocol: str = "tolcli"
-    ctx: int = 512
+    ctx: int | None = None  # default: min(512, the model's max_position_embeddings)
     stride: int | None = None
     text_field: str = "text"
     doc_sep: str = "eos"
@@ -89,6 +89,7 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
         grid.append(("nf4-g64", "nf4", CompressOptions("nf4", group_size=64)))
     if "int8" in fam:
         grid.append(("int8", "int8", CompressOptions("int8")))
+    grid += [(f"{q}-g64", q, CompressOptions(q, group_size=64)) for q in ("int3", "int2") if q in fam]
     if "adaptive-svd+int4" in fam:
         grid += [
             (f"adaptive-svd+int4-{b}", "adaptive-svd+int4", CompressOptions("adaptive-svd+int4", budget=str(b)))
@@ -191,12 +192,12 @@ def sweep(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise OutputError("sweep directory is not empty", path=out, hint="pass --force to reuse it")
-    (out / "bundles").mkdir(parents=True, exist_ok=True)
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    cfg = ckpt.config
+    grid = _grid(opts, cfg.hidden_size)  # bad options and inputs are refused before anything is written
+    (out / "bundles").mkdir(parents=True, exist_ok=True)
     dense = out / "bundles" / "dense-fp32.safetensors"
     precompute(ckpt, dense, device=opts.device, force=True)
-    cfg = ckpt.config
-    grid = _grid(opts, cfg.hidden_size)
     built, families = _build(grid, dense, opts, ckpt, progress, note)
     L = cfg.num_hidden_layers
     drops = [(f"drop-last-{k}", set(range(L - k))) for k in range(1, L + 1)] if "drop" in opts.families else []

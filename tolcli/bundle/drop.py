@@ -15,7 +15,7 @@ from tolcli.layout import parse_layer_spec
 
 def layers_to_keep(num_layers: int, *, drop_last: int | None, keep_layers: str | None) -> set[int]:
     if (drop_last is None) == (keep_layers is None):
-        raise UsageError("give exactly one of --drop-last K and --keep-layers SPEC")
+        raise UsageError("give exactly one of `drop_last` and `keep_layers`")
     if drop_last is not None:
         if not 0 <= drop_last <= num_layers:
             raise UsageError(f"--drop-last must be within 0..{num_layers}, got {drop_last}")

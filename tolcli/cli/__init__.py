@@ -15,7 +15,8 @@ from typing import Annotated
 import typer
 
 from tolcli import __version__
-from tolcli.cli._common import flag_for
+from tolcli.cli import jsondoc
+from tolcli.cli._common import Output, error_json, flag_for
 from tolcli.cli.bundles import convert_cmd, drop_cmd, inspect_cmd, schema_cmd, verify_cmd
 from tolcli.cli.compress import compress_cmd
 from tolcli.cli.deploy import bench_lookup_cmd, strip_cmd
@@ -26,6 +27,7 @@ from tolcli.cli.precompute import precompute_cmd
 from tolcli.cli.transport import pack_cmd, unpack_cmd
 from tolcli.errors import ExitCode, TolcliError
 from tolcli.fsutil import sigterm_as_interrupt
+from tolcli.progress import close_all as close_progress
 
 try:  # typer >= 0.2x vendors its own click; older releases use click itself
     from typer._click import exceptions as click_exc  # type: ignore[import-not-found]
@@ -44,7 +46,7 @@ app = typer.Typer(
     name="tolcli",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -105,20 +107,46 @@ def _debug_first(args: list[str]) -> list[str]:
     return ["--debug", *(a for i, a in enumerate(args) if not (i < end and a == "--debug"))]
 
 
+def _json_requested(args: list[str]) -> bool:
+    """``--json`` on the command line (before ``--``): every outcome, errors included, is then one JSON document."""
+    end = args.index("--") if "--" in args else len(args)
+    return "--json" in args[:end]
+
+
+def _command_named(args: list[str]) -> str | None:
+    """The command on the command line (root options take no values, so it is the first word), if it is one."""
+    word = next((a for a in args if not a.startswith("-")), None)
+    return word if word in COMMANDS else None
+
+
+def _fail(text: str, json_out: bool, error: dict) -> None:
+    """Report a failure: one line on stderr, and under ``--json`` an error document on stdout unless the command
+    already printed its own document."""
+    _error(text)
+    if json_out and not jsondoc.emitted():
+        Output(json=True).emit_json(jsondoc.error_document(error, None))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (never raises unless --debug)."""
     args = _debug_first(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args or bool(os.environ.get("TOLCLI_DEBUG"))
+    json_out = _json_requested(args)
+    jsondoc.begin(_command_named(args))
+    interrupted = jsondoc.error_object(ExitCode.INTERRUPTED, "interrupted")
     try:
         with sigterm_as_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files removed, locks released
-            rv = app(args=args, prog_name="tolcli", standalone_mode=False)
+            try:
+                rv = app(args=args, prog_name="tolcli", standalone_mode=False)
+            finally:
+                close_progress()  # a bar or heartbeat still running: stopped before any error line
         if rv == ExitCode.INTERRUPTED:
-            _error("interrupted")
+            _fail("interrupted", json_out, interrupted)
         return int(rv) if isinstance(rv, int) else ExitCode.OK
     except TolcliError as e:
         if debug:
             traceback.print_exc()
-        _error(e.one_line(flag_for))
+        _fail(e.one_line(flag_for), json_out, error_json(e))
         return int(e.exit_code)
     except click_exc.ClickException as e:  # bad usage: click's message, on one line like every other error
         help_error = getattr(click_exc, "NoArgsIsHelpError", None)
@@ -127,17 +155,20 @@ def main(argv: list[str] | None = None) -> int:
             return int(e.exit_code)
         ctx = getattr(e, "ctx", None)
         where = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
-        _error(" ".join(e.format_message().split()) + where)
+        text = " ".join(e.format_message().split()) + where
+        code = e.exit_code if e.exit_code in set(ExitCode) - {ExitCode.OK} else ExitCode.USAGE
+        _fail(text, json_out, jsondoc.error_object(code, text))
         return int(e.exit_code)
     except _ABORTS:
-        _error("interrupted")
+        _fail("interrupted", json_out, interrupted)
         return ExitCode.INTERRUPTED
     except _EXITS as e:
         return int(e.exit_code)  # type: ignore[attr-defined]
     except Exception as e:  # a bug: keep it to one line unless asked
         if debug:
             traceback.print_exc()
-        _error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, and please report it)")
+        text = f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, and please report it)"
+        _fail(text, json_out, jsondoc.error_object(ExitCode.INTERNAL, text))
         return ExitCode.INTERNAL
 
 

@@ -6,6 +6,13 @@ import inspect
 import re
 
 import tolcli
+from tolcli import testing
+
+TESTING = """## `tolcli.testing`
+
+Helpers for tests and benchmarks of code built on tolcli (and of tolcli itself): small random checkpoints and
+manifests, and a memory probe. Stable like the rest of the API; they never download anything.
+"""
 
 HEADER = """# Python API
 
@@ -18,21 +25,52 @@ The CLI is a thin layer over these; everything it does is available from Python.
 """
 
 
+def _signature(obj: object) -> str:
+    try:
+        sig = str(inspect.signature(obj))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        sig = "(...)"
+    return re.sub(r" at 0x[0-9a-f]+", "", sig)  # default callables: no memory addresses
+
+
+def _entry(title: str, obj: object, level: str = "###") -> str:
+    return f"{level} `{title}`\n\n```text\n{inspect.getdoc(obj) or ''}\n```\n"
+
+
+def _members(cls: type) -> list[str]:
+    """A class's public methods and properties defined by tolcli (not inherited from builtins), in source order."""
+    out = []
+    for name, member in vars(cls).items():
+        if name.startswith("_") or not (inspect.isfunction(member) or isinstance(member, property | classmethod)):
+            continue
+        if isinstance(member, property):
+            out.append(_entry(f"{cls.__name__}.{name}", member, "####"))
+        else:
+            fn = member.__func__ if isinstance(member, classmethod) else member
+            sig = _signature(fn).replace("(self, ", "(").replace("(self)", "()").replace("(cls, ", "(")
+            if inspect.getdoc(fn):
+                out.append(_entry(f"{cls.__name__}.{name}{sig}", fn, "####"))
+    return out
+
+
+def _module_functions(module: object) -> list[str]:
+    """The public functions a module defines (not those it imports), in source order."""
+    names = [n for n, f in vars(module).items() if inspect.isfunction(f) and f.__module__ == module.__name__]
+    return [_entry(f"{module.__name__}.{n}{_signature(getattr(module, n))}", getattr(module, n)) for n in names
+            if not n.startswith("_")]  # fmt: skip
+
+
 def render_api_markdown() -> str:
     parts = [HEADER]
     functions = [n for n in tolcli.__all__ if inspect.isfunction(getattr(tolcli, n))]
     classes = [n for n in tolcli.__all__ if inspect.isclass(getattr(tolcli, n))]
-    for title, names in (("Functions", functions), ("Classes", classes)):
-        parts.append(f"## {title}\n")
-        for name in sorted(names):
-            obj = getattr(tolcli, name)
-            try:
-                sig = str(inspect.signature(obj))
-            except (TypeError, ValueError):
-                sig = "(...)"
-            if inspect.isclass(obj):
-                sig = ""
-            sig = re.sub(r" at 0x[0-9a-f]+", "", sig)  # default callables: no memory addresses
-            doc = inspect.getdoc(obj) or ""
-            parts.append(f"### `tolcli.{name}{sig}`\n\n```text\n{doc}\n```\n")
+    parts.append("## Functions\n")
+    parts += [_entry(f"tolcli.{n}{_signature(getattr(tolcli, n))}", getattr(tolcli, n)) for n in sorted(functions)]
+    parts.append("## Classes\n")
+    for name in sorted(classes):
+        cls = getattr(tolcli, name)
+        parts.append(_entry(f"tolcli.{name}", cls))
+        parts += _members(cls)
+    parts.append(TESTING)
+    parts += _module_functions(testing)
     return "\n".join(parts)

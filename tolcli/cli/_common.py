@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,8 +14,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from tolcli.errors import UsageError
+from tolcli.cli import jsondoc
+from tolcli.errors import TolcliError, UsageError
 from tolcli.fsutil import path_bytes
+from tolcli.progress import display as progress_display
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summaries; errors only.")]
@@ -57,6 +60,8 @@ FLAGS: dict[str, str] = {
     "verify_input": "--verify",
     "max_increase_pct": "--max-increase",
     "k": "--cache-tokens",
+    "keep_layers": "--layers",
+    "batch": "--batch-tokens",
 }
 
 
@@ -67,12 +72,20 @@ def flag_for(param: str) -> str:
 
 @dataclass
 class Output:
-    """Where a command writes. JSON mode prints exactly one document; quiet mode prints nothing else."""
+    """Where a command writes. JSON mode prints exactly one document; quiet mode prints nothing else.
+
+    ``command``, ``inputs`` and ``output`` (what the command reads and writes) go into the envelope of its
+    ``--json`` document and of an error document (tolcli/cli/jsondoc.py)."""
 
     json: bool = False
     quiet: bool = False
+    command: str | None = None
+    inputs: Sequence[str | Path | None] = ()
+    output: str | Path | None = None
 
     def __post_init__(self) -> None:
+        if self.command is not None:
+            jsondoc.declare(self.command, self.inputs, self.output)
         if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: only rank 0 talks
             self.quiet = True
         self.console = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
@@ -89,9 +102,27 @@ class Output:
         sys.stdout.write(json.dumps(finite_json(doc), indent=2, sort_keys=True, allow_nan=False) + "\n")
         sys.stdout.flush()
 
+    def emit_doc(
+        self, body: dict[str, Any], *, output: str | Path | None = None, error: TolcliError | None = None
+    ) -> None:
+        """The command's ``--json`` document: the envelope (``output``: the path actually written, when it differs
+        from the declared one), then ``body``; with ``error`` (a failure that still has a result, such as a
+        failed quality gate) ``ok`` is false and the error is described."""
+        doc = {**jsondoc.envelope(ok=error is None, output=output), **body}
+        if error is not None:
+            doc["error"] = error_json(error)
+        self.emit_json(doc)
+        jsondoc.mark_emitted()
+
     def print(self, *objects: Any) -> None:
         if not (self.json or self.quiet):
             self.console.print(*objects)
+
+
+def error_json(e: TolcliError) -> dict[str, Any]:
+    """The ``error`` member of a ``--json`` document for a library error (parameters named as flags)."""
+    message, hint = e.parts(flag_for)
+    return jsondoc.error_object(e.exit_code, message, hint=hint, path=e.path)
 
 
 def finite_json(doc: Any) -> Any:
@@ -179,37 +210,22 @@ Sha256sumsOpt = Annotated[
 
 
 class RichProgress:
-    """tolcli.progress.Progress as a rich bar with ETA; silent unless a person is watching."""
+    """tolcli.progress.Progress for a command: a bar at a terminal, a heartbeat line at a bounded rate in logs,
+    nothing under --quiet/--json (tolcli/progress.py)."""
 
     def __init__(self, out: Output):
-        self.out = out
-        self._bar = None
-        self._task = None
+        err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+        enabled = not (out.json or out.quiet)
+        self._display = progress_display(enabled=enabled, interactive=err.is_terminal, console=err)
 
     def start(self, description: str, total: int) -> None:
-        if not self.out.interactive or total <= 0:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=self.out.console,
-            transient=True,
-        )
-        self._bar.start()
-        self._task = self._bar.add_task(description, total=total)
+        self._display.start(description, total)
 
     def advance(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.advance(self._task, n)
+        self._display.advance(n)
 
     def finish(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        self._display.finish()
 
 
 def note_to_stderr(out: Output):
@@ -235,8 +251,19 @@ CheckpointArg = Annotated[
 ]
 DropLastOpt = Annotated[int | None, typer.Option("--drop-last", metavar="K", help="Drop the last K layers.")]
 KeepLayersOpt = Annotated[
-    str | None, typer.Option("--keep-layers", metavar="SPEC", help="Keep only these layers, e.g. '0-9,12'.")
+    str | None,
+    typer.Option(
+        "--layers",
+        "--keep-layers",  # the older spelling, kept: --layers is the one name for a layer spec on every command
+        metavar="SPEC",
+        help="Keep only these layers, e.g. '0-9,12' (also --keep-layers).",
+    ),
 ]
+
+
+def layers_present(manifest: dict[str, Any]) -> list[int]:
+    """The indices of a manifest's present layers, ascending: the one form ``layers_present`` takes in --json."""
+    return sorted(e["index"] for e in manifest["layers"] if e["status"] == "present")
 
 
 def print_written(out: Output, path: Path, what: str, seconds: float) -> None:

@@ -11,8 +11,8 @@ from rich.table import Table
 
 import tolcli
 from tolcli._lazy import lazy_import
-from tolcli.bundle.manifest import MANIFEST_SCHEMA
 from tolcli.bundle.summary import bundle_summary
+from tolcli.cli import jsondoc
 from tolcli.cli._common import (
     BundleArg,
     CompressionOpt,
@@ -29,9 +29,10 @@ from tolcli.cli._common import (
     Sha256sumsOpt,
     VerifyOpt,
     fmt_bytes,
+    layers_present,
     print_written,
 )
-from tolcli.errors import UsageError, VerifyError
+from tolcli.errors import UsageError
 from tolcli.fsutil import check_sums_path, path_bytes, write_sha256sums
 
 plots = lazy_import("tolcli.plots")
@@ -56,16 +57,17 @@ def inspect_cmd(
 
         tolcli inspect tol.h5 --json | jq '.manifest.layers[] | {index, codec, stored_bytes}'
     """
-    out = Output(json=json_out)
+    out = Output(json=json_out, command="inspect", inputs=[bundle])
     with tolcli.open_bundle(bundle) as b:
         m = b.manifest
         container = b.container
     if plot is not None:
         codecs = ", ".join(sorted({e["codec"] for e in m["layers"] if e["status"] == "present"}))
         plots.layer_figure(m, plot, f"{bundle.name}: {codecs}, {m['model']['num_layers']} layers")
-    summary = {"container": container, "file_bytes": path_bytes(bundle), **bundle_summary(m)}
+    present = layers_present(m)
+    summary = {"container": container, "file_bytes": path_bytes(bundle), **bundle_summary(m), "layers_present": present}
     if json_out:
-        out.emit_json({"path": str(bundle), "summary": summary, "manifest": m})
+        out.emit_doc({"path": str(bundle), "layers_present": present, "summary": summary, "manifest": m})
         return
     head = Table(
         title=f"{bundle} ({container}, {m['format']} v{m['format_version']})", show_header=False, title_justify="left"
@@ -78,7 +80,7 @@ def inspect_cmd(
     )
     tok = f"embedded (sha256 {voc['tokenizer_sha256'][:12]}...)" if voc["embedded"] else "not embedded"
     head.add_row("vocabulary", f"{voc['size']:,} tokens, tokenizer {tok}")
-    head.add_row("layers", f"{summary['layers_present']} present, {summary['layers_dropped']} dropped")
+    head.add_row("layers", f"{len(present)} present, {summary['layers_dropped']} dropped")
     head.add_row(
         "stored",
         f"{fmt_bytes(summary['stored_bytes'])} = {100 * summary['fraction_of_dense_fp16']:.1f}% of dense fp16 "
@@ -117,23 +119,19 @@ def verify_cmd(bundle: BundleArg, json_out: JsonOpt = False, quiet: QuietOpt = F
 
         tolcli verify demo.safetensors && echo intact
     """
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(json=json_out, quiet=quiet, command="verify", inputs=[bundle])
     t0 = time.monotonic()
-    try:
-        with tolcli.open_bundle(bundle) as b:
-            prog = RichProgress(out)
-            prog.start("verify", sum(v["bytes"] for v in b.manifest["tensors"].values()))
-            try:
-                nbytes = b.verify(progress=prog.advance)
-            finally:
-                prog.finish()
-            n = len(b.tensor_names)
-    except VerifyError as e:
-        if json_out:
-            out.emit_json({"path": str(bundle), "ok": False, "error": e.one_line()})
-        raise
-    if json_out:
-        out.emit_json({"path": str(bundle), "ok": True, "tensors": n, "bytes": nbytes})
+    with tolcli.open_bundle(bundle) as b:
+        prog = RichProgress(out)
+        prog.start("verify", sum(v["bytes"] for v in b.manifest["tensors"].values()))
+        try:
+            nbytes = b.verify(progress=prog.advance)
+        finally:
+            prog.finish()
+        n = len(b.tensor_names)
+        present = layers_present(b.manifest)
+    if json_out:  # a failure is an error document (ok: false) from tolcli.cli.main
+        out.emit_doc({"path": str(bundle), "layers_present": present, "tensors": n, "bytes": nbytes})
         return
     out.print(f"OK: {bundle}: {n} tensors, {fmt_bytes(nbytes)} verified in {time.monotonic() - t0:.1f}s")
 
@@ -167,7 +165,7 @@ def convert_cmd(
     if (dst_arg is None) == (output is None):
         raise UsageError("give the output once: -o OUT (or the older positional OUT)")
     dst: Path = output if output is not None else dst_arg  # type: ignore[assignment]
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(json=json_out, quiet=quiet, command="convert", inputs=[src], output=dst)
     if sha256sums:
         check_sums_path(sha256sums, dst, src)
     t0 = time.monotonic()
@@ -184,7 +182,7 @@ def convert_cmd(
     if sha256sums:
         write_sha256sums(Path(sha256sums), [path])
     if json_out:
-        out.emit_json({"input": str(src), "output": str(path), "bytes": path_bytes(path)})
+        out.emit_doc({"bytes": path_bytes(path)}, output=path)
         return
     print_written(out, path, "converted", time.monotonic() - t0)
 
@@ -198,6 +196,7 @@ def drop_cmd(
     max_shard_size: MaxShardOpt = None,
     force: ForceOpt = False,
     verify: VerifyOpt = False,
+    sha256sums: Sha256sumsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -207,10 +206,12 @@ def drop_cmd(
 
         tolcli drop tol.safetensors -o tol-18.safetensors --drop-last 6
 
-        tolcli drop tol.h5 -o some.h5 --keep-layers 0-3,8
+        tolcli drop tol.h5 -o some.h5 --layers 0-3,8
     """
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(json=json_out, quiet=quiet, command="drop", inputs=[bundle], output=output)
     t0 = time.monotonic()
+    if sha256sums:
+        check_sums_path(sha256sums, output, bundle)
     path, manifest = tolcli.drop_layers(
         bundle,
         output,
@@ -221,9 +222,11 @@ def drop_cmd(
         max_shard_size=max_shard_size,
         verify_input=verify,
     )
-    kept = [e["index"] for e in manifest["layers"] if e["status"] == "present"]
+    kept = layers_present(manifest)
+    if sha256sums:
+        write_sha256sums(Path(sha256sums), [path])
     if json_out:
-        out.emit_json({"output": str(path), "bytes": path_bytes(path), "layers_present": kept})
+        out.emit_doc({"bytes": path_bytes(path), "layers_present": kept}, output=path)
         return
     out.print(
         f"wrote {path} ({fmt_bytes(path_bytes(path))}; {len(kept)} of {len(manifest['layers'])} layers) "
@@ -231,11 +234,36 @@ def drop_cmd(
     )
 
 
-def schema_cmd() -> None:
-    """Print the JSON Schema of the bundle manifest (format version 1).
+def schema_cmd(
+    name: Annotated[
+        str,
+        typer.Argument(
+            metavar="[NAME]",
+            help="manifest (the default), error, or a command whose --json document to describe (see --list).",
+            show_default=False,
+        ),
+    ] = "manifest",
+    list_names: Annotated[bool, typer.Option("--list", help="List the schemas NAME can be.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print a JSON Schema (draft 2020-12): a bundle's manifest (format version 1) by default, or the --json
+    document of a command or of an error (docs/json-output.md).
 
     Example:
 
         tolcli schema > manifest.schema.json
+
+        tolcli schema eval-ppl > eval-ppl.schema.json
+
+        tolcli schema --list
     """
-    Output(json=True).emit_json(MANIFEST_SCHEMA)
+    out = Output(json=json_out, command="schema")
+    if list_names:
+        if json_out:
+            out.emit_doc({"schemas": list(jsondoc.SCHEMA_NAMES)})
+        else:
+            typer.echo("\n".join(jsondoc.SCHEMA_NAMES))
+        return
+    if name not in jsondoc.SCHEMA_NAMES:
+        raise UsageError(f"no schema named {name!r}; one of: {', '.join(jsondoc.SCHEMA_NAMES)}")
+    out.emit_json(jsondoc.document_schema(name))

@@ -10,7 +10,7 @@ import typer
 
 import tolcli
 from tolcli.bundle.summary import bundle_summary
-from tolcli.choices import SCHEMES
+from tolcli.choices import FITS, SCHEMES
 from tolcli.cli._common import (
     AllowSourceMismatchOpt,
     BundleArg,
@@ -31,6 +31,7 @@ from tolcli.cli._common import (
     apply_threads,
     checkpoint_from_cli,
     fmt_bytes,
+    layers_present,
     note_to_stderr,
 )
 from tolcli.errors import UsageError
@@ -115,7 +116,7 @@ def compress_cmd(
         int | None,
         typer.Option(
             "--group-size",
-            help="Values per scale: int4/nf4 32, 64 (default) or 128; int8 default: a "
+            help="Values per scale: int4/nf4/int3/int2 32, 64 (default) or 128; int8 default: a "
             "whole row; the A factor of svd+int4/nf4: 32.",
             rich_help_panel=_Q,
         ),
@@ -123,6 +124,15 @@ def compress_cmd(
     symmetric: Annotated[
         bool, typer.Option("--symmetric", help="int4: symmetric codes, no offsets.", rich_help_panel=_Q)
     ] = False,
+    fit: Annotated[
+        str | None,
+        typer.Option(
+            "--fit",
+            help=f"How each group's scale is fitted: {' or '.join(FITS)} (default {FITS[0]}: a clipping search plus "
+            "least squares; minmax: the group's range, as before).",
+            rich_help_panel=_Q,
+        ),
+    ] = None,
     token_weights: Annotated[
         str | None,
         typer.Option(
@@ -170,6 +180,15 @@ def compress_cmd(
             "less memory.",
         ),
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device",
+            help="Where the --sensitivity passes run: cpu (the default: bytes independent of the "
+            "machine), auto, cuda or cuda:N.",
+            rich_help_panel=_W,
+        ),
+    ] = "cpu",
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -187,7 +206,13 @@ def compress_cmd(
         tolcli compress dense.safetensors -o ad.h5 --codec 'svd(budget=0.1,a=int4(group=32))'
     """
     apply_threads(threads)
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(
+        json=json_out,
+        quiet=quiet,
+        command="compress",
+        inputs=[bundle, sensitivity, token_weights, calibration],
+        output=output,
+    )
     if sha256sums:
         check_sums_path(sha256sums, output, bundle)
     with _open_sensitivity(sensitivity, tensor_map, revision) as sens:
@@ -207,6 +232,7 @@ def compress_cmd(
             seed=seed,
             group_size=group_size,
             symmetric=symmetric,
+            fit=fit,
             factor_dtype=factor_dtype,
             token_weights=token_weights,
             calibration=calibration,
@@ -226,6 +252,7 @@ def compress_cmd(
             max_shard_size=max_shard_size,
             verify_input=verify,
             batch_rows=batch_tokens,
+            device=device,
             progress=RichProgress(out),
             note=note_to_stderr(out),
         )
@@ -250,17 +277,17 @@ def _report(out: Output, res: CompressResult, what: str) -> None:
     present = [e for e in res.manifest["layers"] if e["status"] == "present"]
     summary = bundle_summary(res.manifest)
     if out.json:
-        out.emit_json(
+        out.emit_doc(
             {
-                "output": str(res.path),
                 "bytes": path_bytes(res.path),
-                "seconds": round(res.seconds, 3),
+                "layers_present": layers_present(res.manifest),
                 "stored_bytes": summary["stored_bytes"],
                 "fraction_of_dense_fp16": summary["fraction_of_dense_fp16"],
                 "ranks": {str(k): v for k, v in res.ranks.items()},
                 "rel_error": {str(e["index"]): e["rel_error"] for e in present},
                 "manifest": res.manifest,
-            }
+            },
+            output=res.path,
         )
         return
     if res.ranks:

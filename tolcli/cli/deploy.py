@@ -58,7 +58,7 @@ def strip_cmd(
 
         tolcli strip ./my-memoryllm -o ./active --tol tol-int4.safetensors   # refuses a bundle of another model
     """
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(json=json_out, quiet=quiet, command="strip", inputs=[checkpoint, *(tol or [])], output=output)
     t0 = time.monotonic()
     with checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision) as ckpt:
         res = tolcli.strip_checkpoint(
@@ -70,14 +70,14 @@ def strip_cmd(
             note=note_to_stderr(out),
         )
     if json_out:
-        out.emit_json(
+        out.emit_doc(
             {
-                "output": str(res.path),
                 "tensors_kept": res.kept,
                 "tensors_removed": res.removed,
                 "bytes_removed": res.bytes_removed,
                 "source_fingerprint": res.source_fingerprint,
-            }
+            },
+            output=res.path,
         )
         return
     out.print(
@@ -96,7 +96,9 @@ def bench_lookup_cmd(
     calibration: Annotated[
         Path | None, typer.Option("--calibration", metavar="TEXT", help="Pick hot tokens from this text's counts.")
     ] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Token ids per lookup call.")] = 4096,
+    batch: Annotated[
+        int, typer.Option("--batch-tokens", "--batch", metavar="N", help="Token ids per lookup call (also --batch).")
+    ] = 4096,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
@@ -110,7 +112,7 @@ def bench_lookup_cmd(
         tolcli bench-lookup int4.safetensors --data tolcli/demo/heldout.txt --cache-tokens 256
     """
     apply_threads(threads)
-    out = Output(json=json_out)
+    out = Output(json=json_out, command="bench-lookup", inputs=[bundle, data, token_weights, calibration])
     doc = runtime.bench_lookup(
         bundle,
         data,
@@ -121,7 +123,7 @@ def bench_lookup_cmd(
         device=device,
     )
     if json_out:
-        out.emit_json(doc)
+        out.emit_doc(doc)
         return
     t = Table(
         show_header=False, title=f"{bundle}: {doc['tokens']:,} tokens x {doc['layers']} layers", title_justify="left"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -35,6 +36,7 @@ from tolcli.errors import QualityGateError
 
 if TYPE_CHECKING:
     from tolcli.evaluation import EvalReport
+    from tolcli.sweep import SweepResult
 
 
 def _pm(value: float | None, err: float | None, fmt: str) -> str:
@@ -96,6 +98,20 @@ DocSepOpt = Annotated[
         "--doc-sep", help=f"Between two documents of a file: {', '.join(DOC_SEPARATORS)} (lm-eval-rolling: separate)."
     ),
 ]
+MaxIncreaseOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-increase",
+        metavar="PCT",
+        help="Quality gate: exit 3 if a variant's perplexity rises more (or is NaN).",
+    ),
+]
+GateSignificantOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gate-significant", help="Fail the gate only when the whole --confidence interval exceeds the limit."
+    ),
+]
 DATA_HELP = "Text (.txt .raw .md, .json/.jsonl records, .parquet, .gz/.zst of text) or token ids (.npy); repeatable."
 
 
@@ -104,7 +120,9 @@ def eval_ppl_cmd(
     data: Annotated[list[Path], typer.Option("--data", help=DATA_HELP)],
     tol: Annotated[list[Path] | None, typer.Option("--tol", help="A ToL bundle to evaluate; repeatable.")] = None,
     protocol: ProtocolOpt = "tolcli",
-    ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.")] = 512,
+    ctx: Annotated[
+        int | None, typer.Option("--ctx", help="Tokens per window [default: min(512, max_position_embeddings)].")
+    ] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Window step (default: --ctx).")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use the first N tokens of each file.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
@@ -121,20 +139,8 @@ def eval_ppl_cmd(
     ] = False,
     allow_source_mismatch: AllowSourceMismatchOpt = False,
     verify: VerifyOpt = False,
-    max_increase: Annotated[
-        float | None,
-        typer.Option(
-            "--max-increase",
-            metavar="PCT",
-            help="Quality gate: exit 3 if a variant's perplexity rises more (or is NaN).",
-        ),
-    ] = None,
-    gate_significant: Annotated[
-        bool,
-        typer.Option(
-            "--gate-significant", help="Fail the gate only when the whole --confidence interval exceeds the limit."
-        ),
-    ] = False,
+    max_increase: MaxIncreaseOpt = None,
+    gate_significant: GateSignificantOpt = False,
     confidence: Annotated[
         float, typer.Option("--confidence", metavar="C", help="Level of the reported intervals (two-sided).")
     ] = 0.95,
@@ -174,7 +180,9 @@ def eval_ppl_cmd(
         tolcli eval-ppl ./stripped --data wiki.txt --tol tol.safetensors --max-increase 1 --gate-significant --json
     """
     apply_threads(threads)
-    out = Output(json=json_out, quiet=quiet)
+    inputs = [checkpoint, *data, *(tol or []), reference, tokenizer]
+    out = Output(json=json_out, quiet=quiet, command="eval-ppl", inputs=inputs, output=save_reference)
+    gate = Gate(max_increase, gate_significant)
     try:
         report = tolcli.eval_ppl(
             checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision),
@@ -204,16 +212,55 @@ def eval_ppl_cmd(
             note=note_to_stderr(out),
         )
     except QualityGateError as e:
-        _emit(out, e.report, json_out)  # type: ignore[attr-defined]
+        _emit(out, e.report, gate, e)  # type: ignore[attr-defined]
         raise
-    _emit(out, report, json_out)
+    _emit(out, report, gate)
 
 
-def _emit(out: Output, report: EvalReport, json_out: bool) -> None:
-    if json_out:
-        out.emit_json(report.to_json())
+@dataclass(frozen=True)
+class Gate:
+    """The quality gate a command was given (``--max-increase``, ``--gate-significant``)."""
+
+    max_increase: float | None
+    significant: bool
+
+    def failed(self, report: EvalReport) -> list[str]:
+        """Names of the variants that fail it (none when no gate is set)."""
+        if self.max_increase is None:
+            return []
+        return [v["name"] for v in report.gate(self.max_increase, significant=self.significant)]
+
+    def verdict_line(self, report: EvalReport) -> str | None:
+        """``gate: pass (every variant within +1%)`` or ``gate: FAIL (...)``; None without a gate."""
+        if self.max_increase is None:
+            return None
+        how = "the whole interval above" if self.significant else "above"
+        failed = self.failed(report)
+        if not failed:
+            return f"gate: pass (no variant's perplexity change {how} +{self.max_increase:g}%)"
+        return f"gate: FAIL ({len(failed)} variant(s) {how} +{self.max_increase:g}% or not finite: {', '.join(failed)})"
+
+    def to_json(self, report: EvalReport) -> dict[str, Any]:
+        """The ``gate`` member of eval-ppl's and sweep's documents: threshold, verdict and failing variants."""
+        failed = self.failed(report)
+        verdict = None if self.max_increase is None else ("fail" if failed else "pass")
+        return {
+            "max_increase_pct": self.max_increase,
+            "significant": self.significant,
+            "verdict": verdict,
+            "failed": failed,
+        }
+
+
+def _emit(out: Output, report: EvalReport, gate: Gate, error: QualityGateError | None = None) -> None:
+    if out.json:
+        doc = report.to_json()
+        del doc["seconds"]  # the envelope's
+        out.emit_doc({**doc, "gate": gate.to_json(report)}, error=error)
     else:
         _print_report(out, report)
+        if (line := gate.verdict_line(report)) is not None:
+            out.print(line)
 
 
 def sweep_cmd(
@@ -230,7 +277,9 @@ def sweep_cmd(
         str | None, typer.Option("--calibration", metavar="TEXT", help="Add loss-weighted SVD variants.")
     ] = None,
     protocol: ProtocolOpt = "tolcli",
-    ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.")] = 512,
+    ctx: Annotated[
+        int | None, typer.Option("--ctx", help="Tokens per window [default: min(512, max_position_embeddings)].")
+    ] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Window step (default: --ctx).")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use the first N tokens of each file.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
@@ -240,11 +289,15 @@ def sweep_cmd(
     tensor_map: TensorMapOpt = None,
     revision: RevisionOpt = None,
     force: ForceOpt = False,
+    max_increase: MaxIncreaseOpt = None,
+    gate_significant: GateSignificantOpt = False,
     threads: ThreadsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Build and evaluate a grid of compressions and layer drops; write results.json/.csv and plots.
+
+    With --max-increase, exit 3 (after writing everything) when a variant fails the quality gate, as eval-ppl does.
 
     Example:
 
@@ -253,7 +306,11 @@ def sweep_cmd(
         tolcli sweep ./my-memoryllm --data wiki.txt -o sweep/ --schemes svd,adaptive-svd --ranks 256,512
     """
     apply_threads(threads)
-    out = Output(json=json_out, quiet=quiet)
+    inputs = [checkpoint, *data, calibration]
+    out = Output(json=json_out, quiet=quiet, command="sweep", inputs=inputs, output=output)
+    gate = Gate(max_increase, gate_significant)
+    if max_increase is not None:  # a bad limit is refused before the sweep runs, not after
+        tolcli.EvalReport({}, [], 0.0).gate(max_increase)
     opts = tolcli.SweepOptions(
         families=[f.strip() for f in schemes.split(",") if f.strip()],
         ranks=parse_ints(ranks, "--ranks") if ranks else None,
@@ -276,15 +333,31 @@ def sweep_cmd(
         progress=RichProgress(out),
         note=note_to_stderr(out),
     )
-    if json_out:
-        out.emit_json(
-            {
-                "directory": str(res.directory),
-                "rows": res.rows,
-                "protocol": res.protocol,
-                "plots": [str(p) for p in res.plots],
-            }
-        )
+    as_report = tolcli.EvalReport(res.protocol, res.rows, res.seconds)  # rows carry what the gate reads
+    failure = None
+    if max_increase is not None:
+        try:
+            as_report.enforce(max_increase, significant=gate_significant)
+        except QualityGateError as e:
+            failure = e
+    _sweep_result(out, res, gate.to_json(as_report), failure)
+    if not out.json and (line := gate.verdict_line(as_report)) is not None:
+        out.print(line)
+    if failure is not None:
+        raise failure
+
+
+def _sweep_result(out: Output, res: SweepResult, gate: dict[str, Any], error: QualityGateError | None = None) -> None:
+    """Print what sweep measured: one JSON document, or the table and the files written."""
+    if out.json:
+        body = {
+            "directory": str(res.directory),
+            "rows": res.rows,
+            "protocol": res.protocol,
+            "plots": [str(p) for p in res.plots],
+            "gate": gate,
+        }
+        out.emit_doc(body, output=res.directory, error=error)
         return
     t = Table(
         "variant",

@@ -62,7 +62,7 @@ def generate_cmd(
         tolcli generate ./stripped --tol int4.safetensors --prompt "The " --temperature 0.8 --top-p 0.9 --seed 1
     """
     apply_threads(threads)
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(json=json_out, quiet=quiet, command="generate", inputs=[checkpoint, tol])
     options = gen.SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed)
     shown = [0]
     if not (out.json or out.quiet):
@@ -87,7 +87,7 @@ def generate_cmd(
         note=note_to_stderr(out),
     )
     if json_out:
-        out.emit_json({"prompt": prompt, **res.to_json()})
+        out.emit_doc({"prompt": prompt, **res.to_json()})
         return
     if not quiet:
         sys.stdout.write(res.text[shown[0] :] + "\n")
@@ -108,6 +108,7 @@ def export_hf_cmd(
     revision: RevisionOpt = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Write a checkpoint directory that transformers loads: AutoModelForCausalLM.from_pretrained(DIR,
     trust_remote_code=True) (needs tolcli and transformers installed where it runs).
@@ -118,11 +119,11 @@ def export_hf_cmd(
 
         tolcli export-hf ./stripped --tol int4.safetensors -o deploy-hf
     """
-    out = Output(json=json_out)
+    out = Output(json=json_out, quiet=quiet, command="export-hf", inputs=[checkpoint, tol], output=output)
     path = hf.export_hf(
         checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision), output, tol=tol, force=force
     )
     if json_out:
-        out.emit_json({"output": str(path), "tol": None if tol is None else str(tol)})
+        out.emit_doc({"tol": None if tol is None else str(tol)}, output=path)
     else:
         out.print(f"wrote {path} (load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))")

@@ -33,11 +33,11 @@ def info(
 
         tolcli info org/my-memoryllm --revision v2   # from the local Hugging Face cache
     """
-    out = Output(json=json_out)
+    out = Output(json=json_out, command="info", inputs=[checkpoint])
     with checkpoint_from_cli(checkpoint, tensor_map=tensor_map, revision=revision) as ckpt:
         doc = tolcli.describe_checkpoint(ckpt)
     if json_out:
-        out.emit_json(doc)
+        out.emit_doc(doc)
         return
     cfg, params, tol = doc["config"], doc["parameters"], doc["tol"]
     arch = Table(title=f"{doc['checkpoint']} ({doc['model_type']})", show_header=False, title_justify="left")

@@ -26,6 +26,7 @@ from tolcli.cli._common import (
     TensorMapOpt,
     ThreadsOpt,
     apply_threads,
+    layers_present,
     note_to_stderr,
     print_written,
 )
@@ -37,7 +38,14 @@ def precompute_cmd(
     checkpoint: CheckpointArg,
     output: OutputOpt,
     fmt: FormatOpt = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Stored element type: fp32, fp16 or bf16.")] = "fp32",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            "--dtype",
+            help="Stored element type: fp32 (the default: the exact master copy that compress reads, so its errors "
+            "do not compound), fp16 or bf16 (half the bytes, to serve as is).",
+        ),
+    ] = "fp32",
     device: DeviceOpt = "auto",
     layers: Annotated[
         str | None, typer.Option("--layers", metavar="SPEC", help="Only these layers, e.g. '0-3,7' (others: dropped).")
@@ -72,7 +80,7 @@ def precompute_cmd(
         tolcli precompute org/my-memoryllm -o tol.safetensors   # from the local Hugging Face cache
     """
     apply_threads(threads)
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(json=json_out, quiet=quiet, command="precompute", inputs=[checkpoint], output=output)
     source = resolve_checkpoint_arg(checkpoint, revision=revision)
     if sha256sums:
         check_sums_path(sha256sums, output, source)
@@ -97,14 +105,14 @@ def precompute_cmd(
         write_sha256sums(Path(sha256sums), [res.path])
     present = [e for e in res.manifest["layers"] if e["status"] == "present"]
     if json_out:
-        out.emit_json(
+        out.emit_doc(
             {
-                "output": str(res.path),
                 "bytes": path_bytes(res.path),
-                "seconds": round(res.seconds, 3),
+                "layers_present": layers_present(res.manifest),
                 "layers_computed": res.layers_computed,
                 "manifest": res.manifest,
-            }
+            },
+            output=res.path,
         )
         return
     dtype_name = present[0]["params"]["dtype"] if present else "-"

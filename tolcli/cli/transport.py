@@ -40,7 +40,7 @@ def pack_cmd(
 
         tolcli pack tol.safetensors -o tol.safetensors.zst --level 19
     """
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(json=json_out, quiet=quiet, command="pack", inputs=[bundle], output=output)
     if sha256sums:
         check_sums_path(sha256sums, output, bundle)
     t0 = time.monotonic()
@@ -48,15 +48,7 @@ def pack_cmd(
     if sha256sums:
         write_sha256sums(Path(sha256sums), [res.path])
     if json_out:
-        out.emit_json(
-            {
-                "input": str(bundle),
-                "output": str(res.path),
-                "bytes_in": res.bytes_in,
-                "bytes_out": res.bytes_out,
-                "ratio": res.ratio,
-            }
-        )
+        out.emit_doc({"bytes_in": res.bytes_in, "bytes_out": res.bytes_out, "ratio": res.ratio}, output=res.path)
         return
     out.print(
         f"wrote {res.path} ({fmt_bytes(res.bytes_out)}, x{res.ratio:.3f} smaller) in {time.monotonic() - t0:.1f}s"
@@ -67,6 +59,7 @@ def unpack_cmd(
     archive: Annotated[Path, typer.Argument(help="A .zst written by tolcli pack.")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT", help="The bundle to write.")],
     force: ForceOpt = False,
+    sha256sums: Sha256sumsOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -76,10 +69,14 @@ def unpack_cmd(
 
         tolcli unpack tol.safetensors.zst -o tol.safetensors && tolcli verify tol.safetensors
     """
-    out = Output(json=json_out, quiet=quiet)
+    out = Output(json=json_out, quiet=quiet, command="unpack", inputs=[archive], output=output)
     t0 = time.monotonic()
+    if sha256sums:
+        check_sums_path(sha256sums, output, archive)
     res = transport.unpack(archive, output, force=force, progress=RichProgress(out))
+    if sha256sums:
+        write_sha256sums(Path(sha256sums), [res.path])
     if json_out:
-        out.emit_json({"input": str(archive), "output": str(res.path), "bytes": res.bytes_out})
+        out.emit_doc({"bytes": res.bytes_out}, output=res.path)
         return
     out.print(f"wrote {res.path} ({fmt_bytes(res.bytes_out)}) in {time.monotonic() - t0:.1f}s")
