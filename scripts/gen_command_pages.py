@@ -83,15 +83,22 @@ PAGES: list[tuple[str, str, list[str]]] = [
 ]
 
 
-def run(args: str, cwd: Path) -> str:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "110", "PYTHONPATH": str(ROOT)}
+# Pages whose examples write what the others read: run first, whatever the pages' order.
+PRODUCERS = ("precompute", "compress")
+
+
+def run(args: str, cwd: Path, *, limit: int | None = 40) -> str:
+    """What ``tolcli ARGS`` prints (stdout, then stderr); examples' output cut after ``limit`` lines (help never)."""
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "110", "PYTHONPATH": str(ROOT), "TOLCLI_HEARTBEAT_SECONDS": "1e9"}
     r = subprocess.run(
         [sys.executable, "-m", "tolcli", *shlex.split(args)], cwd=cwd, env=env, capture_output=True, text=True
     )
     text = (r.stdout + r.stderr).rstrip()
     lines = text.splitlines()
-    if len(lines) > 40:
-        text = "\n".join([*lines[:36], f"... ({len(lines) - 36} more lines)"])
+    if limit is not None and len(lines) > limit:
+        text = "\n".join([*lines[: limit - 4], f"... ({len(lines) - limit + 4} more lines)"])
+    if r.returncode != 0 and "--help" not in args:
+        raise SystemExit(f"gen_command_pages: `tolcli {args}` failed ({r.returncode}):\n{text}")
     return text
 
 
@@ -101,9 +108,10 @@ def main() -> None:
         work = Path(d)
         (work / "tolcli").symlink_to(ROOT / "tolcli")  # so that tolcli/demo/heldout.txt resolves
         outputs = {}
-        for name, _, examples in PAGES:  # in order: later examples use earlier outputs
+        order = sorted(PAGES, key=lambda page: page[0] not in PRODUCERS)  # stable: producers first, then page order
+        for name, _, examples in order:  # later examples use earlier outputs
             outputs[name] = [(ex, run(ex, work)) for ex in examples]
-            outputs[name].insert(0, (f"{name} --help", run(f"{name} --help", work)))
+            outputs[name].insert(0, (f"{name} --help", run(f"{name} --help", work, limit=None)))
     for name, intro, _ in PAGES:
         parts = [f"# `tolcli {name}`\n", intro, "", "Reference: [cli.md](../cli.md#tolcli-" + name + ").", ""]
         for cmd, text in outputs[name]:

@@ -150,14 +150,33 @@ def test_resume_after_interruption_gives_identical_bytes(tmp_path: Path, make_ck
     assert not partial.exists()
 
 
-def test_stale_partial_is_cleaned_without_resume(tmp_path: Path, make_ckpt) -> None:
+def test_rerun_without_resume_never_deletes_staged_layers_silently(tmp_path: Path, make_ckpt) -> None:
+    """Issue 18: an interrupted job rerun as it was continues (the same job fingerprint); rerun with other options
+    it is refused (exit 2, the staged layer kept); --force discards it and starts over, to the same bytes."""
     d = make_ckpt()
-    out = tmp_path / "t.safetensors"
-    with pytest.raises(Boom):
-        precompute(d, out, progress=FailAfter(150))
+    out, ref = tmp_path / "t.safetensors", tmp_path / "ref.safetensors"
+    precompute(d, ref)
+    partial = tmp_path / ".t.safetensors.partial"
+
+    def interrupted() -> None:
+        with pytest.raises(Boom):  # dies in layer 1 (101 rows per layer): layer 0 is staged
+            precompute(d, out, batch_rows=40, progress=FailAfter(150))
+        assert json.loads((partial / "state.json").read_text())["layers"].keys() == {"0"}
+
+    interrupted()
     notes: list[str] = []
-    assert precompute(d, out, note=notes.append).layers_computed == 3
-    assert any("removing the partial output" in n for n in notes)
+    assert precompute(d, out, batch_rows=40, note=notes.append).layers_computed == 2
+    assert any(n.startswith("resuming: 1 layer(s)") for n in notes), notes
+    assert out.read_bytes() == ref.read_bytes() and not partial.exists()
+    out.unlink()
+    interrupted()
+    with pytest.raises(UsageError, match=r"1 layer\(s\) done, with different inputs or options"):
+        precompute(d, out, batch_rows=40, dtype="fp16")
+    assert json.loads((partial / "state.json").read_text())["layers"].keys() == {"0"}
+    notes = []
+    assert precompute(d, out, batch_rows=40, force=True, note=notes.append).layers_computed == 3
+    assert any("removing the partial output" in n for n in notes), notes
+    assert out.read_bytes() == ref.read_bytes()
 
 
 def test_existing_output_needs_force(tmp_path: Path, make_ckpt) -> None:

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Publish ToL bundles from CI: precompute, compress two ways, gate on perplexity, checksum, collect artifacts.
+# Copy it into your repository (docs/ci.md uses ci/tol-bundles.sh) and run it from the repository's root:
 #
-#   CHECKPOINT=./my-memoryllm DATA=held-out.txt MAX_INCREASE=1 OUT=artifacts bash docs/examples/ci.sh
+#   CHECKPOINT=./my-memoryllm DATA=held-out.txt MAX_INCREASE=1 OUT=artifacts bash ci/tol-bundles.sh
 #
 # Defaults run on the demo model shipped with tolcli. Exit codes are tolcli's: 3 when the quality gate
 # fails (the JSON report is still written), 4 for bad input, 5 for a failed verification.
 set -euo pipefail
-TOLCLI=${TOLCLI:-tolcli}
+# The Python environment tolcli is installed in: ./.venv when there is one, else python3 on PATH. tolcli runs
+# as `$PYTHON -m tolcli`, so the commands and the demo text below always come from the same installation.
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+TOLCLI=${TOLCLI:-"$PYTHON -m tolcli"}
 CHECKPOINT=${CHECKPOINT:-demo}
-DATA=${DATA:-$(python -c 'import tolcli; print(tolcli.demo_heldout_path())')}
+DATA=${DATA:-$("$PYTHON" -c 'import tolcli; print(tolcli.demo_heldout_path())')}
 CTX=${CTX:-128}
 MAX_INCREASE=${MAX_INCREASE:-2}
 OUT=${OUT:-artifacts}

@@ -288,21 +288,7 @@ class Staging:
             st = lstat_or_none(self.dir)
             if st is not None:
                 _private_dir(self.dir, st)
-            old = self._load_state() if st is not None and resume else None
-            if st is not None:
-                if resume and old is not None and old.get("job") == self.job:
-                    self.state = old
-                    note(f"resuming: {len(old['layers'])} layer(s) already done in {self.dir}")
-                elif resume and old is not None:
-                    raise UsageError(
-                        f"{self.dir} holds an interrupted run with different inputs or options",
-                        hint="rerun with the same options, or drop --resume to start over",
-                    )
-                else:
-                    note(f"removing the partial output of an earlier run ({self.dir}); --resume would continue it")
-                    self._stale = True
-            elif resume:
-                note("nothing to resume; starting from the first layer")
+            self._stale = self._adopt(st, resume=resume, force=options.force, note=note)
         except BaseException:
             lock.release()
             raise
@@ -315,6 +301,40 @@ class Staging:
             except BaseException:
                 self._finalizer()
                 raise
+
+    def _adopt(self, st: os.stat_result | None, *, resume: bool, force: bool, note) -> bool:
+        """Decide what to do with an earlier run's staging directory; True when it is to be replaced.
+
+        The same job (inputs and options) is continued, with or without ``resume`` (unless ``force`` without
+        ``resume`` asks to start over); staged layers of a *different* job are never deleted silently: without
+        ``resume`` and ``force`` that is refused. Staging that cannot be reused (unreadable or changed state,
+        a staged file altered) holds nothing to lose and is replaced."""
+        if st is None:
+            if resume:
+                note("nothing to resume; starting from the first layer")
+            return False
+        old = self._load_state()
+        done = len(old["layers"]) if old is not None else 0
+        if old is None:
+            note(f"removing the partial output of an earlier run ({self.dir}): changed or unreadable, not reusable")
+            return True
+        if old.get("job") == self.job and (resume or not force):
+            self.state = old
+            how = "" if resume else " (the same inputs and options; --force without --resume starts over)"
+            note(f"resuming: {done} layer(s) already done in {self.dir}{how}")
+            return False
+        if resume:
+            raise UsageError(
+                f"{self.dir} holds an interrupted run with different inputs or options",
+                hint="rerun with the same options, or add --force without --resume to discard it and start over",
+            )
+        if force or done == 0:
+            note(f"removing the partial output of an earlier run ({self.dir}, {done} layer(s) done)")
+            return True
+        raise UsageError(
+            f"{self.dir} holds an interrupted run with {done} layer(s) done, with different inputs or options",
+            hint="rerun that job with --resume to finish it, or add --force to discard its layers and start over",
+        )
 
     def __enter__(self) -> Staging:
         return self
