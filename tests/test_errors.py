@@ -181,4 +181,4 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(make_ckpt, tmp_p
     error = json.loads(r.out)["error"]
     assert r.code == 2 and error["message"] == "--batch-tokens must be >= 1, got 0" and error["code"] == "usage"
     r = cli("eval-ppl", ckpt, "--data", tmp_path / "x.txt", "--drop-last", "1", "--keep-layers", "0")
-    assert r.err == "tolcli: error: give --drop-last or --keep-layers, not both\n"
+    assert r.err == "tolcli: error: give --drop-last or --layers, not both\n"
