@@ -125,10 +125,15 @@ def _tokenizer_for(ckpt: Checkpoint, bundles: Sequence[Bundle], tokenizer: str |
     return None, None, None
 
 
+def _check_window(ctx: int, stride: int) -> None:
+    if ctx < 1 or not 1 <= stride <= ctx:
+        raise UsageError(f"need `ctx` >= 1 and 1 <= `stride` <= `ctx`, got ctx={ctx} stride={stride}")
+
+
 def _check_options(
     protocol: str,
-    ctx: int,
-    stride: int,
+    ctx: int | None,
+    stride: int | None,
     batch_size: int,
     drop_last: int | None,
     keep_layers: str | None,
@@ -138,8 +143,8 @@ def _check_options(
 ) -> None:
     if protocol not in PROTOCOLS:
         raise UsageError(f"unknown `protocol` {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    if ctx < 1 or not 1 <= stride <= ctx:
-        raise UsageError(f"need `ctx` >= 1 and 1 <= `stride` <= `ctx`, got ctx={ctx} stride={stride}")
+    if ctx is not None:  # else checked once the model's positions give the default
+        _check_window(ctx, ctx if stride is None else stride)
     if batch_size < 1:
         raise UsageError(f"`batch_size` must be >= 1, got {batch_size}")
     if drop_last is not None and keep_layers is not None:
@@ -382,6 +387,7 @@ def eval_ppl(
     progress = progress or NullProgress()
     if max_tokens is not None and max_tokens < 2:
         raise UsageError(f"`max_tokens` must be >= 2 (one token of context and one to score), got {max_tokens}")
+    _check_options(protocol, ctx, stride, batch_size, drop_last, keep_layers, data, max_increase, confidence)
     if save_reference is not None:
         refs.check_top_k(reference_top_k)
     if save_reference is not None and reference is not None:
@@ -389,7 +395,7 @@ def eval_ppl(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     ctx = default_ctx(ckpt) if ctx is None else ctx
     step = ctx if stride is None else stride
-    _check_options(protocol, ctx, step, batch_size, drop_last, keep_layers, data, max_increase, confidence)
+    _check_window(ctx, step)
     _check_ctx_fits(ckpt, ctx, protocol)
     bundles = open_bundles(tols, verify=verify_input)
     try:
