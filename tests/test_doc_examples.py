@@ -324,8 +324,9 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def example_env(home: Path) -> dict[str, str]:
     """The environment of a user's shell: the venv on PATH, ``$HOME`` the page's directory, no Hugging Face or
     tolcli settings of the machine running the tests, one torch thread (docs/ci.md: faster on a shared machine),
-    no progress heartbeat (its lines depend on the machine's speed), tolcli's default width for logs."""
-    drop = ("HF_", "XDG_", "TOLCLI_", "COLUMNS", "LINES", "SOURCE_DATE_EPOCH", "OMP_NUM_THREADS")
+    no progress heartbeat (its lines depend on the machine's speed), tolcli's default width for logs, and no
+    settings of a ``make`` the tests run under (``make test``: a page's ``make demo`` would print "make[1]: ...")."""
+    drop = ("HF_", "XDG_", "TOLCLI_", "COLUMNS", "LINES", "SOURCE_DATE_EPOCH", "OMP_NUM_THREADS", "MAKE", "MFLAGS")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
