@@ -184,6 +184,36 @@ def test_mse_fit_beats_the_best_fixed_uniform_quantiser_on_gaussians(name: str, 
         assert mse["minmax"] > MAX_UNIFORM_MSE[levels]
 
 
+def _clipping_search_only(x: torch.Tensor, codec: Codec) -> float:
+    """The squared error of the clipping search alone (docs/compression.md, "Fitting scales"): the min-max grid
+    shrunk about its centre by 1.0, 0.95, ..., 0.3, scale and offset rounded to fp16, each value at its nearest
+    level, the best ratio per group. Written here from the description, not from the codec."""
+    g, lv = codec.group_size, _levels(codec)
+    xg = x.reshape(x.shape[0], -1, g)
+    lo, hi = xg.min(-1, keepdim=True).values, xg.max(-1, keepdim=True).values
+    n = len(lv) - 1
+    s0, o0 = ((hi - lo) / n).half().float(), lo.half().float()
+    best = None
+    for i in range(15):
+        s = s0 * (1 - 0.05 * i)
+        o = o0 + (s0 - s) * n / 2  # the same centre
+        s, o = s.half().float(), o.half().float()
+        err = (lv * s.unsqueeze(-1) + o.unsqueeze(-1) - xg.unsqueeze(-1)).abs().min(-1).values.pow(2).sum(-1)
+        best = err if best is None else torch.minimum(best, err)
+    assert best is not None
+    return float(best.sum())
+
+
+@pytest.mark.parametrize("name", ["int4", "int3", "int2"])
+def test_the_least_squares_refit_pays_beyond_the_clipping_search(name: str) -> None:
+    # Least squares moves each group's scale and offset off the clipping grid: on Gaussians it cuts the squared
+    # error of the best clipping ratio by 5-8% (measured 0.937 / 0.946 / 0.922 of it), on heavy tails by 30%+.
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    codec = FIT_CODECS[name]("mse")
+    fitted = float((_decode(codec, codec.encode(x), 256) - x).pow(2).sum())
+    assert fitted < 0.97 * _clipping_search_only(x, codec)
+
+
 def test_fit_is_recorded_only_when_not_min_max() -> None:
     # min-max bundles keep the params every earlier tolcli wrote; readers default a missing `fit` to min-max
     assert Int4Codec(64).params() == {"bits": 4, "group_size": 64, "symmetric": False}

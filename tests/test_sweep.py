@@ -95,3 +95,53 @@ def test_sweep_grid_has_the_sub_4_bit_families() -> None:
         ("int3-g64", "int3", "int3", 64),
         ("int2-g64", "int2", "int2", 64),
     ]
+
+
+def test_one_grammar_for_sweep_items(tmp_path: Path) -> None:
+    from tolcli.sweep import SweepItems, parse_sweep_items, split_items
+
+    assert split_items("a, svd(rank=8,a=int4(group=32)) ,,b") == ["a", "svd(rank=8,a=int4(group=32))", "b"]
+    (tmp_path / "mine.h5").write_bytes(b"")
+    items = parse_sweep_items(f"fp16,svd+nf4,int4(group=32),{tmp_path / 'mine.h5'},drop")
+    assert items == SweepItems(("fp16", "svd+nf4", "drop"), ("int4(group=32)",), (tmp_path / "mine.h5",))
+    with pytest.raises(UsageError, match="sweep item 'int5' is not a family or scheme"):
+        parse_sweep_items("int4,int5")
+
+
+def test_sweep_grid_takes_every_compress_scheme() -> None:
+    from tolcli.choices import SCHEMES
+    from tolcli.sweep import SweepOptions, _grid
+
+    opts = SweepOptions(families=("fp32", "fp16", "svd+nf4", "adaptive-svd+int8"), ranks=(8, 16), int4_budgets=(0.2,))
+    grid = [(name, fam, o.scheme, o.rank, o.budget) for name, fam, o in _grid(opts, 64)]
+    assert grid == [
+        ("fp16", "fp16", "fp16", None, None),
+        ("svd+nf4-r8", "svd+nf4", "svd+nf4", 8, None),
+        ("svd+nf4-r16", "svd+nf4", "svd+nf4", 16, None),
+        ("adaptive-svd+int8-0.2", "adaptive-svd+int8", "adaptive-svd+int8", None, "0.2"),
+    ]
+    for scheme in SCHEMES:  # none is refused
+        _grid(SweepOptions(families=(scheme,), ranks=(8,)), 64)
+
+
+def test_sweep_evaluates_an_existing_bundle_as_it_is(make_ckpt, tmp_path: Path, cli) -> None:
+    from tolcli import CompressOptions, compress, precompute
+
+    d = make_ckpt("memoryllm", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+    ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1)).numpy()
+    np.save(tmp_path / "ids.npy", ids)
+    dense = precompute(d, tmp_path / "dense.safetensors").path
+    mine = compress(dense, tmp_path / "mine.h5", CompressOptions("int3", group_size=32)).path
+    r = cli(
+        "sweep", d, "--data", tmp_path / "ids.npy", "-o", tmp_path / "sw", "--ctx", "64", "--json",
+        "--schemes", f"fp16,{mine}",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    rows = {x["name"]: x for x in json.loads(r.out)["rows"]}
+    assert list(rows) == ["baseline", "dense-fp32", "fp16", "mine.h5"] and rows["mine.h5"]["family"] == "bundle"
+    alone = eval_ppl(d, [tmp_path / "ids.npy"], tols=[mine], ctx=64)
+    assert rows["mine.h5"]["ppl"] == pytest.approx(alone.variants[1]["ppl"], rel=1e-9)
+    assert rows["mine.h5"]["fraction_of_dense_fp16"] == pytest.approx((3 + 32 / 32) / 16)  # + fp16 scale, min
+    assert not (tmp_path / "sw" / "bundles" / "mine.h5.safetensors").exists()  # evaluated in place, not copied
+    r = cli("sweep", d, "--data", tmp_path / "ids.npy", "-o", tmp_path / "sw2", "--schemes", "int4,nosuch.h5")
+    assert r.code == 2 and "sweep item 'nosuch.h5'" in r.err and not (tmp_path / "sw2").exists()

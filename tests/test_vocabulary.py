@@ -63,3 +63,46 @@ def demo_bundle(tmp_path_factory) -> Path:
     from tolcli import demo_checkpoint_path, precompute
 
     return precompute(demo_checkpoint_path(), tmp_path_factory.mktemp("voc") / "d.safetensors", dtype="fp16").path
+
+
+@pytest.mark.parametrize(
+    ("typer_label", "expected"),
+    [
+        ("<int>", "INTEGER"),
+        ("<int range>", "INTEGER"),
+        ("<str>", "TEXT"),
+        ("<float>", "FLOAT"),
+        ("<path>", "PATH"),
+        ("<a|b>", "[a|b]"),
+        ("<list[str]>", "TEXT..."),
+        ("<str>...", "TEXT..."),
+        ("N", "N"),
+        (None, None),
+    ],
+)
+def test_conventional_labels(typer_label: str | None, expected: str | None) -> None:
+    from tolcli.cli._help import conventional
+
+    assert conventional(typer_label) == expected
+
+
+def test_help_uses_conventional_metavars(cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flags carry no value label, values are INTEGER/TEXT/..., arguments BUNDLE and [OUT] (click's, GNU's form)."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in COMMANDS:
+        r = cli(command, "--help")
+        assert r.code == 0, (command, r.err)
+        usage = next(line for line in r.out.splitlines() if "Usage:" in line)
+        assert "{" not in usage and re.search(r"\[OPTIONS\]", usage), (command, usage)
+        assert not re.search(r"<(bool|int|str|float|path|file|directory)[^>]*>", r.out), (command, r.out)
+        quiet = [line for line in r.out.splitlines() if re.search(r"--quiet\b", line)]
+        for line in quiet:  # a flag: the help text follows the option names directly
+            assert re.search(r"-q\s+No progress", line), (command, line)
+    r = cli("compress", "--help")
+    assert re.search(r"--rank\s+INTEGER\s", r.out) and re.search(r"Usage: tolcli compress \[OPTIONS\] BUNDLE\b", r.out)
+    r = cli("convert", "--help")
+    assert "Usage: tolcli convert [OPTIONS] SRC [OUT]" in r.out
+    r = cli("compress")
+    assert "Missing argument 'BUNDLE'" in r.err

@@ -44,6 +44,19 @@ DTYPES: dict[str, DType] = {
 }
 # User-facing spellings of float storage types.
 FLOAT_ALIASES: dict[str, str] = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+# torch's names -> the spelling every command prints and takes (fp32, fp16, bf16): one vocabulary in output.
+_USER_NAMES = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def user_dtype_name(dtype: object) -> str:
+    """How output spells a dtype: ``torch.float16`` or ``"float16"`` -> ``"fp16"``; ``int64`` stays ``int64``.
+
+    Example:
+        >>> user_dtype_name("torch.bfloat16"), user_dtype_name("float32"), user_dtype_name("int64")
+        ('bf16', 'fp32', 'int64')
+    """
+    name = str(dtype).removeprefix("torch.")
+    return _USER_NAMES.get(name, name)
 
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian

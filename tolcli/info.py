@@ -12,6 +12,7 @@ from typing import Any
 from tolcli.checkpoint import Checkpoint
 from tolcli.codecs import CodecSpec, Dense, Int4
 from tolcli.config import ModelConfig
+from tolcli.dtypes import user_dtype_name
 from tolcli.layout import ATTENTION, CONTEXT_FFN, EMBEDDING, GROUPS, HEAD, MEMORY_FFN, TensorSpec, expected_tensors
 
 # The storages ``info`` sizes ToL tables in; each codec says what one value costs (codes + per-group metadata).
@@ -84,7 +85,7 @@ def describe_checkpoint(ckpt: Checkpoint) -> dict[str, Any]:
     """
     out = {"checkpoint": str(ckpt.path)}
     out.update(describe_config(ckpt.config, set(ckpt.tensors)))
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values()})
+    dtypes = sorted({user_dtype_name(t.dtype) for t in ckpt.tensors.values()})
     out["storage"] = {
         "files": [f.name for f in ckpt.files],
         "dtypes": dtypes,

@@ -20,7 +20,7 @@ from typing import Any
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.summary import bundle_summary
 from tolcli.checkpoint import Checkpoint, open_checkpoint
-from tolcli.choices import SWEEP_FAMILIES
+from tolcli.choices import DENSE_SCHEMES, SCHEMES, SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
 from tolcli.compress import CompressOptions, compress
 from tolcli.errors import OutputError, UsageError
@@ -31,13 +31,72 @@ from tolcli.precompute import precompute
 from tolcli.progress import NullProgress, Progress
 
 FAMILIES = SWEEP_FAMILIES
+# Every compress scheme is a sweep item too: the families above (their own grids), casts (one bundle each),
+# svd+Q (one bundle per rank) and adaptive-svd+Q (one per budget). fp32 is the dense reference every sweep has.
+ACCEPTED = (*FAMILIES, *(s for s in SCHEMES if s not in FAMILIES))
+
+
+@dataclass(frozen=True)
+class SweepItems:
+    """What one ``--schemes`` list asks for: families/schemes, codec spec strings and existing bundles."""
+
+    families: tuple[str, ...] = ()
+    codecs: tuple[str, ...] = ()
+    bundles: tuple[Path, ...] = ()
+
+
+def split_items(text: str) -> list[str]:
+    """Split on the commas outside parentheses: ``"int4,svd(rank=8,a=int4)"`` -> ``["int4", "svd(rank=8,a=int4)"]``."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth <= 0:
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur).strip())
+    return [i for i in items if i]
+
+
+def parse_sweep_items(text: str) -> SweepItems:
+    """One grammar for everything a sweep evaluates (``sweep --schemes``), comma-separated:
+
+    - a family or any compress scheme (``int4``, ``svd``, ``drop``, ``fp16``, ``svd+nf4``, ``adaptive-svd+int8``...);
+    - a codec spec string (``int4(group=32)``, ``svd(budget=0.1,a=nf4(group=32))``): one bundle each;
+    - the path of an existing bundle (a ``.safetensors``/``.h5`` file or a sharded directory), evaluated as it is.
+
+    A name is read as a family or scheme first; write ``./int4`` for a bundle file of that name.
+
+    Example:
+        >>> parse_sweep_items("int4, svd+nf4, int4(group=32), drop")
+        SweepItems(families=('int4', 'svd+nf4', 'drop'), codecs=('int4(group=32)',), bundles=())
+    """
+    families: list[str] = []
+    codecs: list[str] = []
+    bundles: list[Path] = []
+    for item in split_items(text):
+        if item in ACCEPTED:
+            families.append(item)
+        elif "(" in item:
+            codecs.append(item)
+        elif Path(item).exists():
+            bundles.append(Path(item))
+        else:
+            raise UsageError(
+                f"sweep item {item!r} is not a family or scheme ({', '.join(ACCEPTED)}), a codec spec "
+                "(int4(group=32)) or an existing bundle"
+            )
+    return SweepItems(tuple(families), tuple(codecs), tuple(bundles))
 
 
 @dataclass
 class SweepOptions:
     """The grid. ``ranks`` default to h/16, h/8, h/4 and h/2; ``calibration`` adds loss-weighted SVD
     variants (token counts for uniform ranks, ``--sensitivity`` for adaptive ones); ``codecs`` adds one
-    bundle per codec spec string (``"svd(budget=0.1,a=nf4(group=32))"``), named by its canonical spelling."""
+    bundle per codec spec string (``"svd(budget=0.1,a=nf4(group=32))"``), named by its canonical spelling;
+    ``bundles`` adds existing bundles as they are. ``families`` takes every compress scheme too (``fp16``: one
+    bundle; ``svd+Q``: one per rank; ``adaptive-svd+Q``: one per ``int4_budgets`` entry)."""
 
     families: Sequence[str] = FAMILIES
     ranks: Sequence[int] | None = None
@@ -53,6 +112,7 @@ class SweepOptions:
     batch_size: int = 4
     device: str = "auto"
     codecs: Sequence[str] = ()
+    bundles: Sequence[str | Path] = ()  # existing bundles, evaluated as they are (named by their file name)
 
 
 @dataclass
@@ -67,9 +127,9 @@ class SweepResult:
 def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptions | None]]:
     """(name, family, options) per bundle. Adaptive budgets are the bytes of the uniform bundle of the same
     rank, so uniform SVD bundles are built whenever either SVD family is asked for."""
-    bad = set(opts.families) - set(FAMILIES)
+    bad = set(opts.families) - set(ACCEPTED)
     if bad:
-        raise UsageError(f"unknown sweep families {sorted(bad)}; choose from {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown sweep families {sorted(bad)}; choose from {', '.join(ACCEPTED)}")
     ranks = list(opts.ranks or sorted({max(8, hidden // k // 8 * 8) for k in (16, 8, 4, 2)}))
     cal = opts.calibration
     grid: list[tuple[str, str, CompressOptions | None]] = []
@@ -95,8 +155,29 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
             (f"adaptive-svd+int4-{b}", "adaptive-svd+int4", CompressOptions("adaptive-svd+int4", budget=str(b)))
             for b in opts.int4_budgets
         ]
+    for s in dict.fromkeys(f for f in opts.families if f not in FAMILIES):  # the other compress schemes
+        if s in DENSE_SCHEMES:
+            grid += [] if s == "fp32" else [(s, s, CompressOptions(s))]  # fp32: the dense-fp32 reference
+        elif s.startswith("svd+"):
+            grid += [(f"{s}-r{r}", s, CompressOptions(s, rank=r)) for r in ranks]
+        else:  # adaptive-svd+Q
+            grid += [(f"{s}-{b}", s, CompressOptions(s, budget=str(b))) for b in opts.int4_budgets]
     specs = [parse_spec(c) for c in opts.codecs]
     return grid + [(str(s), s.name, CompressOptions(codec=s)) for s in specs]
+
+
+def _existing(opts: SweepOptions, taken: set[str]) -> dict[str, Path]:
+    """name -> path of the existing bundles to evaluate, each checked to open (a bad one is refused up front)."""
+    found: dict[str, Path] = {}
+    for b in opts.bundles:
+        path = Path(b)
+        with open_bundle(path):
+            pass
+        name = path.name
+        while name in taken or name in found:
+            name = f"{name}+"
+        found[name] = path
+    return found
 
 
 def _at_uniform_bytes(name: str, built: dict[str, Path], opts: SweepOptions, checkpoint: Checkpoint) -> CompressOptions:
@@ -195,10 +276,13 @@ def sweep(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     cfg = ckpt.config
     grid = _grid(opts, cfg.hidden_size)  # bad options and inputs are refused before anything is written
+    existing = _existing(opts, {name for name, _, _ in grid} | {"baseline", "dense-fp32"})
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     dense = out / "bundles" / "dense-fp32.safetensors"
     precompute(ckpt, dense, device=opts.device, force=True)
     built, families = _build(grid, dense, opts, ckpt, progress, note)
+    families |= dict.fromkeys(existing, "bundle")
+    built |= existing
     L = cfg.num_hidden_layers
     drops = [(f"drop-last-{k}", set(range(L - k))) for k in range(1, L + 1)] if "drop" in opts.families else []
     report = eval_ppl(
@@ -224,6 +308,7 @@ def sweep(
         rows.append(_row(name, v, family, dense if name == "dense-fp32" else built.get(name)))
     protocol = {**report.protocol, "options": asdict(opts)}
     protocol["options"]["families"] = list(opts.families)
+    protocol["options"]["bundles"] = [str(b) for b in opts.bundles]
     write_text_atomic(out / "results.json", json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n")
     _write_csv(out / "results.csv", rows)
     plots = sweep_figures(out, rows, protocol, note)

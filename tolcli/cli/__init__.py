@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from tolcli import __version__
-from tolcli.cli import jsondoc
+from tolcli.cli import _help, jsondoc
 from tolcli.cli._common import Output, error_json, flag_for
 from tolcli.cli.bundles import convert_cmd, drop_cmd, inspect_cmd, schema_cmd, verify_cmd
 from tolcli.cli.compress import compress_cmd
@@ -41,6 +41,8 @@ _ABORTS: tuple[type[BaseException], ...] = tuple(
 _EXITS: tuple[type[BaseException], ...] = tuple(
     {typer.Exit, *(c for c in [getattr(click_exc, "Exit", None)] if c is not None)}
 )
+
+_help.install()
 
 app = typer.Typer(
     name="tolcli",

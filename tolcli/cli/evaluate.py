@@ -121,7 +121,7 @@ def eval_ppl_cmd(
     tol: Annotated[list[Path] | None, typer.Option("--tol", help="A ToL bundle to evaluate; repeatable.")] = None,
     protocol: ProtocolOpt = "tolcli",
     ctx: Annotated[
-        int | None, typer.Option("--ctx", help="Tokens per window [default: min(512, max_position_embeddings)].")
+        int | None, typer.Option("--ctx", help="Tokens per window (default: min(512, max_position_embeddings)).")
     ] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Window step (default: --ctx).")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use the first N tokens of each file.")] = None,
@@ -268,7 +268,13 @@ def sweep_cmd(
     data: Annotated[list[Path], typer.Option("--data", help=DATA_HELP)],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="DIR", help="Where bundles and results go.")],
     schemes: Annotated[
-        str, typer.Option("--schemes", help=f"Comma-separated families: {','.join(SWEEP_FAMILIES)}.")
+        str,
+        typer.Option(
+            "--schemes",
+            metavar="ITEM,ITEM,...",
+            help="What to build and evaluate, comma-separated: families or any compress scheme (svd, int4, drop, "
+            "fp16, svd+nf4, adaptive-svd+int8, ...), codec specs ('int4(group=32)'), existing bundles (paths).",
+        ),
     ] = ",".join(SWEEP_FAMILIES),
     ranks: Annotated[
         str | None, typer.Option("--ranks", metavar="R,R,...", help="Uniform SVD ranks (default h/16,h/8,h/4,h/2).")
@@ -278,7 +284,7 @@ def sweep_cmd(
     ] = None,
     protocol: ProtocolOpt = "tolcli",
     ctx: Annotated[
-        int | None, typer.Option("--ctx", help="Tokens per window [default: min(512, max_position_embeddings)].")
+        int | None, typer.Option("--ctx", help="Tokens per window (default: min(512, max_position_embeddings)).")
     ] = None,
     stride: Annotated[int | None, typer.Option("--stride", help="Window step (default: --ctx).")] = None,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use the first N tokens of each file.")] = None,
@@ -304,6 +310,8 @@ def sweep_cmd(
         tolcli sweep demo --data tolcli/demo/heldout.txt -o sweep/ --ctx 128 --stride 64
 
         tolcli sweep ./my-memoryllm --data wiki.txt -o sweep/ --schemes svd,adaptive-svd --ranks 256,512
+
+        tolcli sweep demo --data tolcli/demo/heldout.txt -o sweep/ --schemes 'int4,svd+nf4,mixed(bits=3),mine.h5'
     """
     apply_threads(threads)
     inputs = [checkpoint, *data, calibration]
@@ -311,8 +319,13 @@ def sweep_cmd(
     gate = Gate(max_increase, gate_significant)
     if max_increase is not None:  # a bad limit is refused before the sweep runs, not after
         tolcli.EvalReport({}, [], 0.0).gate(max_increase)
+    from tolcli.sweep import parse_sweep_items
+
+    items = parse_sweep_items(schemes)
     opts = tolcli.SweepOptions(
-        families=[f.strip() for f in schemes.split(",") if f.strip()],
+        families=items.families,
+        codecs=items.codecs,
+        bundles=items.bundles,
         ranks=parse_ints(ranks, "--ranks") if ranks else None,
         calibration=calibration,
         protocol=protocol,
