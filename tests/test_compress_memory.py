@@ -13,6 +13,7 @@ import torch
 
 from tests.test_compress import synthetic_bundle
 from tolcli import CompressOptions, compress, convert_bundle, open_bundle
+from tolcli.codecs import svd
 from tolcli.codecs.base import TableRows
 from tolcli.codecs.svd import gram_spectrum, streamed_gram
 from tolcli.errors import InputError, UsageError
@@ -84,11 +85,13 @@ def test_a_non_finite_value_is_refused_with_the_layer_count(tmp_path: Path) -> N
 
 
 # ---- the Gram's accuracy ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("batch", [512, 4096])
-def test_fp32_gram_spectrum_against_fp64_svdvals(batch: int) -> None:
+@pytest.mark.parametrize(("batch", "fold"), [(512, 16_384), (4096, 16_384), (512, 1000)])
+def test_fp32_gram_spectrum_against_fp64_svdvals(batch: int, fold: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Expected: torch.linalg.svdvals of the table in fp64, squared. A table whose singular values span three
     # decades (1 .. 1e-3): the fp32-product Gram keeps every eigenvalue above 1e-4 of the largest (sigma above 1e-2)
-    # to 1e-4 relative, and the fp64 products to 1e-9.
+    # to 1e-4 relative, and the fp64 products to 1e-9. fold=1000: fp32 blocks of 1,024 rows summed in fp64, the
+    # last one partial (6,000 rows).
+    monkeypatch.setattr(svd, "GRAM_FOLD_ROWS", fold)
     g = torch.Generator().manual_seed(5)
     V, h = 6000, 96
     u = torch.linalg.qr(torch.randn(V, h, generator=g, dtype=torch.float64)).Q

@@ -273,6 +273,37 @@ def test_fast_dense_path_gives_the_stored_values(tmp_path: Path, dtype: str, mon
             assert fresh.shape == want.shape and fresh.numpy().tobytes() == want.tobytes(), ids
 
 
+@pytest.mark.parametrize("codec", ["int4", "int4-sym", "nf4"])
+@pytest.mark.parametrize("container", ["safetensors", "sharded"])
+def test_fast_4bit_path_gives_the_reference_values(
+    tmp_path: Path, codec: str, container: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few ids over 4-bit layers take the pair-table fast path (the general path is made to fail, so it must not
+    run): every value equals the slow reference's decode (numpy, from the format's formula), bit for bit, for ids
+    as a list, tensors of 0 to 2 dimensions and numpy arrays, with a fresh result and a reused ``out``."""
+    path = _make(tmp_path, codec, container)
+    ref = _reference(path)
+    g = np.random.default_rng(5)
+    cases: list[list[int] | torch.Tensor | np.ndarray] = [[7], [V - 1, 7, 0], torch.tensor(7), torch.tensor([[7, 3]])]
+    cases += [torch.from_numpy(g.integers(0, V, 64)), np.array([0, V - 1], dtype=np.int32)]
+    with open_bundle(path) as b:
+        monkeypatch.setattr(b, "_checked_ids", lambda *a: pytest.fail("the general path ran"))
+        for ids in cases:
+            idx = torch.as_tensor(ids).numpy()
+            want = np.stack([ref[layer][idx] for layer in PRESENT])
+            out = torch.full(want.shape, float("nan"))
+            for _ in range(2):
+                assert b.lookup_layers(ids, out=out) is out
+                assert out.numpy().tobytes() == want.tobytes(), ids
+            assert b.lookup_layers(ids).numpy().tobytes() == want.tobytes(), ids
+        monkeypatch.undo()
+        with pytest.raises(InputError, match="outside the vocabulary"):  # refusals: the general path's
+            b.lookup_layers([3, V])
+        assert torch.equal(
+            b.lookup_layers(torch.arange(65)), torch.stack([b.lookup(i, torch.arange(65)) for i in PRESENT])
+        )
+
+
 @pytest.mark.parametrize("bad", [[V], [-1], [0, V + 5], [2**40]])
 def test_out_of_range_ids_are_refused(tmp_path: Path, bad: list[int]) -> None:
     with open_bundle(_make(tmp_path, "fp16", "safetensors")) as b:

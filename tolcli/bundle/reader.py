@@ -92,6 +92,20 @@ class _DenseStack:
     bf16: bool
 
 
+@dataclass(frozen=True)
+class _PairStack:
+    """Layers ``start .. start + count - 1`` of a 4-bit run (:meth:`Codec.nibble_pairs`): its roles as read-only
+    ``[count, vocab, ...]`` views of the memory map, the byte -> level pair table and the group size."""
+
+    start: int
+    count: int
+    codes: np.ndarray  # U8 [count, vocab, hidden/2]
+    scales: np.ndarray  # F16 [count, vocab, hidden/group]
+    offsets: np.ndarray | None
+    pairs: np.ndarray  # uint64 [256]: two float32 levels per byte
+    group: int
+
+
 @dataclass
 class _Run:
     """Consecutive present layers (``start`` is the first one's position) decoded by one call where ``access`` is
@@ -174,6 +188,7 @@ class Bundle:
         self._last_ids: tuple[Tensor | None, np.ndarray] = (None, np.zeros(0, dtype=np.int64))
         self._run_plan: list[_Run] | None = None
         self._dense_plan: list[_DenseStack] | None = None  # empty: lookups take the general path
+        self._pair_plan: list[_PairStack] | None = None  # likewise, for 4-bit layers
         self._out_np: tuple[Tensor, int, int, list[Any]] | None = None  # last ``out``, address, ids, targets
         self._placeholders: dict[int, Tensor] = {}
         self._scratch = threading.local()  # per thread: run -> role -> gather buffer
@@ -289,6 +304,8 @@ class Bundle:
             (True, True)
         """
         fast = self._fast_dense(token_ids, out)
+        if fast is None:
+            fast = self._fast_pairs(token_ids, out)
         if fast is not None:
             return fast
         flat, shape = self._checked_ids(token_ids)
@@ -332,11 +349,73 @@ class Bundle:
             bufs = mine["fast"] = (len(flat), [_gather_buffer(s, len(flat)) for s in plan])
         for s, target, (raw, wide) in zip(plan, targets, bufs[1], strict=True):
             if wide is None:  # F32: gathered straight into out (ids are checked: no bounds buffering)
-                np.take(s.table, flat, axis=1, out=target, mode="clip")
+                _take_rows(s.table, flat, target)
             else:
-                np.take(s.table, flat, axis=1, out=raw, mode="clip")
+                _take_rows(s.table, flat, raw)
                 target.copy_(wide)
         return out
+
+    def _fast_pairs(self, token_ids: Tensor | list[int], out: Tensor | None) -> Tensor | None:
+        """:meth:`lookup_layers` for up to :data:`MAX_FAST_IDS` valid ids when every present layer is a 4-bit codec
+        (int4, nf4: :meth:`Codec.nibble_pairs`) with zero-copy views: per stack of layers, one ``numpy.take`` per
+        role into reused buffers, one through the pair table straight into ``out``, one multiply and one add: the
+        operations of :func:`~tolcli.codecs.quant.decode_pairs_into`, so the same values. None when the call does
+        not qualify (the general path then decides, refusals included)."""
+        plan = self._pair_plan if self._pair_plan is not None else self._plan_pairs()
+        ids = _small_ids(token_ids, self.vocab_size) if plan else None
+        if ids is None:
+            return None
+        flat, shape = ids
+        n, want = len(flat), (len(self.present_layers), *shape, self.hidden_size)
+        if out is None:
+            out = torch.empty(want, dtype=torch.float32)
+        elif not (
+            isinstance(out, Tensor)
+            and out.dtype is torch.float32
+            and out.is_cpu
+            and out.shape == want
+            and out.is_contiguous()
+            and not out.requires_grad
+        ):
+            return None
+        rows = out.detach().numpy().reshape(-1, n, self.hidden_size)
+        mine = self._scratch.__dict__
+        bufs = mine.get("pairs")
+        if bufs is None or bufs[0] != n:
+            bufs = mine["pairs"] = (n, [_pair_buffers(s, n) for s in plan])
+        for s, (codes, scales, wide_s, offsets, wide_o) in zip(plan, bufs[1], strict=True):
+            target = rows[s.start : s.start + s.count]
+            _take_rows(s.codes, flat, codes)
+            s.pairs.take(codes, out=target.view(np.uint64), mode="clip")  # uint8 indices: always in the 256
+            grouped = target.reshape(s.count, n, -1, s.group)
+            _take_rows(s.scales, flat, scales)
+            np.copyto(wide_s, scales)
+            np.multiply(grouped, wide_s[..., None], out=grouped)
+            if s.offsets is not None:
+                _take_rows(s.offsets, flat, offsets)
+                np.copyto(wide_o, offsets)
+                np.add(grouped, wide_o[..., None], out=grouped)
+        return out
+
+    def _plan_pairs(self) -> list[_PairStack]:
+        """The stacks :meth:`_fast_pairs` reads (cached), or an empty list unless every present layer is a 4-bit
+        pair-table codec with zero-copy views (stacked runs from :meth:`_runs`)."""
+        plan: list[_PairStack] = []
+        for run in self._runs():
+            got = run.codec.nibble_pairs()
+            if got is None or not run.views[0]:
+                plan = []
+                break
+            pairs, has_offsets = got
+            views = run.stacks if run.stacks else {role: v[None] for role, v in run.views[0].items()}
+            if set(views) != ({"codes", "scales", "offsets"} if has_offsets else {"codes", "scales"}):
+                plan = []
+                break
+            offsets = views.get("offsets")
+            group = self.hidden_size // views["scales"].shape[2]
+            plan.append(_PairStack(run.start, len(run.layers), views["codes"], views["scales"], offsets, pairs, group))
+        self._pair_plan = plan
+        return plan
 
     def _out_targets(self, out: Tensor, want: tuple[int, ...], plan: list[_DenseStack], n: int) -> list[Any] | None:
         """:func:`_targets` of ``out`` when it is a contiguous fp32 CPU tensor of shape ``want`` (cached for the last
@@ -538,7 +617,7 @@ class Bundle:
         self._f32_cache.clear()
         self._views.clear()
         self._run_plan = None
-        self._dense_plan, self._out_np = None, None
+        self._dense_plan, self._pair_plan, self._out_np = None, None, None
         self._scratch = threading.local()
         self._reader.close()
 
@@ -606,6 +685,31 @@ def _gather_buffer(s: _DenseStack, n: int) -> tuple[np.ndarray | None, Tensor | 
     raw = np.empty((s.count, n, s.table.shape[2]), dtype=s.table.dtype)
     wide = torch.from_numpy(raw)
     return raw, wide.view(torch.bfloat16) if s.bf16 else wide
+
+
+def _take_rows(stack: np.ndarray, flat: list[int], out: np.ndarray) -> None:
+    """``out[k] = stack[k][flat]`` for a ``[layers, rows, ...]`` view: one ``numpy.take`` when the stack is one
+    contiguous block, else one per layer (``numpy.take`` copies a non-contiguous source whole: 70 us for a 2 MB
+    stack of scales, against 2 us per layer). Ids are checked, so no bounds buffering."""
+    if stack.flags.c_contiguous:
+        stack.take(flat, axis=1, out=out, mode="clip")  # the method: numpy.take's wrapper costs ~1.5 us a call
+        return
+    for k in range(stack.shape[0]):
+        stack[k].take(flat, axis=0, out=out[k], mode="clip")
+
+
+def _pair_buffers(s: _PairStack, n: int) -> tuple[np.ndarray, ...]:
+    """Reused gather buffers of a :class:`_PairStack` for ``n`` ids: codes, scales (F16 and widened to fp32) and
+    offsets (likewise, or empty)."""
+    scales = np.empty((s.count, n, s.scales.shape[2]), dtype=s.scales.dtype)
+    offsets = np.empty((s.count, n, 0 if s.offsets is None else s.offsets.shape[2]), dtype=np.float16)
+    return (
+        np.empty((s.count, n, s.codes.shape[2]), dtype=np.uint8),
+        scales,
+        np.empty(scales.shape, dtype=np.float32),
+        offsets,
+        np.empty(offsets.shape, dtype=np.float32),
+    )
 
 
 def _small_ids(token_ids: Tensor | list[int], vocab: int) -> tuple[list[int], tuple[int, ...]] | None:

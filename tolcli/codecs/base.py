@@ -17,13 +17,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 from torch import Tensor
 
 from tolcli._lazy import lazy_import
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, TolcliError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 spec_strings = lazy_import("tolcli.codecs.spec")  # it imports this module
 
@@ -112,6 +115,13 @@ class Codec(ABC):
         :meth:`decode_rows`: what run-time lookups call. This default copies ``decode_rows``; the built-in codecs
         decode in place, block by block (:func:`row_blocks`)."""
         out.copy_(self.decode_rows(access, ids))
+
+    def nibble_pairs(self) -> tuple[np.ndarray, bool] | None:
+        """For 4-bit codecs that decode as ``level[q] * scale (+ offset)`` from ``codes`` U8 [R, C/2] (two codes a
+        byte, the low nibble first), ``scales`` F16 [R, C/g] (and ``offsets`` F16 [R, C/g]): the byte -> level pair
+        table (:func:`tolcli.codecs.quant.nibble_pair_table`) and whether offsets are stored. Lookups of a few ids
+        then take the reader's fast path (:meth:`tolcli.bundle.reader.Bundle.lookup_layers`); None otherwise."""
+        return None
 
     def encoder(self, source: RowSource) -> BatchEncoder | None:
         """A batch encoder for ``source`` (reading it as often as fitting needs), or None when this codec can

@@ -266,26 +266,49 @@ def check_fit(fit: str) -> None:
         raise UsageError(f"`fit` must be one of {', '.join(FITS)}, got {fit!r}")
 
 
-def _nearest(y: Tensor, levels: Tensor) -> Tensor:
-    """The index of the level nearest each value of ``y`` (levels ascending; a tie goes to the lower level).
-
-    Consecutive integer levels (every uniform code) take a rounding and one exact correction against the midpoints,
-    the same indices as ``torch.bucketize`` on the midpoints at a fraction of its cost (the clipping search calls this
-    45 times per batch); other levels (NF4) go through ``bucketize``."""
+def _uniform_low(levels: Tensor) -> float | None:
+    """The lowest level when ``levels`` are consecutive integers (every uniform code), else None (NF4)."""
     n = levels.numel()
     if n > 1 and bool((levels[1:] - levels[:-1] == 1).all()):
-        lo = float(levels[0])
-        idx = torch.ceil(y - (lo + 0.5)).clamp_(0, n - 1)  # within one of the answer (rounding of the subtraction)
-        idx -= ((idx > 0) & (y <= idx + (lo - 0.5))).to(idx.dtype)  # midpoints lo + i +- 0.5 are exact in fp32
-        idx += ((idx < n - 1) & (y > idx + (lo + 0.5))).to(idx.dtype)
-        return idx.long()
+        return float(levels[0])
+    return None
+
+
+def _nearest_uniform(y: Tensor, lo: float, n: int) -> Tensor:
+    """Index (as fp32) of the level ``lo + i`` nearest each value of ``y``, a tie going to the lower level: a
+    rounding within one of the answer (the subtraction may round), then one exact correction each way against the
+    midpoints ``lo + i +- 0.5``, which are exact in fp32. The same indices as ``torch.bucketize`` on the midpoints
+    at a fraction of its cost (the clipping search calls this 45 times per batch); no integer tensors, no gathers."""
+    idx = torch.ceil(y - (lo + 0.5)).clamp_(0, n - 1)
+    idx = torch.where((idx > 0) & (y <= idx + (lo - 0.5)), idx - 1, idx)
+    return torch.where((idx < n - 1) & (y > idx + (lo + 0.5)), idx + 1, idx)
+
+
+def _nearest(y: Tensor, levels: Tensor) -> Tensor:
+    """The index of the level nearest each value of ``y`` (levels ascending; a tie goes to the lower level)."""
+    lo = _uniform_low(levels)
+    if lo is not None:
+        return _nearest_uniform(y, lo, levels.numel()).long()
     return torch.bucketize(y, (levels[1:] + levels[:-1]) / 2)
+
+
+def _scaled(xg: Tensor, s: Tensor, o: Tensor | None) -> Tensor:
+    y = xg if o is None else xg - o
+    return torch.where(s != 0, y / torch.where(s != 0, s, 1.0), 0.0)
 
 
 def _codes_for(xg: Tensor, levels: Tensor, s: Tensor, o: Tensor | None) -> Tensor:
     """Nearest-level indices of ``xg`` [R, G, g] under per-group scale ``s`` and offset ``o`` ([R, G, 1], fp32)."""
-    y = xg if o is None else xg - o
-    return _nearest(torch.where(s != 0, y / torch.where(s != 0, s, 1.0), 0.0), levels)
+    return _nearest(_scaled(xg, s, o), levels)
+
+
+def _values_for(xg: Tensor, levels: Tensor, s: Tensor, o: Tensor | None) -> Tensor:
+    """``levels[_codes_for(...)]``, the nearest level values themselves (fp32): for uniform levels ``lo + index``,
+    with no integer index tensor and no gather."""
+    lo = _uniform_low(levels)
+    if lo is None:
+        return levels[_codes_for(xg, levels, s, o)]
+    return _nearest_uniform(_scaled(xg, s, o), lo, levels.numel()).add_(lo)
 
 
 def _least_squares(xg: Tensor, v: Tensor, s: Tensor, o: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -306,8 +329,9 @@ def _stored(s: Tensor, o: Tensor | None) -> tuple[Tensor, Tensor | None]:
     return s.half().float(), None if o is None else o.half().float()
 
 
-def _group_error(xg: Tensor, levels: Tensor, idx: Tensor, s: Tensor, o: Tensor | None) -> Tensor:
-    rec = levels[idx] * s if o is None else levels[idx] * s + o
+def _group_error(xg: Tensor, v: Tensor, s: Tensor, o: Tensor | None) -> Tensor:
+    """Squared error per group of decoding the level values ``v`` as ``v * s (+ o)``."""
+    rec = v * s if o is None else v * s + o
     return (rec - xg).pow(2).sum(-1, keepdim=True)
 
 
@@ -322,29 +346,34 @@ def fit_mse(
     then :data:`LS_ROUNDS` times: nearest codes, then the least-squares scale (and offset) for them. The scale and
     offset are rounded to fp16 and the codes recomputed for them; per group the candidate (the min-max grid
     included) with the smallest squared error is kept, so the error is never above min-max's. Returns
-    (level indices uint8 [R, G, g], scales F16 [R, G], offsets F16 [R, G] | None)."""
+    (level indices uint8 [R, G, g], scales F16 [R, G], offsets F16 [R, G] | None).
+
+    The search carries level values, not indices (for uniform codes ``value = lowest level + index``), and turns
+    the winners into indices once at the end."""
     s0 = scale0.float().unsqueeze(-1)
     o0 = None if offset0 is None else offset0.float().unsqueeze(-1)
     best_s, best_o = s0, o0
-    best_idx = _codes_for(xg, levels, s0, o0)
-    best_err = _group_error(xg, levels, best_idx, s0, o0)
+    best_v = _values_for(xg, levels, s0, o0)
+    best_err = _group_error(xg, best_v, s0, o0)
     centre = None if o0 is None else o0 + s0 * (levels[0] + levels[-1]) / 2
     for c in CLIP_RATIOS:
         s = s0 * c
         o = None if centre is None else centre - s * (levels[0] + levels[-1]) / 2
         for _ in range(LS_ROUNDS):
-            s, o = _least_squares(xg, levels[_codes_for(xg, levels, s, o)], s, o)
+            s, o = _least_squares(xg, _values_for(xg, levels, s, o), s, o)
         s, o = _stored(s, o)
-        idx = _codes_for(xg, levels, s, o)
-        err = _group_error(xg, levels, idx, s, o)
+        v = _values_for(xg, levels, s, o)
+        err = _group_error(xg, v, s, o)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_idx = torch.where(better, idx, best_idx)
+        best_v = torch.where(better, v, best_v)
         best_s = torch.where(better, s, best_s)
         best_o = None if o is None else torch.where(better, o, best_o)
     scale = _finite(best_s.squeeze(-1).half(), f"{what} scales")
     offset = None if best_o is None else _finite(best_o.squeeze(-1).half(), f"{what} offsets")
-    return best_idx.to(torch.uint8), scale, offset
+    lo = _uniform_low(levels)
+    idx = _nearest(best_v, levels) if lo is None else best_v.sub_(lo)  # a level value -> its own index
+    return idx.to(torch.uint8), scale, offset
 
 
 # ---- codecs -----------------------------------------------------------------------------------------------
@@ -417,6 +446,9 @@ class Int4Codec(_GroupCodec):
         offsets = None if self.symmetric else access.rows("offsets", ids)
         return dequantize_int4(access.rows("codes", ids), access.rows("scales", ids), offsets, self.group_size)
 
+    def nibble_pairs(self) -> tuple[np.ndarray, bool] | None:
+        return (INT4_SYM_PAIRS, False) if self.symmetric else (INT4_PAIRS, True)
+
     def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         roles = ("codes", "scales", None if self.symmetric else "offsets")
         _decode_whole(access, ids, out, roles, lambda o, c, s, z: dequantize_int4_into(o, c, s, z, self.group_size))
@@ -450,6 +482,9 @@ class NF4Codec(_GroupCodec):
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         return dequantize_nf4(access.rows("codes", ids), access.rows("scales", ids), self.group_size)
+
+    def nibble_pairs(self) -> tuple[np.ndarray, bool] | None:
+        return NF4_PAIRS, False
 
     def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         _decode_whole(

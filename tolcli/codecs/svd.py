@@ -51,6 +51,9 @@ _BLOCK = 8192
 # speed and resolves singular values down to ~1e-3 of the largest; fp64 is exact to fp64 rounding and ~2x slower
 # (docs/compression.md, "The SVD's accuracy").
 GRAM_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+# Rows whose fp32 products are accumulated in fp32 before they are added to the fp64 sum: one fp32 matmul of this
+# many rows has the same rounding, and the fp64 additions (an h x h conversion each) stop costing time.
+GRAM_FOLD_ROWS = 16_384
 DEFAULT_GRAM = "fp32"
 # A quantised A factor's columns are scaled by (their RMS) ** COLUMN_POWER, rounded to powers of two
 # (:func:`column_scales`).
@@ -80,14 +83,25 @@ def _whole(source: RowSource) -> Tensor:
 
 
 def streamed_gram(source: RowSource, weights: Tensor | None = None, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``T^T diag(w) T`` as fp64 [h, h], read in row batches: each batch's product computed in ``dtype``
-    (fp32: the BLAS's speed; fp64: exact to fp64 rounding), the batch products summed in fp64."""
-    gram = torch.zeros(source.width, source.width, dtype=torch.float64)
+    """``T^T diag(w) T`` as fp64 [h, h], read in row batches: the products computed in ``dtype`` (fp32: the BLAS's
+    speed; fp64: exact to fp64 rounding), accumulated in ``dtype`` over blocks of :data:`GRAM_FOLD_ROWS` rows (as
+    one matmul of that many rows would), the blocks summed in fp64."""
+    h = source.width
+    gram = torch.zeros(h, h, dtype=torch.float64)
+    acc = gram if dtype == torch.float64 else torch.zeros(h, h, dtype=dtype)
+    pending = 0
     for s, rows in source.batches():
         blk = rows.to(dtype)
         if weights is not None:
             blk = blk * weights[s : s + blk.shape[0]].to(dtype).sqrt().unsqueeze(1)
-        gram += (blk.T @ blk).double()
+        acc.addmm_(blk.T, blk)
+        pending += blk.shape[0]
+        if acc is not gram and pending >= GRAM_FOLD_ROWS:
+            gram += acc
+            acc.zero_()
+            pending = 0
+    if acc is not gram and pending:
+        gram += acc
     return gram
 
 
