@@ -426,3 +426,19 @@ def test_cli_fit_option(tmp_path: Path, make_ckpt, cli) -> None:
     r = cli("compress", dense, "-o", tmp_path / "x.safetensors", "--codec", "int2", "--fit", "mse")
     assert r.code == 2 and "--fit" in r.err and "only with --scheme" in r.err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_center_option(tmp_path: Path, make_ckpt, cli) -> None:
+    dense = precompute(make_ckpt(), tmp_path / "d.safetensors").path
+    r = cli("compress", dense, "-o", tmp_path / "c.h5", "-s", "nf4", "--center", "--group-size", "32", "--json")
+    assert r.code == 0, r.err
+    layer = json.loads(r.out)["manifest"]["layers"][0]
+    assert layer["params"] == {"bits": 4, "group_size": 32, "fit": "mse", "center": True}
+    assert set(layer["tensors"]) == {"codes", "scales", "mean"}
+    assert parse_spec("int4(center=true)") == Int4(center=True) and str(Int4(center=True)) == "int4(center=true)"
+    for scheme in (["svd+int4", "--rank", "8"], ["fp16"]):
+        r = cli("compress", dense, "-o", tmp_path / "x.safetensors", "-s", *scheme, "--center")
+        assert r.code == 2 and "--center applies to int4, nf4, int8, int3 and int2" in r.err, r.err
+    with pytest.raises(UsageError, match="row-wise"):  # one mean row for all rows: not a row-wise A factor
+        parse_spec("svd(rank=64,a=int4(group=32,center=true))").build(128)
+    assert not (tmp_path / "x.safetensors").exists()

@@ -214,6 +214,56 @@ def test_the_least_squares_refit_pays_beyond_the_clipping_search(name: str) -> N
     assert fitted < 0.97 * _clipping_search_only(x, codec)
 
 
+# ---- centring on the mean row (center=true) ---------------------------------------------------------------------
+CENTRED = {
+    "int4": lambda c: Int4Codec(64, fit="mse", center=c),
+    "int4-sym": lambda c: Int4Codec(32, True, center=c),
+    "nf4": lambda c: NF4Codec(64, center=c),
+    "int8": lambda c: Int8Codec(32, center=c),
+    "int3": lambda c: Int3Codec(64, fit="mse", center=c),
+    "int2": lambda c: Int2Codec(32, center=c),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CENTRED))
+def test_centred_codes_are_the_plain_codes_of_the_table_minus_its_mean_row(name: str) -> None:
+    # A table whose rows share a strong mean row (as ToL rows do: every token's FFN output has a common part).
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(300, 128, generator=g) * 0.3 + torch.randn(1, 128, generator=g) * 3
+    centred, plain = CENTRED[name](True), CENTRED[name](False)
+    enc = centred.encode(x)
+    mean = (x.double().sum(0, keepdim=True) / 300).float()  # the format's definition: fp64 sum / count, as fp32
+    assert torch.equal(enc["mean"], mean)
+    want = plain.encode(x - mean)
+    assert set(enc) == {*want, "mean"} and all(torch.equal(enc[k], want[k]) for k in want)
+    dec = _decode(centred, enc, 300)
+    assert torch.equal(dec, _decode(plain, want, 300) + mean)  # decode: the plain formula, then + mean (fp32)
+    out = torch.empty(300, 128)
+    centred.decode_into(DictAccess(enc), torch.arange(300), out)
+    assert torch.equal(out, dec)
+    # coding the residual: every group's range shrinks from the mean's spread to the rows' own
+    assert (dec - x).pow(2).sum() < 0.5 * (_decode(plain, plain.encode(x), 300) - x).pow(2).sum()
+    assert (
+        centred.params() == {**plain.params(), "center": True}
+        and type(centred).from_params(centred.params()).params() == centred.params()
+    )
+    assert centred.tensor_specs(300, 128)["mean"] == ((1, 128), "F32") and centred.nibble_pairs() is None
+
+
+def test_centred_streamed_batches_give_the_whole_table_bytes() -> None:
+    from tolcli.codecs.base import TableRows
+
+    x = table(1000, 64, seed=3) + 2.0
+    codec = Int4Codec(32, fit="mse", center=True)
+    whole = codec.encode(x)
+    enc = codec.encoder(TableRows(x, 128))
+    assert enc is not None
+    batches = [enc.encode_rows(x[s : s + 128]) for s in range(0, 1000, 128)]
+    for role in ("codes", "scales", "offsets"):
+        assert torch.equal(torch.cat([b[role] for b in batches]), whole[role]), role
+    assert torch.equal(enc.fixed["mean"], whole["mean"])
+
+
 def test_fit_is_recorded_only_when_not_min_max() -> None:
     # min-max bundles keep the params every earlier tolcli wrote; readers default a missing `fit` to min-max
     assert Int4Codec(64).params() == {"bits": 4, "group_size": 64, "symmetric": False}

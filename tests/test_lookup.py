@@ -111,6 +111,9 @@ def _decode(codec: str, params: dict, t: dict[str, np.ndarray]) -> np.ndarray:
     if codec == "svd":
         a = _decode(params["a"]["codec"], params["a"]["params"], {k[2:]: v for k, v in t.items() if k[:2] == "A."})
         return (a.astype(np.float64) @ _f32(t["B"]).astype(np.float64)).astype(np.float32)
+    if params.get("center"):  # the rows were coded minus the mean row: decode, then add it (one fp32 rounding)
+        plain = {k: v for k, v in params.items() if k != "center"}
+        return _decode(codec, plain, {k: v for k, v in t.items() if k != "mean"}) + t["mean"].astype(np.float32)
     width = t["codes"].shape[1] * (2 if codec in ("int4", "nf4") else 1)
     s = _per_value(t["scales"], width)
     if codec == "int8":
@@ -146,6 +149,8 @@ CODECS = {
     "nf4": "nf4(group=32)",
     "int8": "int8",
     "int8-groups": "int8(group=16)",
+    "int4-center": "int4(group=32,center=true)",
+    "nf4-center": "nf4(group=64,center=true)",
     "svd": "svd(rank=24)",
     "svd-int4": "svd(rank=32,a=int4(group=32))",
 }

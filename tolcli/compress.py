@@ -114,6 +114,7 @@ class CompressOptions:
     group_size: int | None = None
     symmetric: bool = False
     fit: str | None = None
+    center: bool = False  # quantised schemes (not an SVD's A factor): code the table minus its mean row
     factor_dtype: str = "fp16"
     token_weights: str | None = None
     calibration: str | None = None
@@ -198,10 +199,15 @@ def scheme_spec(o: CompressOptions) -> CodecSpec:
         if any(x is not None for x in (o.rank, o.ratio, o.budget, o.energy)):
             raise UsageError(f"`rank`/`ratio`/`budget`/`energy` apply to SVD schemes, not {o.scheme}")
         if kind == "dense":
+            if o.center:
+                raise UsageError(f"`center` applies to int4, nf4, int8, int3 and int2, not {o.scheme}")
             if o.fit is not None:
                 raise UsageError(f"`fit` applies to quantised schemes, not {o.scheme}")
             return Dense(o.scheme)
-        return quant_spec(o.scheme, o.group_size, o.symmetric, o.fit)
+        spec = quant_spec(o.scheme, o.group_size, o.symmetric, o.fit)
+        return replace(spec, center=True) if o.center else spec  # type: ignore[type-var]
+    if o.center:
+        raise UsageError(f"`center` applies to int4, nf4, int8, int3 and int2, not {o.scheme}")
     _check_rank_choice(kind, o)
     if quant is None:
         if o.fit is not None:

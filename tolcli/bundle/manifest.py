@@ -46,6 +46,10 @@ _NAT = {"type": "integer", "minimum": 0}
 _FLOAT_DTYPE = {"enum": ["F32", "F16", "BF16"]}
 _GROUP_4BIT = {"type": "integer", "enum": [32, 64, 128]}
 _FIT = {"enum": ["minmax", "mse"], "description": "how the scales were fitted (absent: minmax); decoding ignores it"}
+_CENTER = {
+    "const": True,
+    "description": "the table was centred on its mean row: role `mean` F32 [1, C], added when decoding (absent: not)",
+}
 # Array and object sizes, checked before the schema (a million dropped layers must not take minutes to refuse).
 MAX_FILES = 1 << 16
 MAX_LIST = 1 << 16
@@ -75,10 +79,12 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
             "group_size": _GROUP_4BIT,
             "symmetric": {"type": "boolean"},
             "fit": _FIT,
+            "center": _CENTER,
         },
     ),
     "nf4": _closed(
-        ["bits", "group_size"], {"bits": {"type": "integer", "const": 4}, "group_size": _GROUP_4BIT, "fit": _FIT}
+        ["bits", "group_size"],
+        {"bits": {"type": "integer", "const": 4}, "group_size": _GROUP_4BIT, "fit": _FIT, "center": _CENTER},
     ),
     "int8": _closed(
         ["bits", "group_size"],
@@ -86,11 +92,13 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
             "bits": {"type": "integer", "const": 8},
             "group_size": {"type": "integer", "minimum": 1, "maximum": MAX_DIM},
             "fit": _FIT,
+            "center": _CENTER,
         },
     ),
     **{
         f"int{b}": _closed(
-            ["bits", "group_size"], {"bits": {"type": "integer", "const": b}, "group_size": _GROUP_4BIT, "fit": _FIT}
+            ["bits", "group_size"],
+            {"bits": {"type": "integer", "const": b}, "group_size": _GROUP_4BIT, "fit": _FIT, "center": _CENTER},
         )
         for b in (3, 2)
     },

@@ -133,6 +133,15 @@ def compress_cmd(
             rich_help_panel=_Q,
         ),
     ] = None,
+    center: Annotated[
+        bool,
+        typer.Option(
+            "--center",
+            help="int4/nf4/int8/int3/int2: code each row minus the layer's mean row (stored once, added back "
+            "when decoding).",
+            rich_help_panel=_Q,
+        ),
+    ] = False,
     token_weights: Annotated[
         str | None,
         typer.Option(
@@ -233,6 +242,7 @@ def compress_cmd(
             group_size=group_size,
             symmetric=symmetric,
             fit=fit,
+            center=center,
             factor_dtype=factor_dtype,
             token_weights=token_weights,
             calibration=calibration,

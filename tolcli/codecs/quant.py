@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from tolcli.choices import FITS
-from tolcli.codecs.base import Codec, CodecSpec, TensorAccess, row_blocks
+from tolcli.codecs.base import BatchEncoder, Codec, CodecSpec, RowSource, TableRows, TensorAccess, full_f32, row_blocks
 from tolcli.errors import InputError, UsageError
 
 GROUP_SIZES_4BIT = (32, 64, 128)
@@ -381,17 +381,56 @@ class _GroupCodec(Codec):
     row_wise = True
     allowed_groups: ClassVar[tuple[int, ...] | None] = GROUP_SIZES_4BIT
 
-    def __init__(self, group_size: int, fit: str = "minmax"):
+    def __init__(self, group_size: int, fit: str = "minmax", center: bool = False):
         if self.allowed_groups is not None and group_size not in self.allowed_groups:
             raise UsageError(f"{self.name} group size must be one of {self.allowed_groups}, got {group_size}")
         if group_size < 1:
             raise UsageError(f"group size must be positive, got {group_size}")
         check_fit(fit)
-        self.group_size, self.fit = group_size, fit
+        self.group_size, self.fit, self.center = group_size, fit, bool(center)
+        if self.center:  # one mean row for all rows: encoded from two passes, decoded through the general path
+            self.row_wise = False  # type: ignore[misc]
 
     def _fit_params(self) -> dict[str, Any]:
-        """``{"fit": "mse"}`` when not the min-max rule (absent: min-max, as every bundle before it was written)."""
-        return {} if self.fit == "minmax" else {"fit": self.fit}
+        """``{"fit": "mse"}`` when not the min-max rule (absent: min-max, as every bundle before it was written), and
+        ``{"center": true}`` when the table was centred on its mean row (absent: not)."""
+        return ({} if self.fit == "minmax" else {"fit": self.fit}) | ({"center": True} if self.center else {})
+
+    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        specs = self._tensor_specs(rows, width)
+        if self.center:
+            specs["mean"] = ((1, width), "F32")
+        return specs
+
+    def _tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        raise NotImplementedError
+
+    def encoder(self, source: RowSource) -> BatchEncoder | None:
+        """Row batches encoded as they come; centred (``center``): one pass more first, for the mean row (the fp64
+        sum of the rows over their count, rounded to fp32), which every row has subtracted before it is coded."""
+        if not self.center:
+            return BatchEncoder(self.encode)
+        self._check_width(source.width)
+        total = torch.zeros(1, source.width, dtype=torch.float64)
+        for _, rows in source.batches():
+            total += rows.double().sum(0, keepdim=True)
+        mean = (total / max(source.rows, 1)).float()
+        return BatchEncoder(lambda rows: self._encode(rows.float() - mean), {"mean": mean})
+
+    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+        rows = self._decode_rows(access, ids)
+        return rows + full_f32(access, "mean") if self.center else rows
+
+    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        self._decode_into(access, ids, out)
+        if self.center:
+            out += full_f32(access, "mean")
+
+    def _decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        raise NotImplementedError
 
     def _check_width(self, width: int) -> None:
         if width % self.group_size:
@@ -402,6 +441,10 @@ class _GroupCodec(Codec):
 
     def encode(self, table: Tensor) -> dict[str, Tensor]:
         self._check_width(table.shape[1])
+        if self.center:  # the same mean row as a streamed encode of the table in one batch
+            enc = self.encoder(TableRows(table, max(table.shape[0], 1)))
+            assert enc is not None
+            return {**enc.encode_rows(table), **enc.fixed}
         return self._encode(table)
 
     def _encode(self, table: Tensor) -> dict[str, Tensor]:
@@ -417,8 +460,8 @@ class Int4Codec(_GroupCodec):
 
     name = "int4"
 
-    def __init__(self, group_size: int = 64, symmetric: bool = False, fit: str = "minmax"):
-        super().__init__(group_size, fit)
+    def __init__(self, group_size: int = 64, symmetric: bool = False, fit: str = "minmax", center: bool = False):
+        super().__init__(group_size, fit, center)
         self.symmetric = symmetric
 
     def params(self) -> dict[str, Any]:
@@ -426,9 +469,10 @@ class Int4Codec(_GroupCodec):
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Int4Codec:
-        return cls(int(params["group_size"]), bool(params.get("symmetric", False)), params.get("fit", "minmax"))
+        fit, center = params.get("fit", "minmax"), bool(params.get("center", False))
+        return cls(int(params["group_size"]), bool(params.get("symmetric", False)), fit, center)
 
-    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    def _tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         self._check_width(width)
         specs = {"codes": ((rows, width // 2), "U8"), "scales": ((rows, width // self.group_size), "F16")}
         if not self.symmetric:
@@ -442,14 +486,16 @@ class Int4Codec(_GroupCodec):
             out["offsets"] = offsets
         return out
 
-    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+    def _decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         offsets = None if self.symmetric else access.rows("offsets", ids)
         return dequantize_int4(access.rows("codes", ids), access.rows("scales", ids), offsets, self.group_size)
 
     def nibble_pairs(self) -> tuple[np.ndarray, bool] | None:
+        if self.center:
+            return None
         return (INT4_SYM_PAIRS, False) if self.symmetric else (INT4_PAIRS, True)
 
-    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+    def _decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         roles = ("codes", "scales", None if self.symmetric else "offsets")
         _decode_whole(access, ids, out, roles, lambda o, c, s, z: dequantize_int4_into(o, c, s, z, self.group_size))
 
@@ -462,17 +508,17 @@ class NF4Codec(_GroupCodec):
 
     name = "nf4"
 
-    def __init__(self, group_size: int = 64, fit: str = "minmax"):
-        super().__init__(group_size, fit)
+    def __init__(self, group_size: int = 64, fit: str = "minmax", center: bool = False):
+        super().__init__(group_size, fit, center)
 
     def params(self) -> dict[str, Any]:
         return {"bits": 4, "group_size": self.group_size, **self._fit_params()}
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> NF4Codec:
-        return cls(int(params["group_size"]), params.get("fit", "minmax"))
+        return cls(int(params["group_size"]), params.get("fit", "minmax"), bool(params.get("center", False)))
 
-    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    def _tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         self._check_width(width)
         return {"codes": ((rows, width // 2), "U8"), "scales": ((rows, width // self.group_size), "F16")}
 
@@ -480,13 +526,13 @@ class NF4Codec(_GroupCodec):
         codes, scales = quantize_nf4(table, self.group_size, self.fit)
         return {"codes": codes, "scales": scales}
 
-    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+    def _decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         return dequantize_nf4(access.rows("codes", ids), access.rows("scales", ids), self.group_size)
 
     def nibble_pairs(self) -> tuple[np.ndarray, bool] | None:
-        return NF4_PAIRS, False
+        return None if self.center else (NF4_PAIRS, False)
 
-    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+    def _decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         _decode_whole(
             access, ids, out, ("codes", "scales"), lambda o, c, s: dequantize_nf4_into(o, c, s, self.group_size)
         )
@@ -501,17 +547,17 @@ class Int8Codec(_GroupCodec):
     name = "int8"
     allowed_groups = None
 
-    def __init__(self, group_size: int, fit: str = "minmax"):
-        super().__init__(group_size, fit)
+    def __init__(self, group_size: int, fit: str = "minmax", center: bool = False):
+        super().__init__(group_size, fit, center)
 
     def params(self) -> dict[str, Any]:
         return {"bits": 8, "group_size": self.group_size, **self._fit_params()}
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Int8Codec:
-        return cls(int(params["group_size"]), params.get("fit", "minmax"))
+        return cls(int(params["group_size"]), params.get("fit", "minmax"), bool(params.get("center", False)))
 
-    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    def _tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         self._check_width(width)
         return {"codes": ((rows, width), "I8"), "scales": ((rows, width // self.group_size), "F16")}
 
@@ -519,10 +565,10 @@ class Int8Codec(_GroupCodec):
         codes, scales = quantize_int8(table, self.group_size, self.fit)
         return {"codes": codes, "scales": scales}
 
-    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+    def _decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         return dequantize_int8(access.rows("codes", ids), access.rows("scales", ids), self.group_size)
 
-    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+    def _decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         _decode_blocks(
             access, ids, out, ("codes", "scales"), lambda o, c, s: dequantize_int8_into(o, c, s, self.group_size)
         )
@@ -583,17 +629,17 @@ class _LowBitCodec(_GroupCodec):
 
     bits: ClassVar[int]
 
-    def __init__(self, group_size: int = 64, fit: str = "minmax"):
-        super().__init__(group_size, fit)
+    def __init__(self, group_size: int = 64, fit: str = "minmax", center: bool = False):
+        super().__init__(group_size, fit, center)
 
     def params(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size, **self._fit_params()}
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> _LowBitCodec:
-        return cls(int(params["group_size"]), params.get("fit", "minmax"))
+        return cls(int(params["group_size"]), params.get("fit", "minmax"), bool(params.get("center", False)))
 
-    def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    def _tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         self._check_width(width)
         groups = width // self.group_size
         return {
@@ -606,11 +652,11 @@ class _LowBitCodec(_GroupCodec):
         codes, scales, offsets = quantize_lowbit(table, self.group_size, self.bits, self.fit)
         return {"codes": codes, "scales": scales, "offsets": offsets}
 
-    def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
+    def _decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         roles = [access.rows(r, ids) for r in ("codes", "scales", "offsets")]
         return dequantize_lowbit(*roles, self.group_size, self.bits)
 
-    def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+    def _decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         def block(o: Tensor, c: Tensor, s: Tensor, z: Tensor) -> None:
             o.copy_(dequantize_lowbit(c, s, z, self.group_size, self.bits))
 
@@ -660,9 +706,10 @@ class Int4(_GroupSpec):
     group: int = 64
     symmetric: bool = False
     fit: str = DEFAULT_FIT
+    center: bool = False
 
     def build(self, width: int, *, weights: Tensor | None = None) -> Int4Codec:
-        return Int4Codec(self.group, self.symmetric, self.fit)
+        return Int4Codec(self.group, self.symmetric, self.fit, self.center)
 
 
 @dataclass(frozen=True)
@@ -672,9 +719,10 @@ class NF4(_GroupSpec):
     codec: ClassVar[type[Codec]] = NF4Codec
     group: int = 64
     fit: str = DEFAULT_FIT
+    center: bool = False
 
     def build(self, width: int, *, weights: Tensor | None = None) -> NF4Codec:
-        return NF4Codec(self.group, self.fit)
+        return NF4Codec(self.group, self.fit, self.center)
 
 
 @dataclass(frozen=True)
@@ -684,9 +732,10 @@ class Int8(_GroupSpec):
     codec: ClassVar[type[Codec]] = Int8Codec
     group: int | None = None
     fit: str = DEFAULT_FIT
+    center: bool = False
 
     def build(self, width: int, *, weights: Tensor | None = None) -> Int8Codec:
-        return Int8Codec(self.group or width, self.fit)
+        return Int8Codec(self.group or width, self.fit, self.center)
 
 
 @dataclass(frozen=True)
@@ -696,9 +745,10 @@ class _LowBitSpec(_GroupSpec):
 
     group: int = 64
     fit: str = DEFAULT_FIT
+    center: bool = False
 
     def build(self, width: int, *, weights: Tensor | None = None) -> _LowBitCodec:
-        return self.codec(self.group, self.fit)  # type: ignore[call-arg,return-value]
+        return self.codec(self.group, self.fit, self.center)  # type: ignore[call-arg,return-value]
 
 
 @dataclass(frozen=True)
