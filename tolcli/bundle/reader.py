@@ -369,14 +369,7 @@ class Bundle:
         n, want = len(flat), (len(self.present_layers), *shape, self.hidden_size)
         if out is None:
             out = torch.empty(want, dtype=torch.float32)
-        elif not (
-            isinstance(out, Tensor)
-            and out.dtype is torch.float32
-            and out.is_cpu
-            and out.shape == want
-            and out.is_contiguous()
-            and not out.requires_grad
-        ):
+        elif not _plain_out(out, want):
             return None
         rows = out.detach().numpy().reshape(-1, n, self.hidden_size)
         mine = self._scratch.__dict__
@@ -420,13 +413,7 @@ class Bundle:
     def _out_targets(self, out: Tensor, want: tuple[int, ...], plan: list[_DenseStack], n: int) -> list[Any] | None:
         """:func:`_targets` of ``out`` when it is a contiguous fp32 CPU tensor of shape ``want`` (cached for the last
         buffer seen, checked by identity and address on every call), else None."""
-        if not (
-            isinstance(out, Tensor)
-            and out.dtype is torch.float32
-            and out.is_cpu
-            and out.shape == want
-            and out.is_contiguous()
-        ):
+        if not _plain_out(out, want):
             return None
         cached, ptr = self._out_np, out.data_ptr()
         if cached is not None and cached[0] is out and cached[1] == ptr and cached[2] == n:
@@ -685,6 +672,18 @@ def _gather_buffer(s: _DenseStack, n: int) -> tuple[np.ndarray | None, Tensor | 
     raw = np.empty((s.count, n, s.table.shape[2]), dtype=s.table.dtype)
     wide = torch.from_numpy(raw)
     return raw, wide.view(torch.bfloat16) if s.bf16 else wide
+
+
+def _plain_out(out: Tensor, want: tuple[int, ...]) -> bool:
+    """Whether ``out`` is what the fast paths write into directly: a contiguous fp32 CPU tensor of shape ``want``
+    (anything else goes to the general path, which refuses what it must)."""
+    return (
+        isinstance(out, Tensor)
+        and out.dtype is torch.float32
+        and out.is_cpu
+        and out.shape == want
+        and out.is_contiguous()
+    )
 
 
 def _take_rows(stack: np.ndarray, flat: list[int], out: np.ndarray) -> None:
