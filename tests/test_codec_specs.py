@@ -70,7 +70,7 @@ def test_spec_strings_parse_and_round_trip(text: str, spec: CodecSpec, canonical
         ("", "character 1: expected a codec name, found the end"),
         ("zip", "unknown codec 'zip'; choose one of dense, int2, int3, int4, int8, "),
         ("svd(rank=8,a=zip)", "character 14: unknown codec 'zip'"),
-        ("int4(grp=32)", "character 6: int4 has no option 'grp' \\(it has group, symmetric, fit\\)"),
+        ("int4(grp=32)", "character 6: int4 has no option 'grp' \\(it has group, symmetric, fit, center\\)"),
         ("int4(group=32,group=64)", "group given twice"),
         ("int4(group=x)", "int4 group takes an integer, got 'x'"),
         ("int4(group=32.0)", "int4 group takes an integer, got '32.0'"),

@@ -145,10 +145,12 @@ class CompressOptions:
 
     def record(self) -> dict[str, Any]:
         """What the manifest's history records of these options (an open ``sensitivity`` checkpoint by its
-        directory name; ``allow_source_mismatch`` only when set)."""
+        directory name; ``allow_source_mismatch`` and ``center`` only when set)."""
         if self.codec is None:  # every scheme option that is set, as tolcli always recorded them
-            keys = [f.name for f in fields(self) if f.name not in ("scheme", "allow_source_mismatch")]
+            keys = [f.name for f in fields(self) if f.name not in ("scheme", "allow_source_mismatch", "center")]
             rec = {"scheme": self.scheme, **self._set(keys)}
+            if self.center:  # newer than the others: recorded only when set, so earlier outputs keep their bytes
+                rec["center"] = True
         else:
             rec = {"codec": str(self.codec_spec()), **self._set(_WEIGHTING_FIELDS)}
         if self.allow_source_mismatch:

@@ -122,7 +122,7 @@ def parse_spec(text: str) -> CodecSpec:
     Example:
         >>> s = parse_spec("svd(rank=64, a=int4(group=32))")
         >>> s.rank, s.a, str(s)
-        (64, Int4(group=32, symmetric=False, fit='mse'), 'svd(rank=64,a=int4(group=32))')
+        (64, Int4(group=32, symmetric=False, fit='mse', center=False), 'svd(rank=64,a=int4(group=32))')
         >>> parse_spec("int4(group=48)")
         Traceback (most recent call last):
         tolcli.errors.UsageError: codec spec 'int4(group=48)': int4 group size must be one of (32, 64, 128), got 48
