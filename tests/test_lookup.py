@@ -309,6 +309,36 @@ def test_fast_4bit_path_gives_the_reference_values(
         )
 
 
+@pytest.mark.parametrize("codec", ["int4", "fp32"])
+def test_fast_paths_refuse_what_the_general_path_refuses(tmp_path: Path, codec: str) -> None:
+    """An ``out`` that needs a gradient and uint64 ids are refused by every path alike, few ids or many."""
+    with open_bundle(_make(tmp_path, codec, "safetensors")) as b:
+        for n in (3, 100):
+            grad = torch.zeros(len(PRESENT), n, H, requires_grad=True)
+            with pytest.raises(UsageError, match="not requiring grad"):
+                b.lookup_layers(list(range(n)), out=grad)
+            with pytest.raises(InputError, match="int64"):
+                b.lookup_layers(np.arange(n, dtype=np.uint64))
+
+
+def test_lookups_from_threads_get_their_own_ids(tmp_path: Path) -> None:
+    """Threads sharing a bundle: every ``lookup`` returns the rows of its own ids (the ids were once read back
+    from a shared attribute, and another thread's could come back)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = _make(tmp_path, "int8", "safetensors")
+    ref = _reference(path)
+
+    with open_bundle(path) as b:
+
+        def one(seed: int) -> bool:
+            ids = torch.from_numpy(np.random.default_rng(seed).integers(0, V, 80))
+            return all(np.array_equal(b.lookup(0, ids).numpy(), ref[0][ids.numpy()]) for _ in range(60))
+
+        with ThreadPoolExecutor(4) as pool:
+            assert all(pool.map(one, range(32)))
+
+
 @pytest.mark.parametrize("bad", [[V], [-1], [0, V + 5], [2**40]])
 def test_out_of_range_ids_are_refused(tmp_path: Path, bad: list[int]) -> None:
     with open_bundle(_make(tmp_path, "fp16", "safetensors")) as b:

@@ -122,6 +122,9 @@ def test_sweep_grid_takes_every_compress_scheme() -> None:
     ]
     for scheme in SCHEMES:  # none is refused
         _grid(SweepOptions(families=(scheme,), ranks=(8,)), 64)
+    # the same bundle named twice (a family and the spec it spells) is built and evaluated once
+    names = [name for name, _, _ in _grid(SweepOptions(families=("int8",), codecs=("int8()", "int4(group=64)")), 64)]
+    assert names == ["int8", "int4"]
 
 
 def test_sweep_evaluates_an_existing_bundle_as_it_is(make_ckpt, tmp_path: Path, cli) -> None:
@@ -145,3 +148,8 @@ def test_sweep_evaluates_an_existing_bundle_as_it_is(make_ckpt, tmp_path: Path, 
     assert not (tmp_path / "sw" / "bundles" / "mine.h5.safetensors").exists()  # evaluated in place, not copied
     r = cli("sweep", d, "--data", tmp_path / "ids.npy", "-o", tmp_path / "sw2", "--schemes", "int4,nosuch.h5")
     assert r.code == 2 and "sweep item 'nosuch.h5'" in r.err and not (tmp_path / "sw2").exists()
+    other = make_ckpt("memoryllm", seed=1, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+    foreign = precompute(other, tmp_path / "foreign.safetensors").path  # same shapes, another model
+    r = cli("sweep", d, "--data", tmp_path / "ids.npy", "-o", tmp_path / "sw3", "--schemes", f"int4,{foreign}")
+    assert r.code == 4 and "another checkpoint" in r.err and "eval-ppl --allow-source-mismatch" in r.err
+    assert not (tmp_path / "sw3").exists()

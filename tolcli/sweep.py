@@ -23,9 +23,10 @@ from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, SCHEMES, SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
 from tolcli.compress import CompressOptions, compress
-from tolcli.errors import OutputError, UsageError
+from tolcli.errors import InputError, OutputError, UsageError
 from tolcli.evaluation import eval_ppl
 from tolcli.fsutil import write_text_atomic
+from tolcli.pairing import check_pairing
 from tolcli.plots import sweep_figures
 from tolcli.precompute import precompute
 from tolcli.progress import NullProgress, Progress
@@ -163,16 +164,25 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
         else:  # adaptive-svd+Q
             grid += [(f"{s}-{b}", s, CompressOptions(s, budget=str(b))) for b in opts.int4_budgets]
     specs = [parse_spec(c) for c in opts.codecs]
-    return grid + [(str(s), s.name, CompressOptions(codec=s)) for s in specs]
+    grid += [(str(s), s.name, CompressOptions(codec=s)) for s in specs]
+    unique: dict[str, tuple[str, str, CompressOptions | None]] = {}
+    for item in grid:  # the same name is the same bundle ("int8" and "int8()"): built and evaluated once
+        unique.setdefault(item[0], item)
+    return list(unique.values())
 
 
-def _existing(opts: SweepOptions, taken: set[str]) -> dict[str, Path]:
+def _existing(opts: SweepOptions, taken: set[str], checkpoint: Checkpoint) -> dict[str, Path]:
     """name -> path of the existing bundles to evaluate, each checked to open (a bad one is refused up front)."""
     found: dict[str, Path] = {}
     for b in opts.bundles:
         path = Path(b)
-        with open_bundle(path):
-            pass
+        with open_bundle(path) as bundle:
+            # a bundle of another model is refused before anything is built (eval_ppl says any warning, once)
+            try:
+                check_pairing(checkpoint, bundle, allow_mismatch=False)
+            except InputError as e:  # sweep has no --allow-source-mismatch: evaluate such a bundle with eval-ppl
+                e.hint = "sweep evaluates bundles of its own checkpoint; eval-ppl --allow-source-mismatch takes others"
+                raise
         name = path.name
         while name in taken or name in found:
             name = f"{name}+"
@@ -276,7 +286,7 @@ def sweep(
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     cfg = ckpt.config
     grid = _grid(opts, cfg.hidden_size)  # bad options and inputs are refused before anything is written
-    existing = _existing(opts, {name for name, _, _ in grid} | {"baseline", "dense-fp32"})
+    existing = _existing(opts, {name for name, _, _ in grid} | {"baseline", "dense-fp32"}, ckpt)
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     dense = out / "bundles" / "dense-fp32.safetensors"
     precompute(ckpt, dense, device=opts.device, force=True)

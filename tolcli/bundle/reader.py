@@ -254,8 +254,9 @@ class Bundle:
         lo, hi = _id_range(flat)
         if flat.size and (lo < 0 or hi >= self.vocab_size):
             raise InputError(f"token id outside the vocabulary [0, {self.vocab_size})", path=self.path)
-        self._last_ids = (torch.from_numpy(flat), flat)
-        return self._last_ids[0], tuple(ids.shape)
+        checked = torch.from_numpy(flat)
+        self._last_ids = (checked, flat)  # one attribute write: another thread's lookup never sees half of it
+        return checked, tuple(ids.shape)  # this call's ids, whatever another thread wrote meanwhile
 
     def lookup(self, layer: int, token_ids: Tensor | list[int]) -> Tensor:
         """Decoded ToL rows of ``layer`` for ``token_ids`` (any shape): fp32, shape (*ids.shape, hidden)."""
@@ -401,11 +402,20 @@ class Bundle:
                 break
             pairs, has_offsets = got
             views = run.stacks if run.stacks else {role: v[None] for role, v in run.views[0].items()}
-            if set(views) != ({"codes", "scales", "offsets"} if has_offsets else {"codes", "scales"}):
+            group = int(getattr(run.codec, "group_size", 0))
+            h = self.hidden_size
+            if (
+                set(views) != ({"codes", "scales", "offsets"} if has_offsets else {"codes", "scales"})
+                or group < 1
+                or views["codes"].shape[2] * 2 != h
+                or views["scales"].shape[2] * group != h
+                or views["codes"].dtype != np.uint8
+                or views["scales"].dtype != np.float16
+                or (has_offsets and views["offsets"].shape != views["scales"].shape)
+            ):  # a layout this path does not know (a plug-in codec): the general path reads it
                 plan = []
                 break
             offsets = views.get("offsets")
-            group = self.hidden_size // views["scales"].shape[2]
             plan.append(_PairStack(run.start, len(run.layers), views["codes"], views["scales"], offsets, pairs, group))
         self._pair_plan = plan
         return plan
@@ -683,6 +693,7 @@ def _plain_out(out: Tensor, want: tuple[int, ...]) -> bool:
         and out.is_cpu
         and out.shape == want
         and out.is_contiguous()
+        and not out.requires_grad
     )
 
 
@@ -720,7 +731,11 @@ def _small_ids(token_ids: Tensor | list[int], vocab: int) -> tuple[list[int], tu
             return None
         shape = tuple(token_ids.shape)
         flat = (token_ids if len(shape) == 1 else token_ids.reshape(-1)).tolist()
-    elif isinstance(token_ids, np.ndarray) and token_ids.dtype.kind in "iu" and 0 < token_ids.size <= MAX_FAST_IDS:
+    elif (
+        isinstance(token_ids, np.ndarray)
+        and (token_ids.dtype.kind == "i" or (token_ids.dtype.kind == "u" and token_ids.dtype.itemsize < 8))
+        and 0 < token_ids.size <= MAX_FAST_IDS
+    ):  # uint64 is refused by the general path (it may not fit int64): the same refusal here
         flat, shape = token_ids.ravel().tolist(), token_ids.shape
     elif type(token_ids) is list and 0 < len(token_ids) <= MAX_FAST_IDS:
         flat, shape = token_ids, (len(token_ids),)
@@ -732,7 +747,8 @@ def _small_ids(token_ids: Tensor | list[int], vocab: int) -> tuple[list[int], tu
 
 
 def check_out(out: Tensor, shape: tuple[int, ...], device: torch.device) -> None:
-    """Refuse an ``out`` buffer that is not a contiguous fp32 tensor of ``shape`` on ``device``."""
+    """Refuse an ``out`` buffer that is not a contiguous fp32 tensor of ``shape`` on ``device`` that needs no
+    gradient (lookups write it in place, which autograd cannot follow)."""
     ok = (
         isinstance(out, Tensor)
         and out.dtype == torch.float32
@@ -740,9 +756,12 @@ def check_out(out: Tensor, shape: tuple[int, ...], device: torch.device) -> None
         and device.index in (None, out.device.index)
         and tuple(out.shape) == shape
         and out.is_contiguous()
+        and not out.requires_grad
     )
     if not ok:
-        raise UsageError(f"`out` must be a contiguous fp32 tensor of shape {list(shape)} on {device}")
+        raise UsageError(
+            f"`out` must be a contiguous fp32 tensor of shape {list(shape)} on {device}, not requiring grad"
+        )
 
 
 def _integer_ids(token_ids: Tensor | list[int], path: Path) -> Tensor:

@@ -336,7 +336,8 @@ class SVDCodec(Codec):
 def _check_row_wise(codec: Codec | type[Codec]) -> None:
     if not codec.row_wise:
         row_wise = ", ".join(sorted(n for n, c in Codec.registry.items() if c.row_wise))
-        raise UsageError(f"the svd A factor needs a row-wise codec ({row_wise}), not {codec.name}")
+        what = f"{codec.name} with center=true" if getattr(codec, "center", False) is True else codec.name
+        raise UsageError(f"the svd A factor needs a row-wise codec ({row_wise}), not {what}")
 
 
 @dataclass(frozen=True)
