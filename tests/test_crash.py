@@ -145,3 +145,36 @@ def test_ctrl_c_during_precompute_exits_130_and_leaves_no_output(ckpt: Path, tmp
     assert not (tmp_path / "c.safetensors").exists() and not list(tmp_path.glob(".c.safetensors.tmp-*"))
     assert os.path.isdir(tmp_path / ".c.safetensors.partial")  # kept for --resume
     assert leftovers_of(tmp_path / "c.safetensors") == [".c.safetensors.partial"]  # no temp file, no lock
+
+
+@pytest.mark.parametrize("converted", [ValueError, OutputError])
+def test_ctrl_c_that_an_extension_turns_into_another_error_still_exits_130(
+    ckpt: Path, tmp_path: Path, cli, monkeypatch, converted: type[Exception]
+) -> None:
+    """torch catches a KeyboardInterrupt raised inside ``torch.tensor`` and raises a ValueError in its place (a CI
+    run reported "internal error: ValueError: could not determine the shape of object type ..." for a Ctrl-C);
+    whatever error the interrupt became, the outcome is still "interrupted", exit 130."""
+
+    def interrupted_inside_an_extension(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+        except KeyboardInterrupt:
+            raise converted("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        raise AssertionError("the signal never arrived")
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr("tolcli.precompute", interrupted_inside_an_extension)
+        r = cli("precompute", ckpt, "-o", tmp_path / "c.safetensors")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert r.code == ExitCode.INTERRUPTED and r.err.strip() == "tolcli: error: interrupted", r
+
+    def fails_alone(*args, **kwargs):
+        raise converted("a failure of its own")
+
+    monkeypatch.setattr("tolcli.precompute", fails_alone)  # the same error with no signal: reported as itself
+    r = cli("precompute", ckpt, "-o", tmp_path / "c.safetensors")
+    assert r.code not in (0, ExitCode.INTERRUPTED) and "a failure of its own" in r.err, r

@@ -565,15 +565,20 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[list[int]]:
     """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` (a KeyboardInterrupt) in the main thread, so
     that every ``finally`` runs: temp files are removed and locks released instead of left behind. A signal that
-    is ignored (``nohup``) stays ignored; later signals are ignored while the first one unwinds. Elsewhere than in
-    the main thread it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    is ignored (``nohup``) stays ignored; later SIGTERM/SIGHUP are ignored while the first one unwinds. Elsewhere
+    than in the main thread it does nothing.
+
+    It yields the list of signals that arrived (SIGINT included, when Python's default Ctrl-C handler is the one
+    installed): an extension that catches the KeyboardInterrupt and raises something else in its place (torch
+    turns one raised inside ``torch.tensor`` into a ValueError) would otherwise be reported as a bug, not as the
+    interruption it is."""
     fired: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield fired
+        return
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if fired:
@@ -581,14 +586,20 @@ def sigterm_as_interrupt() -> Iterator[None]:
         fired.append(signum)
         raise Terminated(signal.Signals(signum).name)
 
+    def ctrl_c(signum: int, frame: FrameType | None) -> None:
+        fired.append(signum)  # a second Ctrl-C interrupts the unwinding too, as Python's own handler would
+        raise KeyboardInterrupt
+
     previous = {}
-    for s in (signal.SIGTERM, signal.SIGHUP):
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         old = signal.getsignal(s)
+        if s == signal.SIGINT and old is not signal.default_int_handler:
+            continue  # ignored, or the embedding program's own handler: left alone
         if old is not signal.SIG_IGN:
             previous[s] = old
-            signal.signal(s, handler)
+            signal.signal(s, ctrl_c if s == signal.SIGINT else handler)
     try:
-        yield
+        yield fired
     finally:
         for s, old in previous.items():
             signal.signal(s, old)

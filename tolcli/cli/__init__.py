@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     json_out = _json_requested(args)
     jsondoc.begin(_command_named(args))
     interrupted = jsondoc.error_object(ExitCode.INTERRUPTED, "interrupted")
+    signals: list[int] = []
     try:
-        with sigterm_as_interrupt():  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files removed, locks released
+        with sigterm_as_interrupt() as signals:  # SIGTERM/SIGHUP unwind like Ctrl-C: temp files removed, locks released
             try:
                 rv = app(args=args, prog_name="tolcli", standalone_mode=False)
             finally:
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except TolcliError as e:
         if debug:
             traceback.print_exc()
+        if signals:  # a signal arrived and something turned its KeyboardInterrupt into this error
+            _fail("interrupted", json_out, interrupted)
+            return ExitCode.INTERRUPTED
         _fail(e.one_line(flag_for), json_out, error_json(e))
         return int(e.exit_code)
     except click_exc.ClickException as e:  # bad usage: click's message, on one line like every other error
@@ -169,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: keep it to one line unless asked
         if debug:
             traceback.print_exc()
+        if signals:  # an extension caught the KeyboardInterrupt and raised this instead: still an interruption
+            _fail("interrupted", json_out, interrupted)
+            return ExitCode.INTERRUPTED
         text = f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback, and please report it)"
         _fail(text, json_out, jsondoc.error_object(ExitCode.INTERNAL, text))
         return ExitCode.INTERNAL
