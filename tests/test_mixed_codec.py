@@ -98,6 +98,94 @@ def test_decode_matches_a_reference_decoder_written_from_the_format() -> None:
     assert bool((err <= as_mean * (1 + 1e-4) + 1e-9).all()) and float(err.sum()) < 0.2 * float(as_mean.sum())
 
 
+def _random_layer(rows: int, width: int, classes: list[tuple[int, int]], seed: int) -> tuple[dict, dict[str, Tensor]]:
+    """A valid layer with random codes, scales, offsets and row order, every listed class holding rows."""
+    g = np.random.default_rng(seed)
+    counts = np.full(len(classes), rows // len(classes))
+    counts[0] += rows - counts.sum()
+    pos = g.permutation(rows)
+    nb = 1 if rows <= 256 else 2
+    tensors = {
+        "index": torch.from_numpy(((pos[:, None] >> (8 * np.arange(nb))) & 0xFF).astype(np.uint8)),
+        "mean": torch.from_numpy(g.standard_normal((1, width), dtype=np.float32)),
+    }
+    for k, ((b, grp), n) in enumerate(zip(classes, counts, strict=True)):
+        if b:
+            tensors[f"class{k}.codes"] = torch.from_numpy(g.integers(0, 256, (n, width * b // 8), dtype=np.uint8))
+            for role, sign in (("scales", 1), ("offsets", -1)):
+                v = (sign * g.random((n, width // grp), dtype=np.float32)).astype(np.float16)
+                tensors[f"class{k}.{role}"] = torch.from_numpy(v)
+    listed = [[b, grp, int(n)] for (b, grp), n in zip(classes, counts, strict=True)]
+    return {"target_bits": 4.0, "classes": listed}, tensors
+
+
+@pytest.mark.parametrize("width", [128, 384])
+def test_every_code_width_and_group_decodes_like_the_reference_on_both_paths(width: int, monkeypatch) -> None:
+    """Every class of the menu, one layer: the fast path (a contiguous fp32 ``out``; unpacked by whole-word shifts),
+    the general path (a strided ``out``) and the bit-by-bit reference agree exactly, also across the fast path's
+    blocks (made tiny here) and with repeated ids."""
+    from tolcli.codecs import mixed
+
+    classes = sorted(MENU)
+    params, tensors = _random_layer(400, width, classes, seed=width)
+    codec = codec_from_manifest("mixed", params)
+    ids = torch.cat([torch.arange(400), torch.tensor([5, 5, 399, 0])])
+    expected = torch.from_numpy(np.stack([reference_decode(params, tensors, int(t)) for t in ids]))
+    fast = torch.empty(len(ids), width)
+    codec.decode_into(DictAccess(tensors), ids, fast)
+    assert torch.equal(fast, expected)
+    strided = torch.empty(width, len(ids)).t()  # not contiguous: the general path
+    codec.decode_into(DictAccess(tensors), ids, strided)
+    assert torch.equal(strided, expected)
+    monkeypatch.setattr(mixed, "FAST_BLOCK_VALUES", 37 * width)  # blocks of 37 rows: the scratch is reused
+    again = torch.full((len(ids), width), float("nan"))
+    codec.decode_into(DictAccess(tensors), ids, again)
+    assert torch.equal(again, expected)
+
+
+def test_threads_decoding_at_once_each_get_their_own_rows() -> None:
+    """The fast path's scratch buffers are per thread: four threads decoding different ids at once each get the
+    rows a lone decode gives."""
+    import threading
+
+    params, tensors = _random_layer(500, 128, sorted(MENU), seed=11)
+    codec = codec_from_manifest("mixed", params)
+    g = torch.Generator().manual_seed(12)
+    batches = [torch.randint(0, 500, (300,), generator=g) for _ in range(4)]
+    expected = [codec.decode_rows(DictAccess(tensors), ids) for ids in batches]
+    wrong: list[int] = []
+
+    def work(k: int) -> None:
+        out = torch.empty(300, 128)
+        for _ in range(40):
+            codec.decode_into(DictAccess(tensors), batches[k], out)
+            if not torch.equal(out, expected[k]):
+                wrong.append(k)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
+def test_the_fast_unpacker_reads_every_code_of_the_bit_stream(bits: int, monkeypatch) -> None:
+    """``unpack_codes_np`` against the stream read bit by bit (docs/bundle-format.md: code j in stream bits
+    j*bits .. j*bits+bits-1, stream bit i is bit i % 8 of byte i // 8), in one chunk of words and in many."""
+    from tolcli.codecs import mixed
+
+    g = np.random.default_rng(bits)
+    packed = g.integers(0, 256, (3, 1024 * bits), dtype=np.uint8)  # 8,192 codes a row
+    streams = [int.from_bytes(row.tobytes(), "little") for row in packed]  # each row's stream as one integer
+    expected = np.array([[(s >> (j * bits)) & ((1 << bits) - 1) for j in range(8192)] for s in streams])
+    for scratch in (None, mixed._Scratch()):
+        assert np.array_equal(mixed.unpack_codes_np(packed, bits, scratch), expected)
+    monkeypatch.setattr(mixed, "SPREAD_CHUNK", 77)
+    assert np.array_equal(mixed.unpack_codes_np(packed, bits, mixed._Scratch()), expected)
+
+
 @pytest.mark.parametrize("bits", [1.5, 2.0, 3.0, 4.0])
 def test_stored_bytes_count_the_side_information_and_stay_within_the_budget(bits: float) -> None:
     R, C = 512, 128

@@ -276,7 +276,10 @@ class DictAccess:
         self.tensors = tensors
 
     def rows(self, role: str, ids: Tensor) -> Tensor:
-        return self.tensors[role][ids]
+        t = self.tensors[role]
+        if ids.dim() == 1 and t.dim() >= 1 and str(ids.dtype) in ("torch.int64", "torch.int32"):
+            return t.index_select(0, ids)  # a plain gather of rows: several times faster than indexing
+        return t[ids]
 
     def full(self, role: str) -> Tensor:
         return self.tensors[role]
