@@ -35,6 +35,7 @@ UNITS = {
     "sweep:": "bundles",
     "convert": "bytes",
     "verify": "bytes",
+    "entropy": "bytes",
     "pack": "bytes",
     "unpack": "bytes",
 }

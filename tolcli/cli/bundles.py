@@ -11,6 +11,7 @@ from rich.table import Table
 
 import tolcli
 from tolcli._lazy import lazy_import
+from tolcli.bundle import codestats
 from tolcli.bundle.summary import bundle_summary
 from tolcli.cli import jsondoc
 from tolcli.cli._common import (
@@ -47,6 +48,14 @@ def inspect_cmd(
     plot: Annotated[
         Path | None, typer.Option("--plot", metavar="FILE.png", help="Also draw bytes, rank/bits and error per layer.")
     ] = None,
+    entropy: Annotated[
+        bool,
+        typer.Option(
+            "--entropy",
+            help="Also read every layer's codes: their entropy per code against the bits stored, and the layer's "
+            "zstd size.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a bundle's manifest: model, vocabulary, and per layer the codec, bytes and error.
@@ -55,19 +64,31 @@ def inspect_cmd(
 
         tolcli inspect demo.safetensors --plot layers.png
 
+        tolcli inspect int4.safetensors --entropy
+
         tolcli inspect tol.h5 --json | jq '.manifest.layers[] | {index, codec, stored_bytes}'
     """
     out = Output(json=json_out, command="inspect", inputs=[bundle])
+    stats = None
     with tolcli.open_bundle(bundle) as b:
         m = b.manifest
         container = b.container
+        if entropy:
+            total = 2 * sum(b.entry(n).nbytes for info in b.layers.values() for n in info.tensors.values())
+            prog = RichProgress(out)
+            prog.start("entropy", total)
+            try:
+                stats = codestats.code_statistics(b, progress=prog.advance)
+            finally:
+                prog.finish()
     if plot is not None:
         codecs = ", ".join(sorted({e["codec"] for e in m["layers"] if e["status"] == "present"}))
         plots.layer_figure(m, plot, f"{bundle.name}: {codecs}, {m['model']['num_layers']} layers")
     present = layers_present(m)
     summary = {"container": container, "file_bytes": path_bytes(bundle), **bundle_summary(m), "layers_present": present}
     if json_out:
-        out.emit_doc({"path": str(bundle), "layers_present": present, "summary": summary, "manifest": m})
+        doc = {"path": str(bundle), "layers_present": present, "summary": summary, "manifest": m}
+        out.emit_doc({**doc, "code_statistics": None if stats is None else [st.as_json() for st in stats]})
         return
     head = Table(
         title=f"{bundle} ({container}, {m['format']} v{m['format_version']})", show_header=False, title_justify="left"
@@ -106,8 +127,37 @@ def inspect_cmd(
             err,
         )
     out.print(t)
+    if stats is not None:
+        out.print(_code_table(stats))
     for w in m.get("warnings", []):
         out.print(f"warning: {w}")
+
+
+def _code_table(stats: list[codestats.LayerCodeStats]) -> Table:
+    t = Table(
+        "layer",
+        "codec",
+        "codes",
+        "stored bits/code",
+        "entropy bits/code",
+        "entropy-coded",
+        "zstd",
+        title="Codes (order-0 entropy; zstd level 3 of every stored byte)",
+        title_justify="left",
+    )
+    for st in stats:
+        ratio = st.stored_bytes / st.zstd_bytes if st.zstd_bytes else 0.0
+        has = st.codes > 0
+        t.add_row(
+            str(st.index),
+            st.codec,
+            f"{st.codes:,}",
+            f"{st.stored_bits_per_code:.2f}" if has else "-",
+            f"{st.entropy_bits_per_code:.3f}" if has else "-",
+            f"{fmt_bytes(st.entropy_coded_bytes)} (x{st.stored_bytes / max(1, st.entropy_coded_bytes):.2f})",
+            f"{fmt_bytes(st.zstd_bytes)} (x{ratio:.2f})",
+        )
+    return t
 
 
 def verify_cmd(bundle: BundleArg, json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:

@@ -43,6 +43,37 @@ LAYERS: Schema = {
     "description": "layer indices, ascending (every command reports layers this way)",
 }
 _MANIFEST: Schema = {"$ref": "https://tolcli.dev/schema/bundle-manifest-v1.json"}
+_CODE_STATS: Schema = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": [
+        "index",
+        "codec",
+        "codes",
+        "stored_bits_per_code",
+        "entropy_bits_per_code",
+        "stored_bytes",
+        "zstd_bytes",
+        "entropy_coded_bytes",
+    ],
+    "properties": {
+        "index": {"type": "integer", "minimum": 0, "description": "the layer"},
+        "codec": {"type": "string"},
+        "codes": {"type": "integer", "minimum": 0, "description": "integer codes the layer stores (0: none)"},
+        "stored_bits_per_code": {"type": ["number", "null"], "description": "their stored width (null: no codes)"},
+        "entropy_bits_per_code": {
+            "type": ["number", "null"],
+            "description": "their empirical order-0 entropy, per code tensor, averaged over the codes",
+        },
+        "stored_bytes": {"type": "integer", "minimum": 0, "description": "every tensor of the layer"},
+        "zstd_bytes": {"type": "integer", "minimum": 0, "description": "the same, each tensor zstd level 3"},
+        "entropy_coded_bytes": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "stored_bytes with the code tensors at their entropy (an ideal order-0 coder)",
+        },
+    },
+}
 
 
 def _d(schema: Schema, description: str) -> Schema:
@@ -160,6 +191,10 @@ COMMAND_KEYS: dict[str, dict[str, tuple[Schema, str]]] = {
         "layers_present": (LAYERS, "the layers the bundle stores"),
         "summary": (_BUNDLE_SUMMARY, "size figures; `summary.layers_present` is the same list as `layers_present`"),
         "manifest": (_MANIFEST, "the bundle's manifest (tolcli schema)"),
+        "code_statistics": (
+            {"type": ["array", "null"], "items": _CODE_STATS},
+            "null unless --entropy: per present layer, its codes' entropy against their stored bits, and zstd sizes",
+        ),
     },
     "verify": {
         "path": (_STR, "the bundle (same as `input`; kept from schema version 0)"),

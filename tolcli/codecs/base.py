@@ -123,6 +123,12 @@ class Codec(ABC):
         then take the reader's fast path (:meth:`tolcli.bundle.reader.Bundle.lookup_layers`); None otherwise."""
         return None
 
+    def code_roles(self) -> dict[str, int]:
+        """Roles that hold integer codes, with each code's width in bits: bytes whose rows are little-endian bit
+        streams of codes of that width (8: one code a byte). What ``tolcli inspect --entropy`` counts; empty for
+        codecs that store no codes (dense casts)."""
+        return {}
+
     def encoder(self, source: RowSource) -> BatchEncoder | None:
         """A batch encoder for ``source`` (reading it as often as fitting needs), or None when this codec can
         only encode a whole table. Row-wise codecs encode each batch as it is."""

@@ -271,6 +271,9 @@ class MixedCodec(Codec):
             s += c.rows
         return starts
 
+    def code_roles(self) -> dict[str, int]:
+        return {f"class{k}.codes": c.bits for k, c in enumerate(self._fitted()) if c.bits}
+
     def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         classes = self._fitted()
         check_width(width, classes)

@@ -396,6 +396,9 @@ class _GroupCodec(Codec):
         ``{"center": true}`` when the table was centred on its mean row (absent: not)."""
         return ({} if self.fit == "minmax" else {"fit": self.fit}) | ({"center": True} if self.center else {})
 
+    def code_roles(self) -> dict[str, int]:
+        return {"codes": int(self.params()["bits"])}
+
     def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         specs = self._tensor_specs(rows, width)
         if self.center:

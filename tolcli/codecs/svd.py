@@ -289,6 +289,9 @@ class SVDCodec(Codec):
             normalize=bool(params.get("normalize", False)),
         )
 
+    def code_roles(self) -> dict[str, int]:
+        return {f"A.{role}": bits for role, bits in self.a_codec.code_roles().items()}
+
     def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         specs = {f"A.{role}": spec for role, spec in self.a_codec.tensor_specs(rows, self.rank).items()}
         specs["B"] = ((self.rank, width), self.b.dtype)
