@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from tolcli import __version__
+from tolcli.autoplan import DEFAULT_CANDIDATES, AutoPlan, candidate_specs, plan_auto
 from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
@@ -49,6 +50,7 @@ from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, QUANT_SCHEMES, SCHEMES, SVD_KINDS
 from tolcli.codecs import NF4, SVD, Codec, CodecSpec, Dense, DictAccess, Int2, Int3, Int4, Int8, RankedSpec, parse_spec
 from tolcli.codecs.base import BatchEncoder, RowSource
+from tolcli.codecs.spec import split_items
 from tolcli.codecs.svd import DEFAULT_GRAM
 from tolcli.data import read_data
 from tolcli.demo import resolve_checkpoint_arg
@@ -122,9 +124,14 @@ class CompressOptions:
     weight_floor: float = 1.0
     codec: str | CodecSpec | None = None
     allow_source_mismatch: bool = False
+    candidates: str | None = None  # scheme "auto": the codec specs to choose among, comma-separated
 
     def codec_spec(self) -> CodecSpec:
         """The codec spec these options choose, validated."""
+        if self.scheme == AUTO_SCHEME:
+            raise UsageError("scheme auto chooses a codec per layer: it is no single codec spec")
+        if self.candidates is not None:
+            raise UsageError("`candidates` applies to scheme auto only")
         if self.codec is None:
             return scheme_spec(self)
         if self.scheme is not None:
@@ -163,6 +170,50 @@ class CompressOptions:
         if isinstance(out.get("sensitivity"), Checkpoint):
             out["sensitivity"] = out["sensitivity"].path.name
         return out
+
+
+# ---- scheme auto: a codec per layer under one budget ----------------------------------------------------------
+AUTO_SCHEME = "auto"
+# The CompressOptions fields scheme auto uses besides the weighting ones.
+_AUTO_FIELDS = ("scheme", "budget", "candidates", *_WEIGHTING_FIELDS, "allow_source_mismatch")
+
+
+def check_auto_options(o: CompressOptions) -> None:
+    """Scheme ``auto`` takes a ``budget``, optionally ``candidates`` and token weights; nothing a codec spec says."""
+    if o.codec is not None:
+        raise UsageError("give `scheme` auto or a `codec`, not both")
+    if o.budget is None:
+        raise UsageError("scheme auto needs a `budget` (--budget 0.1875 or 12MB)")
+    given = [f"`{f.name}`" for f in fields(o) if f.name not in _AUTO_FIELDS and getattr(o, f.name) != f.default]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)}: not with scheme auto, which chooses each layer's codec and its options; "
+            "name the codecs to choose among with `candidates`, e.g. 'int4,mixed(bits=3),svd(rank=64,a=int4)'"
+        )
+
+
+def _row_errors(codec: Codec, source: RowSource) -> torch.Tensor:
+    """Per-row squared errors (fp64 [V]) of ``codec`` on a layer, measured as compress measures them."""
+    stats = ErrorStats(source.rows)
+    enc = codec.encoder(source)
+    if enc is None:
+        table = torch.cat([rows for _, rows in source.batches()])
+        stats.add(0, table, codec.decode_rows(DictAccess(codec.encode(table)), torch.arange(source.rows)))
+    else:
+        for _ in _encoded_batches(source, codec, enc, stats):
+            pass
+    return stats.err
+
+
+def plan_auto_layers(
+    o: CompressOptions, b: Bundle, weights: dict[int, torch.Tensor] | None, progress: Progress, batch_rows: int
+) -> AutoPlan:
+    """Scheme ``auto``'s plan for bundle ``b`` (:mod:`tolcli.autoplan`)."""
+    texts = split_items(o.candidates) if o.candidates is not None else DEFAULT_CANDIDATES
+    specs = candidate_specs(texts, b.hidden_size)
+    budget = parse_budget(str(o.budget), b.vocab_size * b.hidden_size * 2 * len(b.layers))
+    sources = {i: LayerRows(b, i, batch_rows) for i in b.layers}
+    return plan_auto(sources, specs, weights, budget, _row_errors, progress)
 
 
 # ---- schemes: shorthands for specs ---------------------------------------------------------------------------
@@ -584,6 +635,7 @@ class CompressResult:
     manifest: dict[str, Any]
     seconds: float
     ranks: dict[int, int] = field(default_factory=dict)
+    plan: AutoPlan | None = None  # scheme auto: what was measured and chosen
 
     @property
     def stored_bytes(self) -> int:
@@ -592,21 +644,21 @@ class CompressResult:
 
 def _encode_layers(
     b: Bundle,
-    spec: CodecSpec,
-    ranks: dict[int, int],
+    specs: dict[int, CodecSpec],
+    label: str,
     weights: dict[int, torch.Tensor] | None,
     staging: Staging,
     progress: Progress,
     batch_rows: int,
 ) -> None:
-    """Encode and stage every layer the staging does not hold yet, in row batches of ``batch_rows``."""
+    """Encode and stage every layer the staging does not hold yet, each with its spec, in row batches of
+    ``batch_rows``."""
     todo = [i for i in sorted(b.layers) if staging.layer_done(i) is None]
-    progress.start(f"compress {len(todo)} layer(s) ({spec})", len(todo))
+    progress.start(f"compress {len(todo)} layer(s) ({label})", len(todo))
     for i in todo:
         source = LayerRows(b, i, batch_rows)
         w = None if weights is None else weights[i]
-        layer_spec = spec.with_rank(ranks[i]) if isinstance(spec, RankedSpec) else spec
-        codec = layer_spec.build(b.hidden_size, weights=w)
+        codec = specs[i].build(b.hidden_size, weights=w)
         enc = codec.encoder(source)
         if enc is None:  # a codec that needs the whole table
             layer = encode_layer(i, torch.cat([rows for _, rows in source.batches()]), codec, w)
@@ -727,7 +779,10 @@ def compress(
         32
     """
     t0 = time.monotonic()
-    spec, record = options.codec_spec(), options.record()
+    auto = options.scheme == AUTO_SCHEME
+    if auto:
+        check_auto_options(options)
+    spec, record = (None if auto else options.codec_spec()), options.record()
     out = Path(out)
     write = WriteOptions.make(
         out, container=container, compression=compression, max_shard_size=max_shard_size, force=force
@@ -737,24 +792,33 @@ def compress(
         weighting = replace(options.weighting(), device=device)
         weights, weight_info = load_weights(weighting, b, progress, note)
         batch_rows = default_batch_rows(b.hidden_size) if batch_rows is None else batch_rows
-        ranks = plan_ranks(spec, b, weights, progress, batch_rows)
-        warn_above_fp16(spec, b, ranks, note)
+        plan = None
+        if spec is None:
+            plan = plan_auto_layers(options, b, weights, progress, batch_rows)
+            specs = plan.specs()
+            ranks = {i: s.rank for i, s in specs.items() if isinstance(s, RankedSpec) and s.rank is not None}
+        else:
+            ranks = plan_ranks(spec, b, weights, progress, batch_rows)
+            warn_above_fp16(spec, b, ranks, note)
+            specs = {i: spec.with_rank(ranks[i]) if isinstance(spec, RankedSpec) else spec for i in b.layers}
         warn_lossy_input(b, note)
         job = {
             "command": "compress",
             "input": {n: t["sha256"] for n, t in b.manifest["tensors"].items()},
-            "codec": str(spec),
+            "codec": AUTO_SCHEME if spec is None else str(spec),
             "options": record,
             "weights": weight_info,
             "ranks": {str(k): v for k, v in ranks.items()},
             **write.job(),
         }
+        if plan is not None:
+            job["plan"] = {str(i): str(s) for i, s in specs.items()}
         staging = Staging(out, job, resume=resume, options=write, note=note)
-        _encode_layers(b, spec, ranks, weights, staging, progress, batch_rows)
+        _encode_layers(b, specs, AUTO_SCHEME if spec is None else str(spec), weights, staging, progress, batch_rows)
         tok = b.tokenizer_bytes()
         if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
             staging.stage_extra(TOKENIZER_TENSOR, tok)
         manifest = _manifest(b, staging, record, weight_info, ranks)
     path = staging.finish(manifest)
     with open_bundle(path) as written:
-        return CompressResult(path, written.manifest, time.monotonic() - t0, ranks)
+        return CompressResult(path, written.manifest, time.monotonic() - t0, ranks, plan)

@@ -22,6 +22,7 @@ from tolcli.bundle.summary import bundle_summary
 from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, SCHEMES, SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
+from tolcli.codecs.spec import split_items
 from tolcli.compress import CompressOptions, compress
 from tolcli.errors import InputError, OutputError, UsageError
 from tolcli.evaluation import eval_ppl
@@ -44,20 +45,6 @@ class SweepItems:
     families: tuple[str, ...] = ()
     codecs: tuple[str, ...] = ()
     bundles: tuple[Path, ...] = ()
-
-
-def split_items(text: str) -> list[str]:
-    """Split on the commas outside parentheses: ``"int4,svd(rank=8,a=int4)"`` -> ``["int4", "svd(rank=8,a=int4)"]``."""
-    items, depth, cur = [], 0, []
-    for ch in text:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth <= 0:
-            items.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    items.append("".join(cur).strip())
-    return [i for i in items if i]
 
 
 def parse_sweep_items(text: str) -> SweepItems:

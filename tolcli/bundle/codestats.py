@@ -52,7 +52,7 @@ def entropy_bits(counts: np.ndarray) -> float:
     if total == 0:
         return 0.0
     p = counts[counts > 0].astype(np.float64) / total
-    return float(-(p * np.log2(p)).sum())
+    return 0.0 - float((p * np.log2(p)).sum())  # 0.0, not -0.0, for one symbol
 
 
 def code_histogram(blocks: Iterable[np.ndarray], bits: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.table import Table
 
 import tolcli
 from tolcli.bundle.summary import bundle_summary
@@ -38,6 +39,7 @@ from tolcli.errors import UsageError
 from tolcli.fsutil import check_sums_path, path_bytes, write_sha256sums
 
 if TYPE_CHECKING:
+    from tolcli.autoplan import AutoPlan
     from tolcli.checkpoint import Checkpoint
     from tolcli.compress import CompressResult
 
@@ -50,7 +52,12 @@ def compress_cmd(
     bundle: BundleArg,
     output: OutputOpt,
     scheme: Annotated[
-        str | None, typer.Option("--scheme", "-s", help=f"One of: {', '.join(SCHEMES)} (or give --codec).")
+        str | None,
+        typer.Option(
+            "--scheme",
+            "-s",
+            help=f"One of: {', '.join(SCHEMES)}, or auto (a codec per layer under --budget; or give --codec).",
+        ),
     ] = None,
     codec: Annotated[
         str | None,
@@ -73,7 +80,17 @@ def compress_cmd(
         typer.Option(
             "--budget",
             metavar="BYTES|FRACTION",
-            help="adaptive-svd: total bytes (12MB, 1.5GiB) or a fraction of dense fp16 (0.25).",
+            help="adaptive-svd and auto: total bytes (12MB, 1.5GiB) or a fraction of dense fp16 (0.25).",
+            rich_help_panel=_SVD,
+        ),
+    ] = None,
+    candidates: Annotated[
+        str | None,
+        typer.Option(
+            "--candidates",
+            metavar="SPECS",
+            help="auto: the codec specs to choose among, comma-separated (default: fp16, int8, int4, nf4, int3, "
+            "int2, mixed at 1-6 bits, svd+int4 at ranks h/4 and h/2; 'rank=H/4' scales with the width).",
             rich_help_panel=_SVD,
         ),
     ] = None,
@@ -213,6 +230,8 @@ def compress_cmd(
         tolcli compress dense.safetensors -o ad.h5 -s adaptive-svd+int4 --budget 0.1 --calibration text.txt
 
         tolcli compress dense.safetensors -o ad.h5 --codec 'svd(budget=0.1,a=int4(group=32))'
+
+        tolcli compress dense.safetensors -o auto.h5 --scheme auto --budget 0.1875 --calibration text.txt
     """
     apply_threads(threads)
     out = Output(
@@ -250,6 +269,7 @@ def compress_cmd(
             weight_floor=weight_floor,
             codec=codec,
             allow_source_mismatch=allow_source_mismatch,
+            candidates=candidates,
         )
         res = tolcli.compress(
             bundle,
@@ -295,12 +315,15 @@ def _report(out: Output, res: CompressResult, what: str) -> None:
                 "fraction_of_dense_fp16": summary["fraction_of_dense_fp16"],
                 "ranks": {str(k): v for k, v in res.ranks.items()},
                 "rel_error": {str(e["index"]): e["rel_error"] for e in present},
+                "plan": None if res.plan is None else res.plan.as_json(),
                 "manifest": res.manifest,
             },
             output=res.path,
         )
         return
-    if res.ranks:
+    if res.plan is not None:
+        out.print(_plan_table(res.plan))
+    elif res.ranks:
         out.print("ranks: " + ", ".join(f"{k}:{v}" for k, v in sorted(res.ranks.items())))
     worst = max((e["rel_error"] for e in present), default=0.0)
     out.print(
@@ -308,3 +331,19 @@ def _report(out: Output, res: CompressResult, what: str) -> None:
         f"{100 * summary['fraction_of_dense_fp16']:.1f}% of dense fp16, worst layer error {worst:.2e}) "
         f"in {res.seconds:.1f}s"
     )
+
+
+def _plan_table(plan: AutoPlan) -> Table:
+    """Scheme auto's choice per layer."""
+    t = Table(
+        "layer",
+        "codec",
+        "stored",
+        "weighted sq. error",
+        "candidates",
+        title=f"auto: {fmt_bytes(plan.stored_bytes)} of a {fmt_bytes(plan.budget_bytes)} budget",
+        title_justify="left",
+    )
+    for i, c in sorted(plan.chosen.items()):
+        t.add_row(str(i), c.spec, fmt_bytes(c.stored_bytes), f"{c.error:.4g}", str(len(plan.measured[i])))
+    return t

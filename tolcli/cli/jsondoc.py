@@ -216,6 +216,11 @@ COMMAND_KEYS: dict[str, dict[str, tuple[Schema, str]]] = {
         "fraction_of_dense_fp16": (_NUM, "stored_bytes over every layer's dense fp16 table"),
         "ranks": ({"type": "object", "additionalProperties": _NAT}, "SVD rank per layer index (empty if no SVD)"),
         "rel_error": ({"type": "object", "additionalProperties": _NUM_OR_NULL}, "relative error per layer index"),
+        "plan": (
+            {"type": ["object", "null"]},
+            "scheme auto: budget_bytes, stored_bytes, weighted_sq_error and per layer index the chosen codec with "
+            "its stored_bytes and weighted_sq_error; null otherwise",
+        ),
         "manifest": (_MANIFEST, "the written bundle's manifest"),
     },
     "precompute": {

@@ -43,6 +43,20 @@ def spec_class(name: str) -> type[CodecSpec]:
     return codec.__dict__["spec"]
 
 
+def split_items(text: str) -> list[str]:
+    """Split on the commas outside parentheses: ``"int4,svd(rank=8,a=int4)"`` -> ``["int4", "svd(rank=8,a=int4)"]``."""
+    items, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth <= 0:
+            items.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    items.append("".join(cur).strip())
+    return [i for i in items if i]
+
+
 # ---- parsing: text -> tree -> spec ------------------------------------------------------------------------
 @dataclass
 class _Word:

@@ -1,0 +1,200 @@
+"""``compress --scheme auto --budget B``: a codec for every layer, chosen to minimise the total weighted error
+under one byte budget.
+
+Every layer is encoded with every candidate codec (:data:`DEFAULT_CANDIDATES`, or the user's list): dense fp16,
+the uniform quantisers, ``mixed`` (which itself spends its bytes row by row) at several rates, and SVD with an
+int4 factor. Each (layer, candidate) pair gives its stored bytes and its weighted squared error
+``D = sum_t w[l, t] * ||T_l[t] - decoded_l[t]||^2`` (``w``: the compress token weights, 1 without them; with
+``--sensitivity`` they carry each layer's effect on the loss, so errors of different layers compare in loss
+units). The plan picks one candidate per layer minimising ``sum_l D`` subject to ``sum_l bytes <= budget``: the
+Lagrangian choice ``argmin D + lambda * bytes`` with ``lambda`` bisected to the smallest value that fits, then
+greedy upgrades (the best error saved per extra byte) while the remaining budget allows.
+
+The search costs one encode per candidate per layer (the error measured as compress measures it, in row
+batches); restrict ``candidates`` on large models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tolcli.choices import DENSE_SCHEMES
+from tolcli.codecs import CodecSpec, parse_spec
+from tolcli.errors import UsageError
+from tolcli.progress import NullProgress, Progress
+
+DEFAULT_CANDIDATES: tuple[str, ...] = (
+    "fp16",
+    "int8",
+    "int4(group=64,fit=mse)",
+    "int4(group=128,fit=mse,center=true)",
+    "nf4(group=64,fit=mse)",
+    "int3(group=64,fit=mse)",
+    "int2(group=32,fit=mse)",
+    # mixed at quarter-bit steps where budgets usually fall, so that layers can differ by less than half a bit
+    *(f"mixed(bits={b})" for b in ("1", "1.5", "2", "2.25", "2.5", "2.75", "3", "3.25", "3.5", "4", "5", "6")),
+    "svd(rank=H/4,a=int4(group=32))",
+    "svd(rank=H/2,a=int4(group=32))",
+)
+BISECT_STEPS = 200
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One codec measured on one layer."""
+
+    spec: str  # canonical spec string
+    stored_bytes: int
+    error: float  # weighted squared error, summed over the layer's rows
+
+    def as_json(self) -> dict[str, Any]:
+        return {"codec": self.spec, "stored_bytes": self.stored_bytes, "weighted_sq_error": self.error}
+
+
+@dataclass(frozen=True)
+class AutoPlan:
+    """The chosen codec of every layer, and what was measured."""
+
+    budget_bytes: int
+    chosen: dict[int, Candidate]
+    measured: dict[int, list[Candidate]]
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.stored_bytes for c in self.chosen.values())
+
+    @property
+    def error(self) -> float:
+        return sum(c.error for c in self.chosen.values())
+
+    def specs(self) -> dict[int, CodecSpec]:
+        return {i: parse_spec(c.spec) for i, c in self.chosen.items()}
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "budget_bytes": self.budget_bytes,
+            "stored_bytes": self.stored_bytes,
+            "weighted_sq_error": self.error,
+            "layers": {str(i): c.as_json() for i, c in sorted(self.chosen.items())},
+        }
+
+
+def candidate_specs(texts: Sequence[str], width: int) -> list[CodecSpec]:
+    """The candidate specs for tables of ``width`` columns (``H`` in a rank stands for the width: ``rank=H/4``);
+    candidates that cannot encode that width (a group or rank that does not fit) are left out, duplicates once.
+    ``fp32``, ``fp16`` and ``bf16`` stand for the dense casts, as the schemes name them.
+
+    Example:
+        >>> [str(s) for s in candidate_specs(["int4", "int4(group=64)", "int8(group=48)", "svd(rank=H/2)"], 128)]
+        ['int4', 'svd(rank=64)']
+    """
+    out: dict[str, CodecSpec] = {}
+    for text in texts:
+        text = f"dense(dtype={text})" if text in DENSE_SCHEMES else text  # fp16 as the scheme names it
+        spec = parse_spec(_with_width(text, width))
+        if width % spec.width_multiple:
+            continue
+        try:
+            codec = spec.build(width)
+            if codec.name != "mixed":  # (mixed knows its tensors once fitted; its width multiple was checked)
+                codec.tensor_specs(1 << 10, width)  # a group or rank that does not fit refuses here
+        except UsageError:
+            continue
+        out.setdefault(str(spec), spec)
+    if not out:
+        raise UsageError(f"no candidate codec can encode tables {width} wide", hint="give other --candidates")
+    return list(out.values())
+
+
+def _with_width(text: str, width: int) -> str:
+    """``rank=H/4`` -> ``rank=32`` at width 128 (multiples of 8, at least 8)."""
+    for frac in ("H/8", "H/4", "H/2", "H"):
+        text = text.replace(frac, str(max(8, width // int(frac[2:] or 1) // 8 * 8)))
+    return text
+
+
+def choose(measured: dict[int, list[Candidate]], budget: int) -> dict[int, Candidate]:
+    """One candidate per layer: the least total error whose bytes fit ``budget`` (Lagrangian, then greedy)."""
+    floor = sum(min(c.stored_bytes for c in cs) for cs in measured.values())
+    if floor > budget:
+        raise UsageError(
+            f"the budget of {budget:,} bytes is below the smallest candidates' {floor:,} bytes",
+            hint="raise --budget or add smaller --candidates (mixed(bits=1), int2)",
+        )
+
+    layers = sorted(measured.items())
+
+    def pick(lam: float) -> dict[int, Candidate]:
+        return {i: min(cs, key=lambda c: (c.error + lam * c.stored_bytes, c.stored_bytes)) for i, cs in layers}
+
+    def total(p: dict[int, Candidate]) -> int:
+        return sum(c.stored_bytes for c in p.values())
+
+    best = pick(0.0)
+    if total(best) > budget:
+        scale = max(max(c.error for c in cs) for cs in measured.values()) or 1.0
+        lo, hi = 0.0, scale  # pick(hi) is the smallest candidate of every layer (errors below scale, bytes >= 1)
+        while total(pick(hi)) > budget:
+            hi *= 2
+        for _ in range(BISECT_STEPS):
+            mid = (lo + hi) / 2 if lo == 0.0 else math.sqrt(lo * hi)
+            if mid in (lo, hi):
+                break
+            if total(pick(mid)) <= budget:
+                hi = mid
+            else:
+                lo = mid if mid > 0 else hi * 1e-30
+        best = pick(hi)
+    while True:  # greedy upgrades with what is left of the budget
+        left = budget - total(best)
+        moves = [
+            ((best[i].error - c.error) / max(1, c.stored_bytes - best[i].stored_bytes), i, c)
+            for i, cs in measured.items()
+            for c in cs
+            if c.error < best[i].error and c.stored_bytes - best[i].stored_bytes <= left
+        ]
+        if not moves:
+            return best
+        _, i, c = max(moves, key=lambda m: (m[0], -m[1]))
+        best = {**best, i: c}
+
+
+def measure_layer(
+    source: Any, specs: Sequence[CodecSpec], weights: torch.Tensor | None, measure: Any
+) -> list[Candidate]:
+    """Every spec's bytes and weighted squared error on one layer (``measure(codec, source, weights)`` returns
+    the per-row squared errors, fp64 [V])."""
+    out = []
+    for spec in specs:
+        codec = spec.build(source.width, weights=weights)
+        err = measure(codec, source)
+        w = torch.ones_like(err) if weights is None else weights.double()
+        out.append(Candidate(str(spec), codec.stored_bytes(source.rows, source.width), float((w * err).sum())))
+    return out
+
+
+def plan_auto(
+    layers: dict[int, Any],
+    specs: Sequence[CodecSpec],
+    weights: dict[int, torch.Tensor] | None,
+    budget: int,
+    measure: Any,
+    progress: Progress | None = None,
+) -> AutoPlan:
+    """Measure every candidate on every layer (``layers``: index -> its row source) and choose (:func:`choose`)."""
+    progress = progress or NullProgress()
+    progress.start(f"auto: {len(specs)} candidates x {len(layers)} layer(s)", len(layers) * len(specs))
+    measured = {}
+    for i, source in sorted(layers.items()):
+        cands = []
+        for spec in specs:
+            cands += measure_layer(source, [spec], None if weights is None else weights[i], measure)
+            progress.advance(1)
+        measured[i] = cands
+    progress.finish()
+    return AutoPlan(budget, choose(measured, budget), measured)
