@@ -36,6 +36,7 @@ UNITS = {
     "convert": "bytes",
     "verify": "bytes",
     "entropy": "bytes",
+    "auto:": "encodes",
     "pack": "bytes",
     "unpack": "bytes",
 }
