@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from tolcli import CompressOptions, compress, open_bundle, precompute
-from tolcli.autoplan import Candidate, candidate_specs, choose
+from tolcli.autoplan import Candidate, candidate_specs, choose, plan_auto
 from tolcli.codecs import DictAccess, parse_spec
-from tolcli.errors import UsageError
+from tolcli.codecs.base import TableRows
+from tolcli.errors import InputError, UsageError
 from tolcli.testing import tiny_config, write_random_checkpoint
 
 
@@ -161,3 +162,30 @@ def test_auto_cli_table_and_json(dense: Path, tmp_path: Path, cli) -> None:
     assert sorted(doc["plan"]["layers"]) == ["0", "1", "2"] and doc["stored_bytes"] == doc["plan"]["stored_bytes"]
     r = cli("compress", dense, "-o", tmp_path / "i.safetensors", "--scheme", "int4", "--json")
     assert json.loads(r.out)["plan"] is None
+
+
+def test_a_nan_error_is_never_chosen_and_a_failing_candidate_is_left_out() -> None:
+    """A zero token weight times an fp16 overflow is NaN: such a candidate is measured as infinitely bad (a NaN
+    would stall the choice); a candidate that cannot encode a layer is left out for that layer; a layer no candidate
+    can encode is reported with the error."""
+    table = torch.randn(64, 32)
+    specs = [parse_spec(t) for t in ("int8", "int4(group=32)", "mixed(bits=2)")]
+
+    def measure(codec, source):
+        if codec.name == "int8":
+            return torch.full((source.rows,), float("nan"), dtype=torch.float64)
+        if codec.name == "mixed":
+            raise InputError("cannot encode this layer")
+        return torch.ones(source.rows, dtype=torch.float64)
+
+    plan = plan_auto({0: TableRows(table, 16), 1: TableRows(table, 16)}, specs, None, 10**9, measure)
+    assert {i: c.spec for i, c in plan.chosen.items()} == {0: "int4(group=32)", 1: "int4(group=32)"}
+    assert [c.spec for c in plan.measured[0]] == ["int8", "int4(group=32)"]
+    assert plan.measured[0][0].error == float("inf")
+    with pytest.raises(InputError, match="cannot encode this layer"):
+        plan_auto({0: TableRows(table, 16)}, specs[2:], None, 10**9, measure)
+
+
+def test_candidates_left_out_are_named_when_none_is_left() -> None:
+    with pytest.raises(UsageError, match=r"svd\(budget=0.1\)"):
+        candidate_specs(["svd(budget=0.1)"], 64)

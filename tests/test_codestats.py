@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tolcli import CompressOptions, compress, open_bundle, precompute
-from tolcli.bundle.codestats import code_statistics
+from tolcli.bundle.codestats import bytes_to_read, code_statistics
 from tolcli.bundle.entries import TensorEntry
 from tolcli.bundle.writer import write_bundle
 from tolcli.testing import tiny_config, tiny_manifest, write_random_checkpoint
@@ -127,3 +127,11 @@ def test_inspect_entropy_table_and_json(bundles: dict[str, Path], cli) -> None:
     assert all(s["codec"] == "dense" and 0 < s["zstd_bytes"] <= s["stored_bytes"] for s in doc["code_statistics"])
     r = cli("inspect", bundles["int4"], "--json")
     assert json.loads(r.out)["code_statistics"] is None  # not read unless asked
+
+
+@pytest.mark.parametrize("name", ["dense", "int4", "mixed"])
+def test_the_progress_total_is_what_is_read(bundles: dict[str, Path], name: str) -> None:
+    read: list[int] = []
+    with open_bundle(bundles[name]) as b:
+        code_statistics(b, progress=read.append)
+        assert sum(read) == bytes_to_read(b) > 0

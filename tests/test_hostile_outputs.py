@@ -33,6 +33,7 @@ from tolcli.errors import ExitCode, OutputError, TolcliError, UsageError
 from tolcli.fsutil import (
     LockBusy,
     OutputLock,
+    Terminated,
     check_sums_path,
     leftovers,
     lock_path,
@@ -447,6 +448,24 @@ def test_sigterm_as_interrupt_restores_and_respects_ignored_signals() -> None:
         assert signal.getsignal(signal.SIGTERM) is before
     finally:
         signal.signal(signal.SIGHUP, hup)
+
+
+def test_sigterm_still_unwinds_after_a_ctrl_c_that_was_handled() -> None:
+    """Ctrl-C is recorded too (an error it turns into still exits 130), but a handled one must not make a later
+    SIGTERM a no-op."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("Python's own Ctrl-C handler is not installed here")
+    with sigterm_as_interrupt() as fired:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            pass
+        assert fired == [signal.SIGINT]
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert fired == [signal.SIGINT, signal.SIGTERM]
 
 
 def test_usage_errors_and_failed_runs_leave_no_staging(ckpt: Path, tmp_path: Path, cli, monkeypatch) -> None:

@@ -143,6 +143,21 @@ def test_every_code_width_and_group_decodes_like_the_reference_on_both_paths(wid
     assert torch.equal(again, expected)
 
 
+def test_corrupt_positions_and_class_shapes_are_refused_on_both_paths() -> None:
+    """An ``index`` that reads as a negative position, or a class tensor of the wrong width, is an InputError on the
+    fast path (contiguous ``out``) as on the general one, never stale scratch or a broadcast row."""
+    params, tensors = _random_layer(300, 128, sorted(MENU), seed=13)
+    codec = codec_from_manifest("mixed", params)
+    ids = torch.arange(300)
+    bad_index = {**tensors, "index": torch.full((300, 8), 0xFF, dtype=torch.uint8)}  # position -1
+    k = next(k for k, c in enumerate(params["classes"]) if c[0] == 8)
+    narrow = {**tensors, f"class{k}.codes": tensors[f"class{k}.codes"][:, :1].contiguous()}
+    for bad, message in ((bad_index, "position -1"), (narrow, f"class{k}.codes` has shape")):
+        for out in (torch.empty(300, 128), torch.empty(128, 300).t()):
+            with pytest.raises(InputError, match=message):
+                codec.decode_into(DictAccess(bad), ids, out)
+
+
 def test_threads_decoding_at_once_each_get_their_own_rows() -> None:
     """The fast path's scratch buffers are per thread: four threads decoding different ids at once each get the
     rows a lone decode gives."""

@@ -25,7 +25,7 @@ import torch
 
 from tolcli.choices import DENSE_SCHEMES
 from tolcli.codecs import CodecSpec, parse_spec
-from tolcli.errors import UsageError
+from tolcli.errors import InputError, TolcliError, UsageError
 from tolcli.progress import NullProgress, Progress
 
 DEFAULT_CANDIDATES: tuple[str, ...] = (
@@ -94,20 +94,26 @@ def candidate_specs(texts: Sequence[str], width: int) -> list[CodecSpec]:
         ['int4', 'svd(rank=64)']
     """
     out: dict[str, CodecSpec] = {}
+    rejected = []
     for text in texts:
         text = f"dense(dtype={text})" if text in DENSE_SCHEMES else text  # fp16 as the scheme names it
         spec = parse_spec(_with_width(text, width))
         if width % spec.width_multiple:
+            rejected.append(text)
             continue
         try:
             codec = spec.build(width)
             if codec.name != "mixed":  # (mixed knows its tensors once fitted; its width multiple was checked)
                 codec.tensor_specs(1 << 10, width)  # a group or rank that does not fit refuses here
         except UsageError:
+            rejected.append(text)  # also an SVD without a fixed rank (budget=, energy=): auto sets the budget
             continue
         out.setdefault(str(spec), spec)
     if not out:
-        raise UsageError(f"no candidate codec can encode tables {width} wide", hint="give other --candidates")
+        raise UsageError(
+            f"no candidate codec can encode tables {width} wide ({', '.join(rejected)})",
+            hint="give other --candidates; SVD candidates need a fixed rank, e.g. svd(rank=H/4,a=int4(group=32))",
+        )
     return list(out.values())
 
 
@@ -139,7 +145,7 @@ def choose(measured: dict[int, list[Candidate]], budget: int) -> dict[int, Candi
     if total(best) > budget:
         scale = max(max(c.error for c in cs) for cs in measured.values()) or 1.0
         lo, hi = 0.0, scale  # pick(hi) is the smallest candidate of every layer (errors below scale, bytes >= 1)
-        while total(pick(hi)) > budget:
+        while total(pick(hi)) > budget:  # ends: at hi = inf every layer takes its smallest candidate, which fit
             hi *= 2
         for _ in range(BISECT_STEPS):
             mid = (lo + hi) / 2 if lo == 0.0 else math.sqrt(lo * hi)
@@ -174,7 +180,9 @@ def measure_layer(
         codec = spec.build(source.width, weights=weights)
         err = measure(codec, source)
         w = torch.ones_like(err) if weights is None else weights.double()
-        out.append(Candidate(str(spec), codec.stored_bytes(source.rows, source.width), float((w * err).sum())))
+        total = float((w * err).sum())
+        total = total if math.isfinite(total) else math.inf  # NaN (a zero weight on an overflow) never chosen
+        out.append(Candidate(str(spec), codec.stored_bytes(source.rows, source.width), total))
     return out
 
 
@@ -191,10 +199,17 @@ def plan_auto(
     progress.start(f"auto: {len(specs)} candidates x {len(layers)} layer(s)", len(layers) * len(specs))
     measured = {}
     for i, source in sorted(layers.items()):
-        cands = []
+        cands: list[Candidate] = []
+        failed: TolcliError | None = None
         for spec in specs:
-            cands += measure_layer(source, [spec], None if weights is None else weights[i], measure)
+            try:
+                cands += measure_layer(source, [spec], None if weights is None else weights[i], measure)
+            except (UsageError, InputError) as e:  # this candidate cannot encode this layer: the others may
+                failed = e
             progress.advance(1)
+        if not cands:
+            assert failed is not None
+            raise failed
         measured[i] = cands
     progress.finish()
     return AutoPlan(budget, choose(measured, budget), measured)

@@ -581,7 +581,7 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if fired:
+        if any(s != signal.SIGINT for s in fired):  # a SIGTERM/SIGHUP is already unwinding
             return
         fired.append(signum)
         raise Terminated(signal.Signals(signum).name)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 ZSTD_LEVEL = 3
+HISTOGRAM_CHUNK = 1 << 20  # codes counted at once
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,9 @@ def code_histogram(blocks: Iterable[np.ndarray], bits: int) -> np.ndarray:
     for block in blocks:
         raw = np.ascontiguousarray(block).view(np.uint8)
         raw = raw.reshape(raw.shape[0], -1) if raw.ndim > 1 else raw.reshape(1, -1)
-        codes = raw if bits == 8 else unpack_codes_np(raw, bits)
-        counts += np.bincount(codes.reshape(-1), minlength=1 << bits)
+        codes = (raw if bits == 8 else unpack_codes_np(raw, bits)).reshape(-1)
+        for a in range(0, codes.size, HISTOGRAM_CHUNK):  # bincount makes an int64 copy: bounded to a chunk
+            counts += np.bincount(codes[a : a + HISTOGRAM_CHUNK], minlength=1 << bits)
     return counts
 
 
@@ -81,9 +83,20 @@ def zstd_size(blocks: Iterable[np.ndarray], level: int = ZSTD_LEVEL) -> int:
     return n + len(c.flush())
 
 
+def bytes_to_read(bundle: Any) -> int:
+    """What :func:`code_statistics` reads of an open bundle (its progress total): every tensor of every present
+    layer once for zstd, the code tensors once more for their histogram."""
+    return sum(
+        bundle.entry(name).nbytes * (2 if role in info.codec.code_roles() else 1)
+        for info in bundle.layers.values()
+        for role, name in info.tensors.items()
+    )
+
+
 def code_statistics(bundle: Any, progress: Callable[[int], None] | None = None) -> list[LayerCodeStats]:
     """:class:`LayerCodeStats` of every present layer of an open :class:`tolcli.bundle.reader.Bundle`, in layer
-    order; ``progress(bytes)`` is called as tensors are read (each byte is read twice: histogram and zstd)."""
+    order; ``progress(bytes)`` is called as tensors are read (every tensor once for zstd, code tensors once more
+    for their histogram)."""
     out = []
     for index in sorted(bundle.layers):
         info = bundle.layers[index]

@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except TolcliError as e:
         if debug:
             traceback.print_exc()
-        if signals:  # a signal arrived and something turned its KeyboardInterrupt into this error
+        # A signal arrived and something turned its KeyboardInterrupt into this error (or caught it and went on to
+        # fail): after Ctrl-C or SIGTERM the outcome is "interrupted", whatever the error on the way out.
+        if signals:
             _fail("interrupted", json_out, interrupted)
             return ExitCode.INTERRUPTED
         _fail(e.one_line(flag_for), json_out, error_json(e))

@@ -74,7 +74,7 @@ def inspect_cmd(
         m = b.manifest
         container = b.container
         if entropy:
-            total = 2 * sum(b.entry(n).nbytes for info in b.layers.values() for n in info.tensors.values())
+            total = codestats.bytes_to_read(b)
             prog = RichProgress(out)
             prog.start("entropy", total)
             try:

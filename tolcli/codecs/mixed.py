@@ -362,6 +362,11 @@ class MixedCodec(Codec):
                 f"mixed: tensor `index` holds position {bad:,}, beyond the layer's {total:,} rows",
                 hint="the bundle is corrupt: run tolcli verify",
             )
+        if pos.numel() and int(pos.min()) < 0:  # an index wider than 7 bytes can read as negative
+            raise InputError(
+                f"mixed: tensor `index` holds position {int(pos.min()):,}",
+                hint="the bundle is corrupt: run tolcli verify",
+            )
         return pos
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
@@ -386,8 +391,7 @@ class MixedCodec(Codec):
             sel = _class_rows(pos, start, c.rows)
             if sel.numel() == 0:
                 continue
-            slots = pos[sel] - start
-            codes, scales, offsets = (access.rows(f"class{k}.{r}", slots) for r in ("codes", "scales", "offsets"))
+            codes, scales, offsets = _class_tensors(access, k, c, pos[sel] - start, out.shape[-1])
             out[sel] = dequantize_class(codes, scales, offsets, c.bits, c.group) + mean
 
     def _decode_block(self, access: TensorAccess, pos: Tensor, mean: Tensor, out: Tensor) -> None:
@@ -401,8 +405,7 @@ class MixedCodec(Codec):
             if c.bits == 0:
                 zero.append(sel)
                 continue
-            slots = pos[sel] - start
-            codes, scales, offsets = (access.rows(f"class{k}.{r}", slots) for r in ("codes", "scales", "offsets"))
+            codes, scales, offsets = _class_tensors(access, k, c, pos[sel] - start, out.shape[1])
             coded.append((c.bits, c.group, sel, codes, scales, offsets))
         decode_rows_fast(coded, torch.cat(zero) if zero else pos[:0], mean, out)
 
@@ -426,7 +429,7 @@ SPREAD_CHUNK = 1 << 15  # 64-bit words per chunk: two 256 KB arrays, in L2
 class _Scratch(threading.local):
     """Per-thread buffers that the fast decode path reuses from call to call. A fresh multi-megabyte array is
     mapped by malloc and page-faulted on first touch at every call, which cost as much as the decoding itself; a
-    thread keeps at most about 3.5 bytes per value of one block (:data:`FAST_BLOCK_VALUES`)."""
+    thread keeps at most about 5 bytes per value of one block (:data:`FAST_BLOCK_VALUES`: about 42 MB)."""
 
     def __init__(self) -> None:
         self.buffers: dict[str, np.ndarray] = {}
@@ -526,6 +529,21 @@ def decode_rows_fast(
         o.add_(mean)
     if zero.numel():
         out.numpy()[zero.numpy()] = mean.numpy()
+
+
+def _class_tensors(access: TensorAccess, k: int, c: RowClass, slots: Tensor, width: int) -> tuple[Tensor, ...]:
+    """Rows ``slots`` of class ``k``'s codes, scales and offsets, refused unless shaped as the class says (a
+    bundle's tensors are checked against its manifest; tensors handed to the codec directly are checked here)."""
+    parts = tuple(access.rows(f"class{k}.{r}", slots) for r in ("codes", "scales", "offsets"))
+    want = (width * c.bits // 8, width // c.group, width // c.group)
+    for role, t, n in zip(("codes", "scales", "offsets"), parts, want, strict=True):
+        if t.dim() != 2 or t.shape[1] != n:
+            raise InputError(
+                f"mixed: tensor `class{k}.{role}` has shape {list(t.shape)}, not [rows, {n}] for {c.bits}-bit codes "
+                f"in groups of {c.group} over {width} values",
+                hint="the bundle is corrupt: run tolcli verify",
+            )
+    return parts
 
 
 def _class_rows(pos: Tensor, start: int, rows: int) -> Tensor:
