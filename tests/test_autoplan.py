@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +14,11 @@ import pytest
 import torch
 
 from tolcli import CompressOptions, compress, open_bundle, precompute
-from tolcli.autoplan import Candidate, candidate_specs, choose, plan_auto
+from tolcli.autoplan import AutoPlan, Candidate, Validation, alternative_plans, candidate_specs, choose, plan_auto
 from tolcli.codecs import DictAccess, parse_spec
 from tolcli.codecs.base import TableRows
 from tolcli.errors import InputError, UsageError
-from tolcli.testing import tiny_config, write_random_checkpoint
+from tolcli.testing import tiny_config, write_random_checkpoint, write_word_tokenizer
 
 
 def brute_force(measured: dict[int, list[Candidate]], budget: int) -> float:
@@ -189,3 +191,152 @@ def test_a_nan_error_is_never_chosen_and_a_failing_candidate_is_left_out() -> No
 def test_candidates_left_out_are_named_when_none_is_left() -> None:
     with pytest.raises(UsageError, match=r"svd\(budget=0.1\)"):
         candidate_specs(["svd(budget=0.1)"], 64)
+
+
+# ---- --validate: the top plans evaluated with the model, the one of least KL kept ------------------------------
+def test_alternative_plans_are_the_best_plan_of_each_kind_alone_by_brute_force() -> None:
+    rng = np.random.default_rng(5)
+    kinds = ("int4", "int2(group=32)", "mixed(bits=2)")
+    for trial in range(20):
+        measured = {
+            i: [Candidate(k, int(rng.integers(5, 40)), float(rng.uniform(0.1, 10))) for k in kinds] for i in range(3)
+        }
+        budget = int(rng.integers(30, 100))
+        try:
+            plans = alternative_plans(measured, budget, top=4)
+        except UsageError:
+            continue
+        assert plans[0] == ("all candidates", choose(measured, budget))
+        expected = {}
+        for k in kinds:  # brute force over one kind: every layer has exactly one candidate of it, so one plan
+            only = {i: [c for c in cs if c.spec == k] for i, cs in measured.items()}
+            if sum(cs[0].stored_bytes for cs in only.values()) <= budget:
+                expected[f"{parse_spec(k).name} only"] = {i: cs[0] for i, cs in only.items()}
+        got = dict(plans[1:])
+        for label, plan in got.items():
+            assert plan == expected[label] and plan != plans[0][1]
+        missing = [lbl for lbl, p in expected.items() if lbl not in got and p != plans[0][1]]
+        assert not missing, (trial, missing)  # top=4 leaves room for every kind
+        errors = [sum(c.error for c in p.values()) for _, p in plans[1:]]
+        assert errors == sorted(errors)
+        assert len(alternative_plans(measured, budget, top=1)) == 1
+
+
+def test_validated_keeps_the_first_plan_of_least_kl_and_a_nan_kl_never() -> None:
+    a, b = {0: Candidate("int4", 10, 1.0)}, {0: Candidate("int2", 5, 4.0)}
+    plan = AutoPlan(12, a, {0: [a[0], b[0]]})
+    c = {0: Candidate("int8", 11, 0.1)}
+    results = [Validation("all candidates", a, math.nan, 1.0), Validation("int2 only", b, 0.5, 2.0)]
+    kept = plan.validated([*results, Validation("int8 only", c, 0.9, 0.1)])
+    assert kept.chosen == b and kept.validation is not None and len(kept.validation) == 3
+    assert kept.as_json()["validation"][0]["mean_kl"] is None
+    tie = plan.validated([Validation("all candidates", a, 0.5, 1.0), Validation("int2 only", b, 0.5, 2.0)])
+    assert tie.chosen == a
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny memoryllm with a word-level tokenizer (so it reads text), its dense bundle and a calibration text."""
+    d = tmp_path_factory.mktemp("validate")
+    cfg = tiny_config("memoryllm", hidden_size=64, num_hidden_layers=3)
+    ckpt = write_random_checkpoint(d / "ckpt", cfg, tokenizer=write_word_tokenizer(d / "tokenizer.json"))
+    calib = d / "calib.txt"
+    calib.write_text(" ".join(random.Random(0).choices([f"w{i}" for i in range(100)], k=600)), encoding="utf-8")
+    return ckpt, precompute(ckpt, d / "dense.safetensors").path, calib
+
+
+VALIDATE_CANDIDATES = "int4(group=64),int2(group=32),mixed(bits=2),svd(rank=H/4,a=int4(group=32))"
+
+
+def _validate_opts(small: tuple[Path, Path, Path], **kw) -> CompressOptions:
+    ckpt, _, calib = small
+    return CompressOptions(
+        scheme="auto",
+        budget="0.25",
+        candidates=VALIDATE_CANDIDATES,
+        calibration=str(calib),
+        sensitivity=str(ckpt),
+        validate=str(calib),
+        **kw,
+    )
+
+
+def test_validate_writes_the_plan_of_least_kl_and_its_kl_is_the_written_bundles(
+    small: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from tolcli import eval_ppl
+
+    ckpt, dense, calib = small
+    res = compress(dense, tmp_path / "v.safetensors", _validate_opts(small))
+    plan = res.plan
+    assert plan is not None and plan.validation is not None and len(plan.validation) == 3
+    assert plan.validation[0].label == "all candidates"
+    assert all(v.stored_bytes <= plan.budget_bytes for v in plan.validation)
+    kls = [v.mean_kl for v in plan.validation]
+    kept = plan.validation[kls.index(min(kls))]
+    assert plan.chosen == kept.chosen
+    with open_bundle(res.path) as b:
+        assert [b.manifest["layers"][i]["codec"] for i in sorted(kept.chosen)] == [
+            parse_spec(c.spec).name for _, c in sorted(kept.chosen.items())
+        ]
+    # the KL recorded for the kept plan is the written bundle's, measured again from scratch
+    report = eval_ppl(ckpt, [calib], tols=[res.path])
+    assert report.variants[1]["mean_kl"] == pytest.approx(kept.mean_kl, rel=1e-9)
+    assert not list(tmp_path.glob(".tolcli-validate-*"))  # the plans' bundles are gone
+
+
+def test_validate_overrides_the_proxy_and_cleans_up_on_failure(
+    small: tuple[Path, Path, Path], tmp_path: Path, monkeypatch
+) -> None:
+    import tolcli.evaluation
+
+    dense = small[1]
+    real = tolcli.evaluation.eval_ppl
+
+    def second_is_best(*args, **kwargs):
+        report = real(*args, **kwargs)
+        for k, v in enumerate(report.variants[1:]):
+            v["mean_kl"] = 1.0 if k != 1 else 0.5
+        return report
+
+    monkeypatch.setattr(tolcli.evaluation, "eval_ppl", second_is_best)
+    plan = compress(dense, tmp_path / "v.safetensors", _validate_opts(small, validate_plans=2)).plan
+    assert plan is not None and plan.validation is not None and len(plan.validation) == 2
+    assert plan.chosen == plan.validation[1].chosen != plan.validation[0].chosen
+
+    def fails(*args, **kwargs):
+        raise InputError("no text")
+
+    monkeypatch.setattr(tolcli.evaluation, "eval_ppl", fails)
+    with pytest.raises(InputError, match="no text"):
+        compress(dense, tmp_path / "w.safetensors", _validate_opts(small))
+    assert not list(tmp_path.glob(".tolcli-validate-*")) and not (tmp_path / "w.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--scheme", "auto", "--budget", "0.2", "--validate", "c.txt"), "--validate evaluates plans with the model"),
+        (("--scheme", "int4", "--validate", "c.txt"), "--validate applies to scheme auto only"),
+    ],
+)
+def test_validate_usage_errors(dense: Path, tmp_path: Path, cli, args: tuple[str, ...], message: str) -> None:
+    r = cli("compress", dense, "-o", tmp_path / "x.safetensors", *args)
+    assert r.code == 2 and message in r.err, r.err
+    with pytest.raises(UsageError, match="validate_plans"):
+        compress(dense, tmp_path / "x.safetensors", CompressOptions(scheme="auto", budget="0.2", validate_plans=2))
+
+
+def test_validate_cli_table_and_json(small: tuple[Path, Path, Path], tmp_path: Path, cli) -> None:
+    ckpt, dense, calib = small
+    args = ("compress", dense, "-o", tmp_path / "a.safetensors", "--scheme", "auto", "--budget", "0.25")
+    args += ("--candidates", "int4(group=64),int2(group=32),mixed(bits=2)", "--sensitivity", ckpt)
+    args += ("--calibration", calib, "--validate", calib)
+    r = cli(*args)
+    assert r.code == 0 and "--validate: plans evaluated" in r.out and "kept" in r.out, r.err
+    r = cli(*args, "--json", "--force")
+    doc = json.loads(r.out)
+    rows = doc["plan"]["validation"]
+    assert rows[0]["label"] == "all candidates" and {"mean_kl", "ppl_change_pct", "layers"} <= set(rows[0])
+    kept = min(rows, key=lambda v: v["mean_kl"])
+    assert {k: v["codec"] for k, v in doc["plan"]["layers"].items()} == kept["layers"]

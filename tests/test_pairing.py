@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from tolcli import CompressOptions, compress, convert_bundle, drop_layers, open_bundle, open_checkpoint, precompute
 from tolcli.bundle.manifest import canonical_json, parse_manifest
@@ -27,7 +26,7 @@ from tolcli.config import ModelConfig
 from tolcli.errors import CheckpointError, ExitCode, InputError
 from tolcli.pairing import check_pairing, source_fingerprint
 from tolcli.strip import strip_checkpoint
-from tolcli.testing import random_state_dict, tiny_config, write_checkpoint
+from tolcli.testing import random_state_dict, tiny_config, write_checkpoint, write_word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TENSOR_MAP = REPO / "docs" / "examples" / "tensor-map.json"
@@ -75,11 +74,7 @@ WORDS = [f"w{i}" for i in range(100)]
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Path:
     """A word-level tokenizer of the tiny vocabulary (101 ids), so calibration text can be read."""
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate([*WORDS, "[UNK]"])}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return write_word_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")

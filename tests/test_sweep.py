@@ -153,3 +153,59 @@ def test_sweep_evaluates_an_existing_bundle_as_it_is(make_ckpt, tmp_path: Path, 
     r = cli("sweep", d, "--data", tmp_path / "ids.npy", "-o", tmp_path / "sw3", "--schemes", f"int4,{foreign}")
     assert r.code == 4 and "another checkpoint" in r.err and "eval-ppl --allow-source-mismatch" in r.err
     assert not (tmp_path / "sw3").exists()
+
+
+def test_sweep_grid_has_mixed_and_auto_at_each_bits() -> None:
+    from tolcli.sweep import FAMILIES, SweepOptions, _grid
+
+    assert {"mixed", "auto"} <= set(FAMILIES)
+    grid = _grid(SweepOptions(families=("mixed", "auto"), bits=(2, 2.5)), 64)
+    assert [(n, f, o.scheme, o.budget, None if o.codec is None else str(o.codec)) for n, f, o in grid] == [
+        ("mixed-2b", "mixed", None, None, "mixed(bits=2.0)"),
+        ("mixed-2.5b", "mixed", None, None, "mixed(bits=2.5)"),
+        ("auto-2b", "auto", "auto", "0.125", None),  # 2 bits of 16: an eighth of the fp16 bytes
+        ("auto-2.5b", "auto", "auto", "0.15625", None),
+    ]
+    grid = _grid(SweepOptions(families=("auto",), bits=(3,), calibration="c.txt"), 64)
+    assert [(n, f) for n, f, _ in grid] == [("auto-3b-sensitivity", "auto (sensitivity)")]
+    for bad in (0, -1, 17):
+        with pytest.raises(UsageError, match="sweep bits"):
+            _grid(SweepOptions(families=("mixed",), bits=(bad,)), 64)
+
+
+def test_sweep_builds_mixed_and_auto_within_their_bits_weighted_by_sensitivity(tmp_path: Path, cli) -> None:
+    import random
+
+    from tolcli import open_bundle
+    from tolcli.sweep_report import frontier
+    from tolcli.testing import tiny_config, write_random_checkpoint, write_word_tokenizer
+
+    cfg = tiny_config("memoryllm", hidden_size=64, num_hidden_layers=3)
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", cfg, tokenizer=write_word_tokenizer(tmp_path / "tok.json"))
+    words = [f"w{i}" for i in range(100)]
+    (tmp_path / "calib.txt").write_text(" ".join(random.Random(0).choices(words, k=500)), encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(" ".join(random.Random(1).choices(words, k=500)), encoding="utf-8")
+    r = cli(
+        "sweep", ckpt, "--data", tmp_path / "eval.txt", "-o", tmp_path / "sw", "--schemes", "mixed,auto",
+        "--bits", "2,4", "--calibration", tmp_path / "calib.txt", "--ctx", "64", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    rows = {row["name"]: row for row in json.loads(r.out)["rows"]}
+    fp16 = 101 * 64 * 2 * 3  # every layer's dense fp16 table
+    for bits in (2, 4):
+        for fam in ("mixed", "auto"):
+            row = rows[f"{fam}-{bits}b-sensitivity"]
+            assert row["family"] == f"{fam} (sensitivity)" and row["mean_kl"] > 0
+            with open_bundle(tmp_path / "sw" / "bundles" / f"{fam}-{bits}b-sensitivity.safetensors") as b:
+                assert b.manifest["history"][-1]["token_weights"]["source"] == "sensitivity"
+        assert rows[f"auto-{bits}b-sensitivity"]["stored_bytes"] <= fp16 * bits // 16
+    assert rows["auto-4b-sensitivity"]["mean_kl"] < rows["auto-2b-sensitivity"]["mean_kl"]
+    md = (tmp_path / "sw" / "results.md").read_text(encoding="utf-8")
+    best = [row for row in frontier(list(rows.values()), (0.25,))]
+    # the frontier at 4 bits is the bundle of least KL that fits, found here by brute force over the rows
+    fits = [row for row in rows.values() if row["stored_bytes"] is not None and row["stored_bytes"] <= fp16 // 4]
+    assert best[0]["name"] == min(fits, key=lambda row: row["mean_kl"])["name"]
+    assert f"| 0.25 | 4.00 | `{best[0]['name']}` |" in md
+    assert all(f"`{name}`" in md for name in rows if name not in ("baseline",))
+    r = cli("sweep", ckpt, "--data", tmp_path / "eval.txt", "-o", tmp_path / "x", "--bits", "2,x")
+    assert r.code == 2 and "--bits '2,x': expected comma-separated numbers" in r.err, r.err

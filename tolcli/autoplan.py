@@ -12,6 +12,11 @@ greedy upgrades (the best error saved per extra byte) while the remaining budget
 
 The search costs one encode per candidate per layer (the error measured as compress measures it, in row
 batches); restrict ``candidates`` on large models.
+
+The weighted squared error is a proxy for what the model loses. ``--validate DATA`` checks it: the plan
+above and the best plan of each codec kind alone (``int2`` on every layer, ``svd`` on every layer, ...) that
+fits the budget are ranked by their error, and the top few (:func:`alternative_plans`) are written, evaluated
+on ``DATA`` against the model's own FFNs, and the one of least mean KL is kept (:class:`Validation`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ DEFAULT_CANDIDATES: tuple[str, ...] = (
     "svd(rank=H/2,a=int4(group=32))",
 )
 BISECT_STEPS = 200
+VALIDATE_PLANS = 3  # --validate: how many plans are evaluated
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,42 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Validation:
+    """One plan evaluated by ``--validate``: what it is, what it stores, its proxy error and its measured KL."""
+
+    label: str  # "all candidates", or the one codec kind it uses ("int2 only")
+    chosen: dict[int, Candidate]
+    mean_kl: float  # nats per token against the model's own FFNs on the validation text (inf when not finite)
+    ppl_change_pct: float
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.stored_bytes for c in self.chosen.values())
+
+    @property
+    def error(self) -> float:
+        return sum(c.error for c in self.chosen.values())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "stored_bytes": self.stored_bytes,
+            "weighted_sq_error": self.error,
+            "mean_kl": self.mean_kl if math.isfinite(self.mean_kl) else None,
+            "ppl_change_pct": self.ppl_change_pct if math.isfinite(self.ppl_change_pct) else None,
+            "layers": {str(i): c.spec for i, c in sorted(self.chosen.items())},
+        }
+
+
+@dataclass(frozen=True)
 class AutoPlan:
-    """The chosen codec of every layer, and what was measured."""
+    """The chosen codec of every layer, and what was measured (``validation``: the plans ``--validate``
+    evaluated, in the order of their proxy error; the chosen one is the first of least KL)."""
 
     budget_bytes: int
     chosen: dict[int, Candidate]
     measured: dict[int, list[Candidate]]
+    validation: tuple[Validation, ...] | None = None
 
     @property
     def stored_bytes(self) -> int:
@@ -81,7 +117,13 @@ class AutoPlan:
             "stored_bytes": self.stored_bytes,
             "weighted_sq_error": self.error,
             "layers": {str(i): c.as_json() for i, c in sorted(self.chosen.items())},
+            "validation": None if self.validation is None else [v.as_json() for v in self.validation],
         }
+
+    def validated(self, results: Sequence[Validation]) -> AutoPlan:
+        """This plan with ``results`` recorded and the first one of least KL chosen (NaN KL counts as inf)."""
+        best = min(results, key=lambda v: v.mean_kl if math.isfinite(v.mean_kl) else math.inf)
+        return AutoPlan(self.budget_bytes, dict(best.chosen), self.measured, tuple(results))
 
 
 def candidate_specs(texts: Sequence[str], width: int) -> list[CodecSpec]:
@@ -168,6 +210,42 @@ def choose(measured: dict[int, list[Candidate]], budget: int) -> dict[int, Candi
             return best
         _, i, c = max(moves, key=lambda m: (m[0], -m[1]))
         best = {**best, i: c}
+
+
+def codec_kind(spec: str) -> str:
+    """The codec a candidate spec uses, without its options: ``int4(group=64)`` -> ``int4``; the dense casts
+    (``dense(dtype=fp16)``) by their dtype, ``fp16``."""
+    parsed = parse_spec(spec)
+    return str(parsed) if parsed.name == "dense" else parsed.name
+
+
+def alternative_plans(
+    measured: dict[int, list[Candidate]], budget: int, top: int = VALIDATE_PLANS
+) -> list[tuple[str, dict[int, Candidate]]]:
+    """The plans ``--validate`` evaluates: the plan of all candidates (:func:`choose`), then the best plan of
+    each codec kind alone (every layer one of that kind's candidates) that fits ``budget``, distinct plans only,
+    in the order of their total error; at most ``top`` of them, the plan of all candidates always first.
+
+    Example:
+        >>> m = {0: [Candidate("int4", 10, 1.0), Candidate("int2", 5, 4.0), Candidate("int8", 20, 0.1)]}
+        >>> [(label, plan[0].spec) for label, plan in alternative_plans(m, 12)]
+        [('all candidates', 'int4'), ('int2 only', 'int2')]
+    """
+    plans = [("all candidates", choose(measured, budget))]
+    kinds = dict.fromkeys(codec_kind(c.spec) for cs in measured.values() for c in cs)
+    others = []
+    for kind in kinds:
+        only = {i: [c for c in cs if codec_kind(c.spec) == kind] for i, cs in measured.items()}
+        if not all(only.values()):
+            continue  # some layer has no candidate of this kind
+        try:
+            others.append((f"{kind} only", choose(only, budget)))
+        except UsageError:
+            continue  # does not fit the budget
+    for label, plan in sorted(others, key=lambda p: sum(c.error for c in p[1].values())):
+        if len(plans) < top and all(plan != p for _, p in plans):
+            plans.append((label, plan))
+    return plans
 
 
 def measure_layer(

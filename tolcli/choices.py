@@ -14,7 +14,21 @@ SCHEMES: tuple[str, ...] = (
     *SVD_KINDS,
     *(f"{k}+{q}" for k in SVD_KINDS for q in QUANT_SCHEMES),
 )
-SWEEP_FAMILIES = ("svd", "adaptive-svd", "int4", "nf4", "int8", "int3", "int2", "adaptive-svd+int4", "drop")
+SWEEP_FAMILIES = (
+    "svd",
+    "adaptive-svd",
+    "int4",
+    "nf4",
+    "int8",
+    "int3",
+    "int2",
+    "adaptive-svd+int4",
+    "mixed",
+    "auto",
+    "drop",
+)
+# sweep --bits: the bits per value of the mixed and auto families (auto: the budget, as a fraction of fp16)
+SWEEP_BITS = (1.6, 2.0, 2.5, 3.0, 4.0)
 DEFAULT_BATCH_ROWS = 4096  # precompute: vocabulary rows per batch
 PROTOCOLS = ("tolcli", "hf-sliding", "lm-eval-rolling", "llama-cpp")  # eval-ppl --protocol (docs/evaluation.md)
 DOC_SEPARATORS = ("eos", "bos", "blank-line")  # eval-ppl --doc-sep: what goes between two documents of a file

@@ -41,7 +41,15 @@ import numpy as np
 import torch
 
 from tolcli import __version__
-from tolcli.autoplan import DEFAULT_CANDIDATES, AutoPlan, candidate_specs, plan_auto
+from tolcli.autoplan import (
+    DEFAULT_CANDIDATES,
+    VALIDATE_PLANS,
+    AutoPlan,
+    Validation,
+    alternative_plans,
+    candidate_specs,
+    plan_auto,
+)
 from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
 from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
@@ -125,13 +133,16 @@ class CompressOptions:
     codec: str | CodecSpec | None = None
     allow_source_mismatch: bool = False
     candidates: str | None = None  # scheme "auto": the codec specs to choose among, comma-separated
+    validate: str | None = None  # scheme "auto": text to evaluate the top plans on (with the sensitivity model)
+    validate_plans: int | None = None  # scheme "auto" with validate: how many plans (default VALIDATE_PLANS)
 
     def codec_spec(self) -> CodecSpec:
         """The codec spec these options choose, validated."""
         if self.scheme == AUTO_SCHEME:
             raise UsageError("scheme auto chooses a codec per layer: it is no single codec spec")
-        if self.candidates is not None:
-            raise UsageError("`candidates` applies to scheme auto only")
+        for name in ("candidates", "validate", "validate_plans"):
+            if getattr(self, name) is not None:
+                raise UsageError(f"`{name}` applies to scheme auto only")
         if self.codec is None:
             return scheme_spec(self)
         if self.scheme is not None:
@@ -175,7 +186,15 @@ class CompressOptions:
 # ---- scheme auto: a codec per layer under one budget ----------------------------------------------------------
 AUTO_SCHEME = "auto"
 # The CompressOptions fields scheme auto uses besides the weighting ones.
-_AUTO_FIELDS = ("scheme", "budget", "candidates", *_WEIGHTING_FIELDS, "allow_source_mismatch")
+_AUTO_FIELDS = (
+    "scheme",
+    "budget",
+    "candidates",
+    "validate",
+    "validate_plans",
+    *_WEIGHTING_FIELDS,
+    "allow_source_mismatch",
+)
 
 
 def check_auto_options(o: CompressOptions) -> None:
@@ -184,6 +203,13 @@ def check_auto_options(o: CompressOptions) -> None:
         raise UsageError("give `scheme` auto or a `codec`, not both")
     if o.budget is None:
         raise UsageError("scheme auto needs a `budget` (--budget 0.1875 or 12MB)")
+    if o.validate is not None and o.sensitivity is None:
+        raise UsageError(
+            "`validate` evaluates plans with the model: give it as `sensitivity` (with `calibration` text)",
+            hint="e.g. --sensitivity ./my-memoryllm --calibration calib.txt --validate calib.txt",
+        )
+    if o.validate_plans is not None and (o.validate is None or o.validate_plans < 1):
+        raise UsageError(f"`validate_plans` {o.validate_plans}: give a count of at least 1, with `validate`")
     given = [f"`{f.name}`" for f in fields(o) if f.name not in _AUTO_FIELDS and getattr(o, f.name) != f.default]
     if given:
         raise UsageError(
@@ -214,6 +240,48 @@ def plan_auto_layers(
     budget = parse_budget(str(o.budget), b.vocab_size * b.hidden_size * 2 * len(b.layers))
     sources = {i: LayerRows(b, i, batch_rows) for i in b.layers}
     return plan_auto(sources, specs, weights, budget, _row_errors, progress)
+
+
+def validate_auto(
+    o: CompressOptions,
+    b: Bundle,
+    plan: AutoPlan,
+    weights: dict[int, torch.Tensor] | None,
+    work_dir: Path,
+    device: str,
+    progress: Progress,
+    batch_rows: int,
+) -> AutoPlan:
+    """``validate``: write the top plans (:func:`tolcli.autoplan.alternative_plans`) as bundles in a private
+    directory under ``work_dir``, evaluate them on the ``validate`` text with the ``sensitivity`` model (the
+    protocol's defaults), and return ``plan`` with the results and the plan of least mean KL chosen."""
+    import shutil
+    import tempfile
+
+    from tolcli.evaluation import eval_ppl
+
+    ckpt = _sensitivity_checkpoint(o.weighting(), b, lambda s: None)  # (its warnings were said by load_weights)
+    alternatives = alternative_plans(plan.measured, plan.budget_bytes, o.validate_plans or VALIDATE_PLANS)
+    tmp = Path(tempfile.mkdtemp(prefix=".tolcli-validate-", dir=work_dir))
+    try:
+        paths = []
+        for k, (_, chosen) in enumerate(alternatives):
+            path = tmp / f"plan{k}.safetensors"
+            write = WriteOptions.make(path, container="safetensors", force=True)
+            staging = Staging(
+                path, {"command": "compress", "validate": k}, resume=False, options=write, note=lambda s: None
+            )
+            specs = {i: parse_spec(c.spec) for i, c in chosen.items()}
+            manifest = _stage_layers(b, specs, AUTO_SCHEME, weights, staging, progress, batch_rows, {}, None, {})
+            paths.append(staging.finish(manifest))
+        report = eval_ppl(ckpt, [o.validate], tols=paths, device=device, progress=progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = [
+        Validation(label, chosen, float(v["mean_kl"]), float(v["ppl_change_pct"]))
+        for (label, chosen), v in zip(alternatives, report.variants[1:], strict=True)
+    ]
+    return plan.validated(results)
 
 
 # ---- schemes: shorthands for specs ---------------------------------------------------------------------------
@@ -703,6 +771,26 @@ def warn_lossy_input(b: Bundle, note: Callable[[str], None]) -> None:
         )
 
 
+def _stage_layers(
+    b: Bundle,
+    specs: dict[int, CodecSpec],
+    label: str,
+    weights: dict[int, torch.Tensor] | None,
+    staging: Staging,
+    progress: Progress,
+    batch_rows: int,
+    record: dict[str, Any],
+    weight_info: dict[str, Any] | None,
+    ranks: dict[int, int],
+) -> dict[str, Any]:
+    """Encode every layer of ``b`` with its spec into ``staging``, with the tokenizer; returns the manifest."""
+    _encode_layers(b, specs, label, weights, staging, progress, batch_rows)
+    tok = b.tokenizer_bytes()
+    if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
+        staging.stage_extra(TOKENIZER_TENSOR, tok)
+    return _manifest(b, staging, record, weight_info, ranks)
+
+
 def _manifest(
     b: Bundle, staging: Staging, record: dict[str, Any], weight_info: dict[str, Any] | None, ranks: dict[int, int]
 ) -> dict[str, Any]:
@@ -795,6 +883,9 @@ def compress(
         plan = None
         if spec is None:
             plan = plan_auto_layers(options, b, weights, progress, batch_rows)
+            if options.validate is not None:
+                parent = out.resolve().parent
+                plan = validate_auto(options, b, plan, weights, parent, device, progress, batch_rows)
             specs = plan.specs()
             ranks = {i: s.rank for i, s in specs.items() if isinstance(s, RankedSpec) and s.rank is not None}
         else:
@@ -813,12 +904,11 @@ def compress(
         }
         if plan is not None:
             job["plan"] = {str(i): str(s) for i, s in specs.items()}
+            if plan.validation is not None:  # (the validation text is in the options: the same run, the same plans)
+                job["validation"] = [v.as_json() for v in plan.validation]
         staging = Staging(out, job, resume=resume, options=write, note=note)
-        _encode_layers(b, specs, AUTO_SCHEME if spec is None else str(spec), weights, staging, progress, batch_rows)
-        tok = b.tokenizer_bytes()
-        if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
-            staging.stage_extra(TOKENIZER_TENSOR, tok)
-        manifest = _manifest(b, staging, record, weight_info, ranks)
+        label = AUTO_SCHEME if spec is None else str(spec)
+        manifest = _stage_layers(b, specs, label, weights, staging, progress, batch_rows, record, weight_info, ranks)
     path = staging.finish(manifest)
     with open_bundle(path) as written:
         return CompressResult(path, written.manifest, time.monotonic() - t0, ranks, plan)

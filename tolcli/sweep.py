@@ -1,9 +1,11 @@
 """``tolcli sweep``: what every compression choice costs, on one model and one text, in one table.
 
 Builds the dense bundle once, then a grid of compressed bundles (uniform SVD ranks, adaptive budgets at
-the same bytes as each uniform rank, int4 group sizes, nf4, int8, int3, int2, adaptive-svd+int4, and any codec spec
-strings asked for), evaluates all of them and every drop-last-K on the same windows, and writes
-``results.json``, ``results.csv`` and two plots (with matplotlib, an optional dependency): bytes vs
+the same bytes as each uniform rank, int4 group sizes, nf4, int8, int3, int2, adaptive-svd+int4, the ``mixed``
+row codec and ``compress --scheme auto`` at each of ``bits`` bits per value, and any codec spec strings asked
+for), evaluates all of them and every drop-last-K on the same windows, and writes
+``results.json``, ``results.csv``, ``results.md`` (:mod:`tolcli.sweep_report`) and two plots (with matplotlib, an
+optional dependency): bytes vs
 perplexity change, and layers dropped vs perplexity.
 """
 
@@ -13,17 +15,17 @@ import csv
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.summary import bundle_summary
 from tolcli.checkpoint import Checkpoint, open_checkpoint
-from tolcli.choices import DENSE_SCHEMES, SCHEMES, SWEEP_FAMILIES
+from tolcli.choices import DENSE_SCHEMES, SCHEMES, SWEEP_BITS, SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
 from tolcli.codecs.spec import split_items
-from tolcli.compress import CompressOptions, compress
+from tolcli.compress import AUTO_SCHEME, CompressOptions, compress
 from tolcli.errors import InputError, OutputError, UsageError
 from tolcli.evaluation import eval_ppl
 from tolcli.fsutil import write_text_atomic
@@ -31,6 +33,7 @@ from tolcli.pairing import check_pairing
 from tolcli.plots import sweep_figures
 from tolcli.precompute import precompute
 from tolcli.progress import NullProgress, Progress
+from tolcli.sweep_report import results_markdown
 
 FAMILIES = SWEEP_FAMILIES
 # Every compress scheme is a sweep item too: the families above (their own grids), casts (one bundle each),
@@ -84,12 +87,15 @@ class SweepOptions:
     variants (token counts for uniform ranks, ``--sensitivity`` for adaptive ones); ``codecs`` adds one
     bundle per codec spec string (``"svd(budget=0.1,a=nf4(group=32))"``), named by its canonical spelling;
     ``bundles`` adds existing bundles as they are. ``families`` takes every compress scheme too (``fp16``: one
-    bundle; ``svd+Q``: one per rank; ``adaptive-svd+Q``: one per ``int4_budgets`` entry)."""
+    bundle; ``svd+Q``: one per rank; ``adaptive-svd+Q``: one per ``int4_budgets`` entry). The ``mixed`` and
+    ``auto`` families build one bundle per ``bits`` entry (bits per value; auto's budget is ``bits / 16`` of
+    fp16), weighted by ``--sensitivity`` on the calibration text when ``calibration`` is given."""
 
     families: Sequence[str] = FAMILIES
     ranks: Sequence[int] | None = None
     group_sizes: Sequence[int] = (32, 64, 128)
     int4_budgets: Sequence[float] = (0.1, 0.15, 0.25)
+    bits: Sequence[float] = SWEEP_BITS
     calibration: str | None = None
     protocol: str = "tolcli"
     ctx: int | None = None  # default: min(512, the model's max_position_embeddings)
@@ -143,6 +149,7 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
             (f"adaptive-svd+int4-{b}", "adaptive-svd+int4", CompressOptions("adaptive-svd+int4", budget=str(b)))
             for b in opts.int4_budgets
         ]
+    grid += _rate_grid(opts)
     for s in dict.fromkeys(f for f in opts.families if f not in FAMILIES):  # the other compress schemes
         if s in DENSE_SCHEMES:
             grid += [] if s == "fp32" else [(s, s, CompressOptions(s))]  # fp32: the dense-fp32 reference
@@ -156,6 +163,24 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
     for item in grid:  # the same name is the same bundle ("int8" and "int8()"): built and evaluated once
         unique.setdefault(item[0], item)
     return list(unique.values())
+
+
+def _rate_grid(opts: SweepOptions) -> list[tuple[str, str, CompressOptions | None]]:
+    """The ``mixed`` and ``auto`` bundles: one per ``bits`` entry. With calibration text both are weighted by
+    loss sensitivity (set in :func:`_build`, which has the checkpoint), as compress ``--sensitivity`` weights them."""
+    for b in opts.bits:
+        if not 0 < b <= 16:
+            raise UsageError(f"sweep bits {b:g}: give bits per value in (0, 16], e.g. 2,2.5,3,4")
+    suffix, label = ("-sensitivity", " (sensitivity)") if opts.calibration else ("", "")
+    grid: list[tuple[str, str, CompressOptions | None]] = []
+    if "mixed" in opts.families:
+        for b in opts.bits:
+            spec = parse_spec(f"mixed(bits={b:g})")
+            grid.append((f"mixed-{b:g}b{suffix}", f"mixed{label}", CompressOptions(codec=spec)))
+    if "auto" in opts.families:
+        for b in opts.bits:
+            grid.append((f"auto-{b:g}b{suffix}", f"auto{label}", CompressOptions(AUTO_SCHEME, budget=repr(b / 16))))
+    return grid
 
 
 def _existing(opts: SweepOptions, taken: set[str], checkpoint: Checkpoint) -> dict[str, Path]:
@@ -202,6 +227,8 @@ def _build(
     progress.start(f"sweep: build {len(grid)} bundle(s)", len(grid))
     for name, family, copts in grid:
         copts = copts or _at_uniform_bytes(name, built, opts, checkpoint)
+        if name.endswith("-sensitivity") and family.startswith(("mixed", "auto")):
+            copts = replace(copts, calibration=opts.calibration, sensitivity=checkpoint)
         try:
             built[name] = compress(dense, dense.parent / f"{name}.safetensors", copts, force=True).path
             families[name] = family
@@ -308,6 +335,7 @@ def sweep(
     protocol["options"]["bundles"] = [str(b) for b in opts.bundles]
     write_text_atomic(out / "results.json", json.dumps({"protocol": protocol, "rows": rows}, indent=2) + "\n")
     _write_csv(out / "results.csv", rows)
+    write_text_atomic(out / "results.md", results_markdown(rows, protocol))
     plots = sweep_figures(out, rows, protocol, note)
     return SweepResult(out, rows, protocol, plots, time.monotonic() - t0)
 

@@ -123,6 +123,18 @@ def write_random_checkpoint(
     return write_checkpoint(directory, cfg, state, layout=layout, tokenizer=tokenizer)
 
 
+def write_word_tokenizer(path: str | Path, words: int = 100) -> Path:
+    """A word-level tokenizer of ``words`` words ``w0 w1 ...`` plus ``[UNK]`` (``words + 1`` ids: 101, the
+    vocabulary of :func:`tiny_config`), so that tests can read calibration text with tiny checkpoints."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate([*(f"w{i}" for i in range(words)), "[UNK]"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return Path(path)
+
+
 def tiny_manifest(vocab: int = 3, hidden: int = 2) -> dict[str, Any]:
     """The manifest of a one-layer ``vocab`` x ``hidden`` dense fp32 bundle, for tests that write bundles by hand
     (``tensors`` is filled in by the writer)."""

@@ -144,6 +144,17 @@ def parse_ints(text: str, flag: str) -> list[int]:
         raise UsageError(f"{flag} {text!r}: expected comma-separated integers such as 8,16,32") from None
 
 
+def parse_floats(text: str, flag: str) -> list[float]:
+    """``"2,2.5,3"`` -> [2.0, 2.5, 3.0]; anything else (nan and inf too) is a usage error naming ``flag``."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = [math.nan]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers such as 2,2.5,3")
+    return values
+
+
 def fmt_bytes(n: float) -> str:
     """Decimal units, as model sizes are quoted (12.6 GB)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):

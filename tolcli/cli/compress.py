@@ -94,6 +94,16 @@ def compress_cmd(
             rich_help_panel=_SVD,
         ),
     ] = None,
+    validate: Annotated[
+        Path | None,
+        typer.Option(
+            "--validate",
+            metavar="DATA",
+            help="auto: write the top plans, evaluate each on this text with the --sensitivity model, keep the one "
+            "of least KL. Calibration text: never the text you evaluate on.",
+            rich_help_panel=_SVD,
+        ),
+    ] = None,
     energy: Annotated[
         float | None,
         typer.Option("--energy", help="adaptive-svd: keep this fraction of each layer's energy.", rich_help_panel=_SVD),
@@ -232,13 +242,15 @@ def compress_cmd(
         tolcli compress dense.safetensors -o ad.h5 --codec 'svd(budget=0.1,a=int4(group=32))'
 
         tolcli compress dense.safetensors -o auto.h5 --scheme auto --budget 0.1875 --calibration text.txt
+
+        tolcli compress dense.h5 -o a.h5 -s auto --budget 0.2 --sensitivity demo --calibration c.txt --validate c.txt
     """
     apply_threads(threads)
     out = Output(
         json=json_out,
         quiet=quiet,
         command="compress",
-        inputs=[bundle, sensitivity, token_weights, calibration],
+        inputs=[bundle, sensitivity, token_weights, calibration, validate],
         output=output,
     )
     if sha256sums:
@@ -270,6 +282,7 @@ def compress_cmd(
             codec=codec,
             allow_source_mismatch=allow_source_mismatch,
             candidates=candidates,
+            validate=None if validate is None else str(validate),
         )
         res = tolcli.compress(
             bundle,
@@ -323,6 +336,8 @@ def _report(out: Output, res: CompressResult, what: str) -> None:
         return
     if res.plan is not None:
         out.print(_plan_table(res.plan))
+        if res.plan.validation is not None:
+            out.print(_validation_table(res.plan))
     elif res.ranks:
         out.print("ranks: " + ", ".join(f"{k}:{v}" for k, v in sorted(res.ranks.items())))
     worst = max((e["rel_error"] for e in present), default=0.0)
@@ -346,4 +361,24 @@ def _plan_table(plan: AutoPlan) -> Table:
     )
     for i, c in sorted(plan.chosen.items()):
         t.add_row(str(i), c.spec, fmt_bytes(c.stored_bytes), f"{c.error:.4g}", str(len(plan.measured[i])))
+    return t
+
+
+def _validation_table(plan: AutoPlan) -> Table:
+    """The plans --validate evaluated, and which was kept."""
+    t = Table(
+        "plan",
+        "stored",
+        "weighted sq. error",
+        "mean KL",
+        "ppl change",
+        "",
+        title="--validate: plans evaluated on the validation text",
+        title_justify="left",
+    )
+    for v in plan.validation or ():
+        kept = "kept" if v.chosen == plan.chosen else ""
+        t.add_row(
+            v.label, fmt_bytes(v.stored_bytes), f"{v.error:.4g}", f"{v.mean_kl:.3g}", f"{v.ppl_change_pct:+.2f}%", kept
+        )
     return t

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 import tolcli
-from tolcli.choices import DOC_SEPARATORS, PROTOCOLS, SWEEP_FAMILIES
+from tolcli.choices import DOC_SEPARATORS, PROTOCOLS, SWEEP_BITS, SWEEP_FAMILIES
 from tolcli.cli._common import (
     AllowSourceMismatchOpt,
     CheckpointArg,
@@ -30,6 +30,7 @@ from tolcli.cli._common import (
     checkpoint_from_cli,
     fmt_bytes,
     note_to_stderr,
+    parse_floats,
     parse_ints,
 )
 from tolcli.errors import QualityGateError
@@ -279,8 +280,21 @@ def sweep_cmd(
     ranks: Annotated[
         str | None, typer.Option("--ranks", metavar="R,R,...", help="Uniform SVD ranks (default h/16,h/8,h/4,h/2).")
     ] = None,
+    bits: Annotated[
+        str | None,
+        typer.Option(
+            "--bits",
+            metavar="B,B,...",
+            help="Bits per value of the mixed and auto families' bundles (default 1.6,2,2.5,3,4).",
+        ),
+    ] = None,
     calibration: Annotated[
-        str | None, typer.Option("--calibration", metavar="TEXT", help="Add loss-weighted SVD variants.")
+        str | None,
+        typer.Option(
+            "--calibration",
+            metavar="TEXT",
+            help="Add loss-weighted SVD variants; weight mixed and auto by loss sensitivity on this text.",
+        ),
     ] = None,
     protocol: ProtocolOpt = "tolcli",
     ctx: Annotated[
@@ -301,7 +315,7 @@ def sweep_cmd(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Build and evaluate a grid of compressions and layer drops; write results.json/.csv and plots.
+    """Build and evaluate a grid of compressions and layer drops; write results.json/.csv/.md and plots.
 
     With --max-increase, exit 3 (after writing everything) when a variant fails the quality gate, as eval-ppl does.
 
@@ -327,6 +341,7 @@ def sweep_cmd(
         codecs=items.codecs,
         bundles=items.bundles,
         ranks=parse_ints(ranks, "--ranks") if ranks else None,
+        bits=parse_floats(bits, "--bits") if bits else SWEEP_BITS,
         calibration=calibration,
         protocol=protocol,
         ctx=ctx,
@@ -399,7 +414,7 @@ def _sweep_result(out: Output, res: SweepResult, gate: dict[str, Any], error: Qu
         )
     out.print(t)
     out.print(
-        f"wrote {res.directory}/results.json, results.csv"
+        f"wrote {res.directory}/results.json, results.csv, results.md"
         + "".join(f", {p.name}" for p in res.plots)
         + f" in {res.seconds:.1f}s"
     )

@@ -218,8 +218,10 @@ COMMAND_KEYS: dict[str, dict[str, tuple[Schema, str]]] = {
         "rel_error": ({"type": "object", "additionalProperties": _NUM_OR_NULL}, "relative error per layer index"),
         "plan": (
             {"type": ["object", "null"]},
-            "scheme auto: budget_bytes, stored_bytes, weighted_sq_error and per layer index the chosen codec with "
-            "its stored_bytes and weighted_sq_error; null otherwise",
+            "scheme auto: budget_bytes, stored_bytes, weighted_sq_error, per layer index the chosen codec with "
+            "its stored_bytes and weighted_sq_error, and validation (null without --validate: else the plans "
+            "evaluated, each with label, stored_bytes, weighted_sq_error, mean_kl, ppl_change_pct and its codec "
+            "per layer); null otherwise",
         ),
         "manifest": (_MANIFEST, "the written bundle's manifest"),
     },
