@@ -64,7 +64,8 @@ def main() -> None:
     plot = args.sweep_dir / "rate_distortion.png"
     if plot.exists():
         shutil.copyfile(plot, PLOT)
-    print(f"wrote {DOC.relative_to(ROOT)}, {RESULTS.relative_to(ROOT)}" + (f", {PLOT.relative_to(ROOT)}" * plot.exists()))
+    wrote = [DOC, RESULTS, *([PLOT] if plot.exists() else [])]
+    print("wrote " + ", ".join(str(p.relative_to(ROOT)) for p in wrote))
 
 
 if __name__ == "__main__":

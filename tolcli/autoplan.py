@@ -68,7 +68,7 @@ class Validation:
 
     label: str  # "all candidates", or the one codec kind it uses ("int2 only")
     chosen: dict[int, Candidate]
-    mean_kl: float  # nats per token against the model's own FFNs on the validation text (inf when not finite)
+    mean_kl: float  # nats per token against the model's own FFNs on the validation text (NaN is never kept)
     ppl_change_pct: float
 
     @property
@@ -214,7 +214,7 @@ def choose(measured: dict[int, list[Candidate]], budget: int) -> dict[int, Candi
 
 def codec_kind(spec: str) -> str:
     """The codec a candidate spec uses, without its options: ``int4(group=64)`` -> ``int4``; the dense casts
-    (``dense(dtype=fp16)``) by their dtype, ``fp16``."""
+    keep their dtype (``dense(dtype=fp16)``), so that fp16 and fp32 are kinds of their own."""
     parsed = parse_spec(spec)
     return str(parsed) if parsed.name == "dense" else parsed.name
 

@@ -208,6 +208,8 @@ def check_auto_options(o: CompressOptions) -> None:
             "`validate` evaluates plans with the model: give it as `sensitivity` (with `calibration` text)",
             hint="e.g. --sensitivity ./my-memoryllm --calibration calib.txt --validate calib.txt",
         )
+    if o.validate is not None and not Path(o.validate).is_file():
+        raise InputError(f"`validate` {o.validate}: no such file", hint="give calibration text to evaluate plans on")
     if o.validate_plans is not None and (o.validate is None or o.validate_plans < 1):
         raise UsageError(f"`validate_plans` {o.validate_plans}: give a count of at least 1, with `validate`")
     given = [f"`{f.name}`" for f in fields(o) if f.name not in _AUTO_FIELDS and getattr(o, f.name) != f.default]
@@ -274,7 +276,14 @@ def validate_auto(
             specs = {i: parse_spec(c.spec) for i, c in chosen.items()}
             manifest = _stage_layers(b, specs, AUTO_SCHEME, weights, staging, progress, batch_rows, {}, None, {})
             paths.append(staging.finish(manifest))
-        report = eval_ppl(ckpt, [o.validate], tols=paths, device=device, progress=progress)
+        report = eval_ppl(
+            ckpt,
+            [o.validate],
+            tols=paths,
+            device=device,
+            allow_source_mismatch=o.allow_source_mismatch,
+            progress=progress,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results = [
@@ -885,6 +894,7 @@ def compress(
             plan = plan_auto_layers(options, b, weights, progress, batch_rows)
             if options.validate is not None:
                 parent = out.resolve().parent
+                parent.mkdir(parents=True, exist_ok=True)
                 plan = validate_auto(options, b, plan, weights, parent, device, progress, batch_rows)
             specs = plan.specs()
             ranks = {i: s.rank for i, s in specs.items() if isinstance(s, RankedSpec) and s.rank is not None}
@@ -904,8 +914,6 @@ def compress(
         }
         if plan is not None:
             job["plan"] = {str(i): str(s) for i, s in specs.items()}
-            if plan.validation is not None:  # (the validation text is in the options: the same run, the same plans)
-                job["validation"] = [v.as_json() for v in plan.validation]
         staging = Staging(out, job, resume=resume, options=write, note=note)
         label = AUTO_SCHEME if spec is None else str(spec)
         manifest = _stage_layers(b, specs, label, weights, staging, progress, batch_rows, record, weight_info, ranks)

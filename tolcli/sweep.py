@@ -264,7 +264,7 @@ def _row(name: str, variant: dict[str, Any], family: str, path: Path | None) -> 
             row["stored_bytes"] = summary["stored_bytes"]
             row["fraction_of_dense_fp16"] = summary["fraction_of_dense_fp16"]
             row["mean_rel_error"] = sum(e["rel_error"] for e in present) / len(present)
-            if "rank" in present[0]["params"]:
+            if all("rank" in e["params"] for e in present):  # (auto bundles mix codecs per layer)
                 row["ranks"] = [e["params"]["rank"] for e in present]
     if name.startswith("drop-last-"):
         row["layers_dropped"] = int(name.rsplit("-", 1)[1])
