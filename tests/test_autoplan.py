@@ -340,3 +340,16 @@ def test_validate_cli_table_and_json(small: tuple[Path, Path, Path], tmp_path: P
     assert rows[0]["label"] == "all candidates" and {"mean_kl", "ppl_change_pct", "layers"} <= set(rows[0])
     kept = min(rows, key=lambda v: v["mean_kl"])
     assert {k: v["codec"] for k, v in doc["plan"]["layers"].items()} == kept["layers"]
+
+
+def test_a_sweep_row_of_a_bundle_mixing_svd_and_other_codecs_has_no_ranks(dense: Path, tmp_path: Path) -> None:
+    from tolcli.sweep import _row
+
+    opts = CompressOptions(scheme="auto", budget="0.4", candidates="svd(rank=H/2,a=int4(group=32)),int2(group=32)")
+    res = compress(dense, tmp_path / "m.safetensors", opts)
+    codecs = {e["codec"] for e in res.manifest["layers"]}
+    variant = {"ppl": 1.0, "ppl_stderr": 0.0, "ppl_change_pct": 0.0, "bits_per_byte": None}
+    variant |= {"mean_kl": 0.0, "top1_agreement": 1.0}
+    row = _row("auto", variant, "auto", res.path)
+    assert codecs == {"svd", "int2"} and row["ranks"] is None, codecs  # (it raised KeyError before)
+    assert row["stored_bytes"] == res.stored_bytes
