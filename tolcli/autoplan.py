@@ -62,6 +62,16 @@ class Candidate:
         return {"codec": self.spec, "stored_bytes": self.stored_bytes, "weighted_sq_error": self.error}
 
 
+def total_bytes(chosen: dict[int, Candidate]) -> int:
+    """The stored bytes of a plan (one candidate per layer)."""
+    return sum(c.stored_bytes for c in chosen.values())
+
+
+def total_error(chosen: dict[int, Candidate]) -> float:
+    """The weighted squared error of a plan (one candidate per layer)."""
+    return sum(c.error for c in chosen.values())
+
+
 @dataclass(frozen=True)
 class Validation:
     """One plan evaluated by ``--validate``: what it is, what it stores, its proxy error and its measured KL."""
@@ -73,11 +83,11 @@ class Validation:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(c.stored_bytes for c in self.chosen.values())
+        return total_bytes(self.chosen)
 
     @property
     def error(self) -> float:
-        return sum(c.error for c in self.chosen.values())
+        return total_error(self.chosen)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -102,11 +112,11 @@ class AutoPlan:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(c.stored_bytes for c in self.chosen.values())
+        return total_bytes(self.chosen)
 
     @property
     def error(self) -> float:
-        return sum(c.error for c in self.chosen.values())
+        return total_error(self.chosen)
 
     def specs(self) -> dict[int, CodecSpec]:
         return {i: parse_spec(c.spec) for i, c in self.chosen.items()}
@@ -180,26 +190,23 @@ def choose(measured: dict[int, list[Candidate]], budget: int) -> dict[int, Candi
     def pick(lam: float) -> dict[int, Candidate]:
         return {i: min(cs, key=lambda c: (c.error + lam * c.stored_bytes, c.stored_bytes)) for i, cs in layers}
 
-    def total(p: dict[int, Candidate]) -> int:
-        return sum(c.stored_bytes for c in p.values())
-
     best = pick(0.0)
-    if total(best) > budget:
+    if total_bytes(best) > budget:
         scale = max(max(c.error for c in cs) for cs in measured.values()) or 1.0
         lo, hi = 0.0, scale  # pick(hi) is the smallest candidate of every layer (errors below scale, bytes >= 1)
-        while total(pick(hi)) > budget:  # ends: at hi = inf every layer takes its smallest candidate, which fit
+        while total_bytes(pick(hi)) > budget:  # ends: at hi = inf every layer takes its smallest candidate, which fit
             hi *= 2
         for _ in range(BISECT_STEPS):
             mid = (lo + hi) / 2 if lo == 0.0 else math.sqrt(lo * hi)
             if mid in (lo, hi):
                 break
-            if total(pick(mid)) <= budget:
+            if total_bytes(pick(mid)) <= budget:
                 hi = mid
             else:
                 lo = mid if mid > 0 else hi * 1e-30
         best = pick(hi)
     while True:  # greedy upgrades with what is left of the budget
-        left = budget - total(best)
+        left = budget - total_bytes(best)
         moves = [
             ((best[i].error - c.error) / max(1, c.stored_bytes - best[i].stored_bytes), i, c)
             for i, cs in measured.items()
@@ -242,7 +249,7 @@ def alternative_plans(
             others.append((f"{kind} only", choose(only, budget)))
         except UsageError:
             continue  # does not fit the budget
-    for label, plan in sorted(others, key=lambda p: sum(c.error for c in p[1].values())):
+    for label, plan in sorted(others, key=lambda p: total_error(p[1])):
         if len(plans) < top and all(plan != p for _, p in plans):
             plans.append((label, plan))
     return plans
