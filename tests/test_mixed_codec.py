@@ -77,7 +77,7 @@ def _bits_of_rows(codec: MixedCodec, tensors: dict[str, Tensor]) -> Tensor:
     return bits[torch.searchsorted(ends, pos, right=True)]
 
 
-def test_decode_matches_a_reference_decoder_written_from_the_format() -> None:
+def test_decode_matches_a_reference_decoder_written_from_the_format(decoder: tuple[str, list[int]]) -> None:
     table = _table(300, 64)  # 300 rows: two index bytes per row
     w = torch.rand(300, generator=torch.Generator().manual_seed(1)) * 10
     codec, tensors = _encode(table, 2.5, w)
@@ -119,11 +119,40 @@ def _random_layer(rows: int, width: int, classes: list[tuple[int, int]], seed: i
     return {"target_bits": 4.0, "classes": listed}, tensors
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[int]]:
+    """Which decoder a contiguous fp32 ``out`` gets: the numba kernels (tolcli.codecs.mixed_kernel) or the numpy
+    fast path (``TOLCLI_NUMBA=0``); the list counts the calls that the kernels answered."""
+    import os
+
+    from tolcli.codecs import mixed_kernel
+
+    if request.param == "compiled":
+        if not mixed_kernel.available():
+            assert not os.environ.get("CI"), "CI installs numba (the dev extra): the compiled decoder must be tested"
+            pytest.skip("numba is not installed")
+        monkeypatch.setenv("TOLCLI_NUMBA", "1")
+    else:
+        monkeypatch.setenv("TOLCLI_NUMBA", "0")
+    answered: list[int] = []
+    real = mixed_kernel.decode
+
+    def spy(*args: object) -> bool:
+        done = real(*args)  # type: ignore[arg-type]
+        answered.append(int(done))
+        return done
+
+    monkeypatch.setattr(mixed_kernel, "decode", spy)
+    return request.param, answered
+
+
 @pytest.mark.parametrize("width", [128, 384])
-def test_every_code_width_and_group_decodes_like_the_reference_on_both_paths(width: int, monkeypatch) -> None:
-    """Every class of the menu, one layer: the fast path (a contiguous fp32 ``out``; unpacked by whole-word shifts),
-    the general path (a strided ``out``) and the bit-by-bit reference agree exactly, also across the fast path's
-    blocks (made tiny here) and with repeated ids."""
+def test_every_code_width_and_group_decodes_like_the_reference_on_both_paths(
+    width: int, monkeypatch: pytest.MonkeyPatch, decoder: tuple[str, list[int]]
+) -> None:
+    """Every class of the menu, one layer: the compiled and numpy fast paths (a contiguous fp32 ``out``; numpy
+    unpacks by whole-word shifts), the general path (a strided ``out``) and the bit-by-bit reference agree exactly,
+    also across the numpy path's blocks (made tiny here) and with repeated ids."""
     from tolcli.codecs import mixed
 
     classes = sorted(MENU)
@@ -141,9 +170,70 @@ def test_every_code_width_and_group_decodes_like_the_reference_on_both_paths(wid
     again = torch.full((len(ids), width), float("nan"))
     codec.decode_into(DictAccess(tensors), ids, again)
     assert torch.equal(again, expected)
+    kind, answered = decoder
+    assert answered == ([1, 1] if kind == "compiled" else [])  # the two contiguous outs, never the strided one
 
 
-def test_corrupt_positions_and_class_shapes_are_refused_on_both_paths() -> None:
+def test_the_compiled_decoder_reads_bundles_and_refuses_positions_beyond_the_layer(
+    tmp_path: Path, decoder: tuple[str, list[int]]
+) -> None:
+    """A layer holding every class, written by the library's writer and read back from both containers: lookups
+    equal the reference decoder (from the memory map's views, for the compiled path); an ``index`` whose position
+    lies beyond the layer's rows is an InputError naming it, on either path."""
+    import hashlib
+
+    from tolcli.bundle.entries import TensorEntry
+    from tolcli.bundle.writer import write_bundle
+    from tolcli.testing import tiny_manifest
+
+    params, tensors = _random_layer(300, 128, sorted(MENU), seed=21)
+    ids = torch.tensor([299, 0, 7, 7, 150, 42])
+    expected = torch.from_numpy(np.stack([reference_decode(params, tensors, int(t)) for t in ids]))
+    dtype = {torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16"}
+    for name, index in (("ok", tensors["index"]), ("bad", tensors["index"].clone())):
+        if name == "bad":
+            index[7] = torch.tensor([0x2C, 0x01], dtype=torch.uint8)  # position 300 of a 300-row layer
+        arrays = {**tensors, "index": index}
+        m = tiny_manifest(300, 128)
+        m["model"]["num_layers"] = 1
+        nbytes = sum(t.numel() * t.element_size() for t in arrays.values())
+        m["layers"] = [
+            {
+                "index": 0,
+                "status": "present",
+                "codec": "mixed",
+                "params": params,
+                "tensors": {r: f"layers.0.{r}" for r in arrays},
+                "stored_bytes": nbytes,
+                "bits_per_value": nbytes * 8 / (300 * 128),
+            }
+        ]
+        entries = [
+            TensorEntry(
+                f"layers.0.{r}",
+                dtype[t.dtype],
+                tuple(t.shape),
+                hashlib.sha256(t.numpy().tobytes()).hexdigest(),
+                lambda t=t: iter([t.numpy()]),
+            )
+            for r, t in arrays.items()
+        ]
+        for suffix in ("safetensors", "h5"):
+            with open_bundle(write_bundle(tmp_path / f"{name}.{suffix}", entries, m)) as b:
+                if name == "ok":
+                    assert torch.equal(b.lookup_layers(ids)[0], expected)
+                    assert torch.equal(b.lookup_layers(ids)[0], expected)  # again: the layer's kept views
+                else:
+                    with pytest.raises(InputError, match="position 300"):
+                        b.lookup_layers(ids)
+    kind, answered = decoder
+    if kind == "compiled":  # the safetensors memory map has views; lookups of the bad index raised from the kernel
+        assert answered.count(1) >= 2
+    else:
+        assert answered == []
+
+
+def test_corrupt_positions_and_class_shapes_are_refused_on_both_paths(decoder: tuple[str, list[int]]) -> None:
     """An ``index`` that reads as a negative position, or a class tensor of the wrong width, is an InputError on the
     fast path (contiguous ``out``) as on the general one, never stale scratch or a broadcast row."""
     params, tensors = _random_layer(300, 128, sorted(MENU), seed=13)
@@ -158,7 +248,7 @@ def test_corrupt_positions_and_class_shapes_are_refused_on_both_paths() -> None:
                 codec.decode_into(DictAccess(bad), ids, out)
 
 
-def test_threads_decoding_at_once_each_get_their_own_rows() -> None:
+def test_threads_decoding_at_once_each_get_their_own_rows(decoder: tuple[str, list[int]]) -> None:
     """The fast path's scratch buffers are per thread: four threads decoding different ids at once each get the
     rows a lone decode gives."""
     import threading
@@ -246,7 +336,7 @@ def test_streaming_in_row_batches_gives_the_same_bytes() -> None:
     assert all(torch.equal(whole[r], a[r]) for r in a)
 
 
-def test_hostile_tensors_are_refused_with_an_input_error() -> None:
+def test_hostile_tensors_are_refused_with_an_input_error(decoder: tuple[str, list[int]]) -> None:
     table = _table(200, 64, seed=7)
     codec, tensors = _encode(table, 3.0)
     bad = dict(tensors)
@@ -336,7 +426,7 @@ def test_spec_strings_and_budgets() -> None:
 def test_round_trips_through_containers_sharding_convert_drop_and_verify(
     tmp_path: Path, make_ckpt: Callable[..., Path]
 ) -> None:
-    dense = precompute(make_ckpt(hidden_size=64), tmp_path / "d.safetensors").path
+    dense = precompute(make_ckpt(hidden_size=64), tmp_path / "d.safetensors", dtype="fp32").path
     ids = torch.tensor([0, 100, 5, 5, 57])
     st = compress(dense, tmp_path / "m.safetensors", CompressOptions(codec="mixed(bits=2.5)"))
     h5 = compress(dense, tmp_path / "m.h5", CompressOptions(codec="mixed(bits=2.5)"))

@@ -121,6 +121,8 @@ class _Run:
 class _Access:
     """TensorAccess for one layer: rows/full reads of its roles' tensors."""
 
+    stable_views = True  # its views are the bundle's memory map, the same for the bundle's life
+
     def __init__(self, bundle: Bundle, layer: LayerInfo):
         self.bundle, self.layer = bundle, layer
 
@@ -132,6 +134,10 @@ class _Access:
 
     def full_f32(self, role: str) -> Tensor:
         return self.bundle._tensor_f32(self.layer.tensors[role])
+
+    def view(self, role: str) -> np.ndarray | None:
+        """The role's zero-copy view of the memory map (checked against the manifest), or None."""
+        return self.bundle._view(self.layer.tensors[role])
 
 
 def as_float32(arr: np.ndarray, dtype: str) -> np.ndarray:

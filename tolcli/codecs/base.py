@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
+import torch
 from torch import Tensor
 
 from tolcli._lazy import lazy_import
@@ -253,6 +254,13 @@ def row_blocks(rows: int, width: int) -> Iterator[slice]:
         yield slice(s, min(s + step, rows))
 
 
+def array_view(access: TensorAccess, role: str) -> np.ndarray | None:
+    """A role's whole stored tensor as a read-only-by-contract numpy array without a copy (a bundle's memory map,
+    an in-memory tensor), or None where the access has none: what compiled decoders read rows from."""
+    get = getattr(access, "view", None)
+    return None if get is None else get(role)
+
+
 def full_f32(access: TensorAccess, role: str) -> Tensor:
     """A whole role's tensor as fp32: cached by accesses that have ``full_f32`` (a bundle's), converted otherwise."""
     cached = getattr(access, "full_f32", None)
@@ -267,6 +275,9 @@ class PrefixedAccess:
 
     def rows(self, role: str, ids: Tensor) -> Tensor:
         return self.inner.rows(self.prefix + role, ids)
+
+    def view(self, role: str) -> np.ndarray | None:
+        return array_view(self.inner, self.prefix + role)
 
     def full(self, role: str) -> Tensor:
         return self.inner.full(self.prefix + role)
@@ -289,3 +300,10 @@ class DictAccess:
 
     def full(self, role: str) -> Tensor:
         return self.tensors[role]
+
+    def view(self, role: str) -> np.ndarray | None:
+        """A role's whole tensor as a numpy array sharing its memory (None: not a CPU, contiguous numpy dtype)."""
+        t = self.tensors[role]
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype == torch.bfloat16 or t.requires_grad:
+            return None
+        return t.numpy()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,7 +28,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tolcli.codecs.base import BatchEncoder, Codec, CodecSpec, RowSource, TableRows, TensorAccess, full_f32
+from tolcli.codecs import mixed_kernel
+from tolcli.codecs.base import (
+    BatchEncoder,
+    Codec,
+    CodecSpec,
+    RowSource,
+    TableRows,
+    TensorAccess,
+    array_view,
+    full_f32,
+)
 from tolcli.codecs.quant import dequantize_lowbit, pack_bits
 from tolcli.errors import InputError, UsageError
 
@@ -239,6 +250,7 @@ class MixedCodec(Codec):
     ):
         check_target(target_bits)
         self.target_bits, self.classes, self.weights, self.floor = float(target_bits), classes, weights, floor
+        self._kernel_memo: tuple[Any, int, Any] | None = None  # (weak ref to an access, width, kernel inputs)
         if classes is not None:
             check_classes(classes)
 
@@ -375,10 +387,12 @@ class MixedCodec(Codec):
         return out
 
     def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
-        pos = self.positions(access, ids.reshape(-1))
-        mean = full_f32(access, "mean")
         fast = out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
         fast = fast and not out.requires_grad and out.dim() == 2
+        if fast and self._decode_compiled(access, ids.reshape(-1), out):
+            return
+        pos = self.positions(access, ids.reshape(-1))
+        mean = full_f32(access, "mean")
         if fast:
             block = max(1, FAST_BLOCK_VALUES // max(1, out.shape[1]))  # scratch bounded whatever the number of ids
             for a in range(0, pos.numel(), block):
@@ -393,6 +407,68 @@ class MixedCodec(Codec):
                 continue
             codes, scales, offsets = _class_tensors(access, k, c, pos[sel] - start, out.shape[-1])
             out[sel] = dequantize_class(codes, scales, offsets, c.bits, c.group) + mean
+
+    def _decode_compiled(self, access: TensorAccess, ids: Tensor, out: Tensor) -> bool:
+        """Decode with :mod:`tolcli.codecs.mixed_kernel` from whole-tensor views of the stored roles; False (nothing
+        written) when the kernels or the views are unavailable."""
+        if not mixed_kernel.available() or ids.dtype != torch.int64 or out.shape[0] != ids.numel():
+            return False
+        got = self._kernel_inputs(access, out.shape[1])
+        if got is None:
+            return False
+        flat = ids.numpy()
+        try:
+            return mixed_kernel.decode(got, flat, out.numpy())
+        except ValueError as e:
+            if e.args[0] < 0:
+                return False  # an id outside the table: the numpy path refuses it
+            raise InputError(
+                f"mixed: tensor `index` holds position {e.args[0]:,}, beyond the layer's "
+                f"{sum(c.rows for c in self._fitted()):,} rows",
+                hint="the bundle is corrupt: run tolcli verify",
+            ) from None
+
+    def _kernel_inputs(self, access: TensorAccess, C: int) -> mixed_kernel.Layer | None:
+        """The kernels' class list and role -> whole-tensor view, every shape and dtype checked (the kernels index
+        without bounds checks); None when a role has no view or anything is unusual (the numpy path then reads the
+        same tensors and says what is wrong). Kept for an access whose views never change (a bundle's)."""
+        memo = self._kernel_memo
+        if memo is not None and memo[0]() is access and memo[1] == C:
+            return memo[2]
+        classes = self._fitted()
+        arrays = {"index": array_view(access, "index"), "mean": array_view(access, "mean")}
+        for k, c in enumerate(classes):
+            if c.bits:
+                for role in ("codes", "scales", "offsets"):
+                    arrays[f"class{k}.{role}"] = array_view(access, f"class{k}.{role}")
+        if any(a is None for a in arrays.values()):
+            return None
+        index, mean = arrays["index"], arrays["mean"]
+        ok = index.dtype == np.uint8 and index.ndim == 2 and 1 <= index.shape[1] <= 7
+        ok = ok and mean.dtype == np.float32 and mean.shape == (1, C) and C % WIDTH_MULTIPLE == 0
+        for k, c in enumerate(classes):
+            if c.bits:
+                ok = ok and C % c.group == 0 and 1 <= c.bits <= 8
+                ok = ok and arrays[f"class{k}.codes"].dtype == np.uint8
+                ok = ok and arrays[f"class{k}.codes"].shape == (c.rows, C * c.bits // 8)
+                for role in ("scales", "offsets"):
+                    a = arrays[f"class{k}.{role}"]
+                    ok = ok and a.dtype == np.float16 and a.shape == (c.rows, C // c.group)
+        ok = ok and all(a.flags.c_contiguous for a in arrays.values())  # type: ignore[union-attr]
+        if not ok:
+            return None
+        spec = []
+        for k, (c, start) in enumerate(zip(classes, self._starts(), strict=True)):
+            if c.bits == 0:
+                spec.append((0, 0, c.rows, start, None, None, None))
+                continue
+            parts = (arrays[f"class{k}.{r}"] for r in ("codes", "scales", "offsets"))
+            codes, scales, offsets = (a if a.dtype == np.uint8 else a.view(np.uint16) for a in parts)  # type: ignore[union-attr]
+            spec.append((c.bits, c.group, c.rows, start, codes, scales, offsets))
+        got = mixed_kernel.Layer(index, mean, spec)  # type: ignore[arg-type]
+        if getattr(access, "stable_views", False):
+            self._kernel_memo = (weakref.ref(access), C, got)
+        return got  # type: ignore[return-value]
 
     def _decode_block(self, access: TensorAccess, pos: Tensor, mean: Tensor, out: Tensor) -> None:
         """:func:`decode_rows_fast` over the rows at positions ``pos``."""
@@ -410,19 +486,7 @@ class MixedCodec(Codec):
         decode_rows_fast(coded, torch.cat(zero) if zero else pos[:0], mean, out)
 
 
-# The three rounds that spread 8 codes of ``bits`` bits (one little-endian ``bits``-byte word, zero-padded to 64
-# bits) into 8 bytes: the upper 4 codes move to bit 32, then the upper 2 of each half 16 bits up, then the upper one
-# of each pair 8 bits up. Each round is (bits of a field's half, lane, mask of the lower halves, which stay).
-def _spread_rounds(bits: int) -> tuple[tuple[int, int, int], ...]:
-    rounds = []
-    for codes, lane in ((4, 32), (2, 16), (1, 8)):
-        low = (1 << (codes * bits)) - 1
-        mask = sum(low << (2 * lane * k) for k in range(64 // (2 * lane)))  # where the fields are before the round
-        rounds.append((codes * bits, lane, mask))
-    return tuple(rounds)
-
-
-SPREAD = {bits: _spread_rounds(bits) for bits in (2, 3, 5, 6)}
+SPREAD = {bits: mixed_kernel.spread_rounds(bits) for bits in (2, 3, 5, 6)}
 SPREAD_CHUNK = 1 << 15  # 64-bit words per chunk: two 256 KB arrays, in L2
 
 
