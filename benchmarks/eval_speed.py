@@ -29,7 +29,7 @@ def run() -> list[str]:
     out = ["eval-ppl on the demo model: 8,192 tokens, ctx 128, batch 8 (ratio = FFN time / bundle time)"]
     with tempfile.TemporaryDirectory() as d:
         dense = Path(d) / "dense.safetensors"
-        precompute(ckpt, dense)
+        precompute(ckpt, dense, dtype="fp32")
         paths = {"dense fp32": dense}
         paths["svd r64"] = compress(dense, Path(d) / "svd.safetensors", CompressOptions("svd", rank=64)).path
         paths["int4 g64"] = compress(dense, Path(d) / "int4.safetensors", CompressOptions("int4")).path

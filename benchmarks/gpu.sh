@@ -108,9 +108,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def agreement() -> None:
     """precompute and eval-ppl on the device agree with the CPU; a device-resident cache returns the bundle's rows."""
     demo = demo_checkpoint_path()
-    ref = precompute(demo, WORK / "cpu.safetensors", device="cpu").path
+    ref = precompute(demo, WORK / "cpu.safetensors", dtype="fp32", device="cpu").path
     for mm, tol in (("fp32", 1e-5), ("bf16", 2e-2)):
-        out = precompute(demo, WORK / f"dev-{mm}.safetensors", device=str(DEV), matmul_dtype=mm).path
+        out = precompute(demo, WORK / f"dev-{mm}.safetensors", dtype="fp32", device=str(DEV), matmul_dtype=mm).path
         with open_bundle(ref) as a, open_bundle(out) as b:
             worst = max(rel(b.dense_layer(i), a.dense_layer(i)) for i in a.present_layers)
         check(f"precompute {mm} matmuls on {DEV} vs CPU", worst <= tol, f"worst layer rel. error {worst:.2e} <= {tol:g}")

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent(
     """
     import sys
     from tolcli import precompute
-    precompute(sys.argv[1], sys.argv[2], batch_rows=2048)
+    precompute(sys.argv[1], sys.argv[2], dtype="fp32", batch_rows=2048)
     hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(int(hwm.split()[1]) * 1024)
     """

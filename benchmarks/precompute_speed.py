@@ -62,7 +62,7 @@ def run() -> list[str]:
         )
         for suffix in (".safetensors", ".h5"):
             target = Path(d) / f"tol{suffix}"
-            t_full = best_of(lambda t=target: precompute(ckpt, t, batch_rows=BATCH, force=True), repeat=2)
+            t_full = best_of(lambda t=target: precompute(ckpt, t, dtype="fp32", batch_rows=BATCH, force=True), repeat=2)
             size = target.stat().st_size
             out.append(
                 row(

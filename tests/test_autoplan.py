@@ -17,7 +17,7 @@ from tolcli import CompressOptions, compress, open_bundle, precompute
 from tolcli.autoplan import AutoPlan, Candidate, Validation, alternative_plans, candidate_specs, choose, plan_auto
 from tolcli.codecs import DictAccess, parse_spec
 from tolcli.codecs.base import TableRows
-from tolcli.errors import InputError, UsageError
+from tolcli.errors import InputError, OutputError, UsageError
 from tolcli.testing import tiny_config, write_random_checkpoint, write_word_tokenizer
 
 
@@ -94,7 +94,7 @@ def test_candidates_that_cannot_encode_the_width_are_left_out() -> None:
 def dense(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("auto")
     ckpt = write_random_checkpoint(d / "ckpt", tiny_config("memoryllm", hidden_size=64, num_hidden_layers=3))
-    return precompute(ckpt, d / "dense.safetensors").path
+    return precompute(ckpt, d / "dense.safetensors", dtype="fp32").path
 
 
 CANDIDATES = "fp16,int8,int4,int2(group=32),mixed(bits=2),mixed(bits=3),svd(rank=32,a=int4(group=32))"
@@ -242,7 +242,7 @@ def small(tmp_path_factory) -> tuple[Path, Path, Path]:
     ckpt = write_random_checkpoint(d / "ckpt", cfg, tokenizer=write_word_tokenizer(d / "tokenizer.json"))
     calib = d / "calib.txt"
     calib.write_text(" ".join(random.Random(0).choices([f"w{i}" for i in range(100)], k=600)), encoding="utf-8")
-    return ckpt, precompute(ckpt, d / "dense.safetensors").path, calib
+    return ckpt, precompute(ckpt, d / "dense.safetensors", dtype="fp32").path, calib
 
 
 VALIDATE_CANDIDATES = "int4(group=64),int2(group=32),mixed(bits=2),svd(rank=H/4,a=int4(group=32))"
@@ -288,6 +288,8 @@ def test_validate_writes_the_plan_of_least_kl_and_its_kl_is_the_written_bundles(
 def test_validate_overrides_the_proxy_and_cleans_up_on_failure(
     small: tuple[Path, Path, Path], tmp_path: Path, monkeypatch
 ) -> None:
+    import sys
+
     import tolcli.evaluation
 
     dense = small[1]
@@ -311,6 +313,15 @@ def test_validate_overrides_the_proxy_and_cleans_up_on_failure(
     with pytest.raises(InputError, match="no text"):
         compress(dense, tmp_path / "w.safetensors", _validate_opts(small))
     assert not list(tmp_path.glob(".tolcli-validate-*")) and not (tmp_path / "w.safetensors").exists()
+
+    def never(*args, **kwargs):
+        raise AssertionError("an existing output is refused before anything is evaluated")
+
+    monkeypatch.setattr(tolcli.evaluation, "eval_ppl", never)
+    monkeypatch.setattr(sys.modules["tolcli.compress"], "load_weights", never)
+    existing = tmp_path / "v.safetensors"
+    with pytest.raises(OutputError, match="output exists"):
+        compress(dense, existing, _validate_opts(small))
 
 
 @pytest.mark.parametrize(
@@ -353,3 +364,31 @@ def test_a_sweep_row_of_a_bundle_mixing_svd_and_other_codecs_has_no_ranks(dense:
     row = _row("auto", variant, "auto", res.path)
     assert codecs == {"svd", "int2"} and row["ranks"] is None, codecs  # (it raised KeyError before)
     assert row["stored_bytes"] == res.stored_bytes
+
+
+def test_validate_removes_the_directories_of_killed_runs_only(tmp_path: Path) -> None:
+    """A SIGKILLed ``--validate`` leaves its private directory: the next run beside it removes those of dead
+    processes on this host, and never a live run's, another host's, or a symlink (its target survives)."""
+    import os
+    import subprocess
+    import sys
+
+    from tolcli.compress import VALIDATE_PREFIX, _host_tag, remove_stale_validations
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    host = _host_tag()
+    killed = tmp_path / f"{VALIDATE_PREFIX}{host}-{pid}-abc"
+    live = tmp_path / f"{VALIDATE_PREFIX}{host}-{os.getpid()}-def"
+    other = tmp_path / f"{VALIDATE_PREFIX}otherhost-{pid}-ghi"
+    for d in (killed, live, other):
+        (d / "sub").mkdir(parents=True)
+        (d / "sub" / "plan0.safetensors").write_bytes(b"x")
+    target = tmp_path / "keep"
+    target.mkdir()
+    (target / "f").write_bytes(b"y")
+    link = tmp_path / f"{VALIDATE_PREFIX}{host}-{pid}-lnk"
+    link.symlink_to(target, target_is_directory=True)
+    assert remove_stale_validations(tmp_path) == [killed]
+    assert not killed.exists() and live.exists() and other.exists() and link.is_symlink()
+    assert (target / "f").read_bytes() == b"y"

@@ -273,7 +273,7 @@ def test_scheme_maps_to_the_spec_and_the_params_it_always_wrote(
 
 
 def test_scheme_and_spec_write_the_same_layers(tmp_path: Path, make_ckpt) -> None:
-    dense = precompute(make_ckpt(hidden_size=64), tmp_path / "d.safetensors").path
+    dense = precompute(make_ckpt(hidden_size=64), tmp_path / "d.safetensors", dtype="fp32").path
     a = compress(dense, tmp_path / "a.safetensors", CompressOptions("adaptive-svd+int4", budget="0.5"))
     b = compress(dense, tmp_path / "b.safetensors", CompressOptions(codec="svd(budget=0.5,a=int4(group=32))"))
     assert a.ranks == b.ranks and a.manifest["layers"] == b.manifest["layers"]
@@ -304,7 +304,7 @@ def test_scheme_or_codec(options: CompressOptions, msg: str) -> None:
 
 
 def test_cli_codec_option_and_errors_naming_flags(tmp_path: Path, make_ckpt, cli) -> None:
-    dense = precompute(make_ckpt(), tmp_path / "d.safetensors").path
+    dense = precompute(make_ckpt(), tmp_path / "d.safetensors", dtype="fp32").path
     r = cli("compress", dense, "-o", tmp_path / "c.safetensors", "--codec", "int4(group=32,symmetric=true)", "--json")
     assert r.code == 0, r.err
     layer = json.loads(r.out)["manifest"]["layers"][0]
@@ -371,7 +371,7 @@ def test_a_new_codec_is_one_class_pair(
 ) -> None:
     SignCodec, Sign = sign_codec
     assert "sign" in spec_names() and parse_spec("sign(gain=0.5)") == Sign(gain=0.5)  # type: ignore[call-arg]
-    dense = precompute(make_ckpt(), tmp_path / "d.safetensors").path
+    dense = precompute(make_ckpt(), tmp_path / "d.safetensors", dtype="fp32").path
     ids = torch.tensor([0, 5, 100, 5])
 
     res = compress(dense, tmp_path / "s.h5", CompressOptions(codec="sign(gain=0.5)"))
@@ -416,7 +416,7 @@ def test_a_huge_integer_in_a_spec_is_a_usage_error() -> None:
 
 
 def test_cli_fit_option(tmp_path: Path, make_ckpt, cli) -> None:
-    dense = precompute(make_ckpt(), tmp_path / "d.safetensors").path
+    dense = precompute(make_ckpt(), tmp_path / "d.safetensors", dtype="fp32").path
     r = cli("compress", dense, "-o", tmp_path / "c.h5", "-s", "int3", "--fit", "minmax", "--group-size", "32", "--json")
     assert r.code == 0, r.err
     layer = json.loads(r.out)["manifest"]["layers"][0]
@@ -429,7 +429,7 @@ def test_cli_fit_option(tmp_path: Path, make_ckpt, cli) -> None:
 
 
 def test_cli_center_option(tmp_path: Path, make_ckpt, cli) -> None:
-    dense = precompute(make_ckpt(), tmp_path / "d.safetensors").path
+    dense = precompute(make_ckpt(), tmp_path / "d.safetensors", dtype="fp32").path
     r = cli("compress", dense, "-o", tmp_path / "c.h5", "-s", "nf4", "--center", "--group-size", "32", "--json")
     assert r.code == 0, r.err
     layer = json.loads(r.out)["manifest"]["layers"][0]

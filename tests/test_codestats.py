@@ -38,7 +38,7 @@ def entropy_of(codes: list[int]) -> float:
 def bundles(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("codestats")
     ckpt = write_random_checkpoint(d / "ckpt", tiny_config("memoryllm", hidden_size=64))
-    dense = precompute(ckpt, d / "dense.safetensors").path
+    dense = precompute(ckpt, d / "dense.safetensors", dtype="fp32").path
     out = {"dense": dense}
     for name, opts in {
         "int4": CompressOptions(scheme="int4"),

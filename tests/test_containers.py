@@ -190,7 +190,7 @@ def test_format_contradicting_the_output_suffix_is_refused(tmp_path: Path, cli) 
     from tolcli.errors import UsageError
 
     with pytest.raises(UsageError, match=r"--format hdf5 contradicts the suffix of 'x\.safetensors'"):
-        precompute(demo_checkpoint_path(), tmp_path / "x.safetensors", container="hdf5", layers="0")
+        precompute(demo_checkpoint_path(), tmp_path / "x.safetensors", container="hdf5", layers="0", dtype="fp32")
     assert not list(tmp_path.iterdir())
     r = cli("precompute", "demo", "-o", tmp_path / "y.h5", "--format", "hdf5", "--layers", "0")
     assert r.code == 0, r.err

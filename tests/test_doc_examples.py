@@ -314,7 +314,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = heldout_excerpt(12_000)
     for name in ("held-out.txt", "text.txt"):
         (base / name).write_text(text, encoding="utf-8")
-    precompute(demo, base / "dense.safetensors")
+    precompute(demo, base / "dense.safetensors", dtype="fp32")
     compress(base / "dense.safetensors", base / "int4.safetensors", CompressOptions("int4"))
     hf_cache(base / ".cache" / "huggingface" / "hub", demo)
     datasets_dir(base / "dir", text)

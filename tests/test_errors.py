@@ -24,7 +24,7 @@ def bundle(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("err")
     cfg = tiny_config("memoryllm", vocab_size=37, hidden_size=32, intermediate_size=32, num_hidden_layers=2)
     ck = write_checkpoint(d / "ckpt", cfg, random_state_dict(cfg))
-    return precompute(ck, d / "b.safetensors").path
+    return precompute(ck, d / "b.safetensors", dtype="fp32").path
 
 
 def header_of(raw: bytes) -> tuple[int, dict]:
@@ -173,7 +173,7 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(make_ckpt, tmp_p
 
     ckpt = make_ckpt("memoryllm")
     with pytest.raises(UsageError) as e:
-        precompute(ckpt, tmp_path / "t.safetensors", batch_rows=0)
+        precompute(ckpt, tmp_path / "t.safetensors", batch_rows=0, dtype="fp32")
     assert str(e.value) == "batch_rows must be >= 1, got 0"
     r = cli("precompute", ckpt, "-o", tmp_path / "t.safetensors", "--batch-tokens", "0")
     assert r.code == 2 and r.err == "tolcli: error: --batch-tokens must be >= 1, got 0\n"

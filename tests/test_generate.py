@@ -25,7 +25,7 @@ def models() -> dict[str, torch.nn.Module]:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("gen")
-    dense = precompute(demo_checkpoint_path(), d / "dense.safetensors").path
+    dense = precompute(demo_checkpoint_path(), d / "dense.safetensors", dtype="fp32").path
     int4 = compress(dense, d / "int4.safetensors", CompressOptions("int4")).path
     stripped = strip_checkpoint(demo_checkpoint_path(), d / "stripped").path
     return {"dense": dense, "int4": int4, "stripped": stripped}

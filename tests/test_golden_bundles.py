@@ -22,7 +22,7 @@ from tolcli.cli import main
 
 # (name, argv with {d} = the scratch directory); outputs are name.
 CALLS: list[tuple[str, list[str]]] = [
-    ("d32.safetensors", ["precompute", "demo", "-o", "d32.safetensors"]),
+    ("d32.safetensors", ["precompute", "demo", "-o", "d32.safetensors", "--dtype", "fp32"]),
     ("d16.h5", ["precompute", "demo", "-o", "d16.h5", "--dtype", "fp16"]),
     ("dbf16-sharded", ["precompute", "demo", "-o", "dbf16-sharded", "--dtype", "bf16", "--max-shard-size", "1MB"]),
     ("int4.safetensors", ["compress", "d32.safetensors", "-o", "int4.safetensors", "-s", "int4"]),

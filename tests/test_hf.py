@@ -31,7 +31,7 @@ def hf():
 def made(tmp_path_factory, hf) -> dict[str, Path]:
     _, tolhf = hf
     d = tmp_path_factory.mktemp("hf")
-    dense = precompute(demo_checkpoint_path(), d / "dense.safetensors").path
+    dense = precompute(demo_checkpoint_path(), d / "dense.safetensors", dtype="fp32").path
     int4 = compress(dense, d / "int4.safetensors", CompressOptions("int4")).path
     stripped = strip_checkpoint(demo_checkpoint_path(), d / "stripped").path
     return {

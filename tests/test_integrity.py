@@ -23,7 +23,7 @@ from tolcli.testing import random_state_dict, tiny_config, tiny_manifest, write_
 
 @pytest.fixture
 def dense(tmp_path: Path, make_ckpt) -> Path:
-    return precompute(make_ckpt("memoryllm"), tmp_path / "dense.safetensors").path
+    return precompute(make_ckpt("memoryllm"), tmp_path / "dense.safetensors", dtype="fp32").path
 
 
 # ---- staging: what was staged is what lands ------------------------------------------------------------------
@@ -57,7 +57,7 @@ class _Interrupt(Exception):
 def interrupted_run(ckpt: Path, out: Path, monkeypatch, layers: int) -> bytes:
     """Precompute ``ckpt`` into ``out``, interrupted once ``layers`` layers are committed; returns the bytes of an
     uninterrupted run of the same job (the reference a resume must reproduce)."""
-    ref = precompute(ckpt, out.with_name("ref.safetensors")).path.read_bytes()
+    ref = precompute(ckpt, out.with_name("ref.safetensors"), dtype="fp32").path.read_bytes()
     commit = Staging.commit_layer
     calls: list[int] = []
 
@@ -69,7 +69,7 @@ def interrupted_run(ckpt: Path, out: Path, monkeypatch, layers: int) -> bytes:
 
     monkeypatch.setattr(Staging, "commit_layer", interrupted)
     with pytest.raises(_Interrupt):
-        precompute(ckpt, out)
+        precompute(ckpt, out, dtype="fp32")
     monkeypatch.setattr(Staging, "commit_layer", commit)
     assert not out.exists()
     return ref
@@ -87,7 +87,7 @@ def test_resume_over_tampered_staging_starts_over(tmp_path: Path, make_ckpt, mon
     raw[len(raw) // 2] ^= 0x40
     staged[0].write_bytes(bytes(raw))
     notes: list[str] = []
-    precompute(ckpt, out, resume=True, note=notes.append)
+    precompute(ckpt, out, resume=True, note=notes.append, dtype="fp32")
     assert out.read_bytes() == ref
     assert any("removing the partial output" in n for n in notes), notes
     assert not any(n.startswith("resuming") for n in notes)
@@ -99,7 +99,7 @@ def test_resume_over_intact_staging_reuses_it(tmp_path: Path, make_ckpt, monkeyp
     out = tmp_path / "out.safetensors"
     ref = interrupted_run(ckpt, out, monkeypatch, layers=1)
     notes: list[str] = []
-    precompute(ckpt, out, resume=True, note=notes.append)
+    precompute(ckpt, out, resume=True, note=notes.append, dtype="fp32")
     assert out.read_bytes() == ref and "resuming: 1 layer(s) already done" in notes[0]
 
 
@@ -176,7 +176,7 @@ def test_gate_end_to_end_exactly_at_the_measured_change(tmp_path: Path, make_ckp
 def test_gate_fails_on_a_nan_bundle(tmp_path: Path, make_ckpt) -> None:
     """A bundle holding NaN (written past the checks, as a buggy tool would) gives a NaN perplexity: exit 3."""
     ckpt = make_ckpt("memoryllm")
-    good = precompute(ckpt, tmp_path / "good.safetensors").path
+    good = precompute(ckpt, tmp_path / "good.safetensors", dtype="fp32").path
     bad = _rewrite(good, tmp_path / "nan.safetensors", edit=lambda name, a: a.__setitem__((slice(None), 0), np.nan))
     data = tmp_path / "ids.npy"
     np.save(data, np.random.default_rng(0).integers(0, 101, 200))
@@ -187,7 +187,7 @@ def test_gate_fails_on_a_nan_bundle(tmp_path: Path, make_ckpt) -> None:
 
 def test_cli_reports_a_nan_perplexity_as_strict_json_and_exit_3(tmp_path: Path, make_ckpt, cli) -> None:
     ckpt = make_ckpt("memoryllm")
-    good = precompute(ckpt, tmp_path / "good.safetensors").path
+    good = precompute(ckpt, tmp_path / "good.safetensors", dtype="fp32").path
     bad = _rewrite(good, tmp_path / "nan.safetensors", edit=lambda name, a: a.__setitem__((slice(None), 0), np.nan))
     data = tmp_path / "ids.npy"
     np.save(data, np.random.default_rng(0).integers(0, 101, 200))
@@ -262,5 +262,5 @@ def test_resume_over_a_hostile_state_file_starts_over(tmp_path: Path, make_ckpt,
     ref = interrupted_run(ckpt, out, monkeypatch, layers=1)
     (tmp_path / ".out.safetensors.partial" / "state.json").write_text("[" * 100_000 + "]" * 100_000)
     notes: list[str] = []
-    precompute(ckpt, out, resume=True, note=notes.append)
+    precompute(ckpt, out, resume=True, note=notes.append, dtype="fp32")
     assert out.read_bytes() == ref and not any(n.startswith("resuming") for n in notes)

@@ -114,7 +114,7 @@ def test_rolling_perplexity_matches_eval_ppl_lm_eval_protocol(tasks, tmp_path: P
     assert got["word_perplexity,none"] == pytest.approx(v["word_perplexity"], rel=1e-6)
     assert got["bits_per_byte,none"] == pytest.approx(v["bits_per_byte"], rel=1e-6)
     # a dense fp32 bundle in place of the FFNs gives the same numbers (to the precision of its rows)
-    dense = precompute(demo_checkpoint_path(), tmp_path / "dense.safetensors").path
+    dense = precompute(demo_checkpoint_path(), tmp_path / "dense.safetensors", dtype="fp32").path
     with_tol = _evaluate(tasks["dir"], "tolcli_tiny_ppl", f"checkpoint=demo,tol={dense},max_length=128")
     assert with_tol["word_perplexity,none"] == pytest.approx(v["word_perplexity"], rel=1e-5)
     assert math.isfinite(with_tol["byte_perplexity,none"])

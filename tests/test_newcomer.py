@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory) -> Path:
-    return precompute(demo_checkpoint_path(), tmp_path_factory.mktemp("nc") / "dense.safetensors").path
+    return precompute(demo_checkpoint_path(), tmp_path_factory.mktemp("nc") / "dense.safetensors", dtype="fp32").path
 
 
 def test_drop_of_every_layer_is_refused(dense: Path, tmp_path: Path, cli) -> None:

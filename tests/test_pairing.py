@@ -84,7 +84,7 @@ def pair(tmp_path_factory, tokenizer: Path) -> dict[str, Path]:
     cfg = tiny_config("memoryllm")
     a = write_checkpoint(d / "A", cfg, random_state_dict(cfg, seed=1), tokenizer=tokenizer)
     b = write_checkpoint(d / "B", cfg, random_state_dict(cfg, seed=2), tokenizer=tokenizer)
-    bundle = precompute(a, d / "tol-A.safetensors").path
+    bundle = precompute(a, d / "tol-A.safetensors", dtype="fp32").path
     calib = d / "calib.txt"
     calib.write_text(" ".join(random.Random(0).choices(WORDS, k=400)))
     return {"A": a, "B": b, "bundle": bundle, "calib": calib, "dir": d}
@@ -134,7 +134,7 @@ def test_fingerprint_is_the_documented_serialisation(
     d = write_checkpoint(tmp_path / "c", cfg, random_state_dict(cfg, seed=3, dtype=dtype, memory_norm_bias=bias))
     expected = reference_fingerprint(d)
     assert source_fingerprint(open_checkpoint(d)) == expected
-    assert precompute(d, tmp_path / "t.h5").manifest["source"]["fingerprint"] == expected
+    assert precompute(d, tmp_path / "t.h5", dtype="fp32").manifest["source"]["fingerprint"] == expected
 
 
 def test_fingerprint_of_the_demo_starts_as_documented() -> None:

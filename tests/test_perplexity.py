@@ -59,7 +59,7 @@ def test_llama_perplexity_matches_transformers(make_ckpt, hf_llama, tmp_path: Pa
 @pytest.fixture(scope="module")
 def demo_dense(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ev") / "dense.safetensors"
-    precompute(demo_checkpoint_path(), out)
+    precompute(demo_checkpoint_path(), out, dtype="fp32")
     return out
 
 
@@ -172,7 +172,7 @@ def test_drop_keeps_indices_and_matches_the_drop_variant(demo_dense: Path, tmp_p
 
 def test_flex_and_llama(make_ckpt, tmp_path: Path) -> None:
     flex = make_ckpt("flex_memoryllm")
-    precompute(flex, tmp_path / "f.safetensors")
+    precompute(flex, tmp_path / "f.safetensors", dtype="fp32")
     ids = torch.randint(0, 101, (200,), generator=torch.Generator().manual_seed(1)).numpy()
     np.save(tmp_path / "ids.npy", ids)
     r = eval_ppl(flex, [tmp_path / "ids.npy"], tols=[tmp_path / "f.safetensors"], ctx=32)

@@ -36,7 +36,7 @@ def test_dense_fp32_bundle_is_exact(tmp_path: Path, make_ckpt, case: str, suffix
     model_type, cfg_over, ck_over = CASES[case]
     d = make_ckpt(model_type, **ck_over, **cfg_over)
     out = tmp_path / f"tol{suffix}"
-    precompute(d, out, batch_rows=37)  # batches that do not divide the vocabulary
+    precompute(d, out, batch_rows=37, dtype="fp32")  # batches that do not divide the vocabulary
     ckpt = open_checkpoint(d)
     model = load_model(ckpt)
     cfg = ckpt.config
@@ -56,7 +56,7 @@ def test_dense_fp32_bundle_is_exact(tmp_path: Path, make_ckpt, case: str, suffix
 
 def test_precompute_reads_no_attention_weight(tmp_path: Path, make_ckpt) -> None:
     ckpt = open_checkpoint(make_ckpt("flex_memoryllm"))
-    precompute(ckpt, tmp_path / "t.safetensors")
+    precompute(ckpt, tmp_path / "t.safetensors", dtype="fp32")
     specs = expected_tensors(ckpt.config)
     groups = {specs[n].group for n in ckpt.loaded}
     assert ATTENTION not in groups and "context_ffn" not in groups and groups == {"embedding", "memory_ffn"}
@@ -89,7 +89,7 @@ def test_fp16_overflow_is_warned_and_recorded(tmp_path: Path) -> None:
 
 def test_llama_is_refused(tmp_path: Path, make_ckpt, cli) -> None:
     with pytest.raises(UsageError, match="no context-free FFN"):
-        precompute(make_ckpt("llama"), tmp_path / "t.safetensors")
+        precompute(make_ckpt("llama"), tmp_path / "t.safetensors", dtype="fp32")
     assert cli("precompute", "demo:llama", "-o", tmp_path / "x.safetensors").code == ExitCode.USAGE
 
 
@@ -134,17 +134,17 @@ class FailAfter:
 def test_resume_after_interruption_gives_identical_bytes(tmp_path: Path, make_ckpt, suffix: str) -> None:
     d = make_ckpt(num_hidden_layers=5)
     ref = tmp_path / f"ref{suffix}"
-    precompute(d, ref, batch_rows=40)
+    precompute(d, ref, batch_rows=40, dtype="fp32")
     out = tmp_path / f"out{suffix}"
     with pytest.raises(Boom):  # dies in the middle of layer 2 (101 rows per layer)
-        precompute(d, out, batch_rows=40, progress=FailAfter(2 * 101 + 50))
+        precompute(d, out, batch_rows=40, progress=FailAfter(2 * 101 + 50), dtype="fp32")
     assert not out.exists()
     partial = tmp_path / f".out{suffix}.partial"
     assert sorted(json.loads((partial / "state.json").read_text())["layers"]) == ["0", "1"]
     with pytest.raises(UsageError, match="different inputs or options"):
         precompute(d, out, batch_rows=40, dtype="fp16", resume=True)
     notes: list[str] = []
-    res = precompute(d, out, batch_rows=40, resume=True, note=notes.append)
+    res = precompute(d, out, batch_rows=40, resume=True, note=notes.append, dtype="fp32")
     assert res.layers_computed == 3 and any("resuming: 2 layer(s)" in n for n in notes)
     assert out.read_bytes() == ref.read_bytes()
     assert not partial.exists()
@@ -155,17 +155,17 @@ def test_rerun_without_resume_never_deletes_staged_layers_silently(tmp_path: Pat
     it is refused (exit 2, the staged layer kept); --force discards it and starts over, to the same bytes."""
     d = make_ckpt()
     out, ref = tmp_path / "t.safetensors", tmp_path / "ref.safetensors"
-    precompute(d, ref)
+    precompute(d, ref, dtype="fp32")
     partial = tmp_path / ".t.safetensors.partial"
 
     def interrupted() -> None:
         with pytest.raises(Boom):  # dies in layer 1 (101 rows per layer): layer 0 is staged
-            precompute(d, out, batch_rows=40, progress=FailAfter(150))
+            precompute(d, out, batch_rows=40, progress=FailAfter(150), dtype="fp32")
         assert json.loads((partial / "state.json").read_text())["layers"].keys() == {"0"}
 
     interrupted()
     notes: list[str] = []
-    assert precompute(d, out, batch_rows=40, note=notes.append).layers_computed == 2
+    assert precompute(d, out, batch_rows=40, note=notes.append, dtype="fp32").layers_computed == 2
     assert any(n.startswith("resuming: 1 layer(s)") for n in notes), notes
     assert out.read_bytes() == ref.read_bytes() and not partial.exists()
     out.unlink()
@@ -174,7 +174,7 @@ def test_rerun_without_resume_never_deletes_staged_layers_silently(tmp_path: Pat
         precompute(d, out, batch_rows=40, dtype="fp16")
     assert json.loads((partial / "state.json").read_text())["layers"].keys() == {"0"}
     notes = []
-    assert precompute(d, out, batch_rows=40, force=True, note=notes.append).layers_computed == 3
+    assert precompute(d, out, batch_rows=40, force=True, note=notes.append, dtype="fp32").layers_computed == 3
     assert any("removing the partial output" in n for n in notes), notes
     assert out.read_bytes() == ref.read_bytes()
 
@@ -182,7 +182,7 @@ def test_rerun_without_resume_never_deletes_staged_layers_silently(tmp_path: Pat
 def test_existing_output_needs_force(tmp_path: Path, make_ckpt) -> None:
     d = make_ckpt()
     out = tmp_path / "t.safetensors"
-    precompute(d, out)
+    precompute(d, out, dtype="fp32")
     before = out.read_bytes()
     with pytest.raises(OutputError, match="--force"):
         precompute(d, out, dtype="fp16")
@@ -193,7 +193,7 @@ def test_existing_output_needs_force(tmp_path: Path, make_ckpt) -> None:
 
 def test_layers_subset_marks_the_rest_dropped(tmp_path: Path, make_ckpt) -> None:
     out = tmp_path / "t.safetensors"
-    precompute(make_ckpt(num_hidden_layers=4), out, layers="0,2-")
+    precompute(make_ckpt(num_hidden_layers=4), out, layers="0,2-", dtype="fp32")
     with open_bundle(out) as b:
         assert [e["status"] for e in b.manifest["layers"]] == ["present", "dropped", "present", "present"]
         assert sorted(b.layers) == [0, 2, 3]
@@ -204,14 +204,14 @@ def test_layers_subset_marks_the_rest_dropped(tmp_path: Path, make_ckpt) -> None
 @pytest.mark.parametrize(("spec", "msg"), [("5", "outside"), ("a-b", "bad layer spec"), (",", "selects no layer")])
 def test_bad_layer_spec(tmp_path: Path, make_ckpt, spec: str, msg: str) -> None:
     with pytest.raises(UsageError, match=msg):
-        precompute(make_ckpt(), tmp_path / "t.safetensors", layers=spec)
+        precompute(make_ckpt(), tmp_path / "t.safetensors", layers=spec, dtype="fp32")
 
 
 def test_cuda_requested_without_cuda(tmp_path: Path, make_ckpt) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UsageError, match="no CUDA device"):
-        precompute(make_ckpt(), tmp_path / "t.safetensors", device="cuda")
+        precompute(make_ckpt(), tmp_path / "t.safetensors", device="cuda", dtype="fp32")
 
 
 # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still counts the forked copy of the parent (pytest).
@@ -256,8 +256,8 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path: Path) -> None:
 
 def test_reduced_precision_matmuls(tmp_path: Path, make_ckpt) -> None:
     d = make_ckpt(hidden_size=64, intermediate_size=128)
-    ref = precompute(d, tmp_path / "fp32.safetensors").path
-    out = precompute(d, tmp_path / "bf16mm.safetensors", matmul_dtype="bf16").path
+    ref = precompute(d, tmp_path / "fp32.safetensors", dtype="fp32").path
+    out = precompute(d, tmp_path / "bf16mm.safetensors", matmul_dtype="bf16", dtype="fp32").path
     with open_bundle(ref) as a, open_bundle(out) as b:
         assert b.manifest["history"][0]["matmul_dtype"] == "bf16"
         for i in range(3):
@@ -265,4 +265,4 @@ def test_reduced_precision_matmuls(tmp_path: Path, make_ckpt) -> None:
             rel = float((x - y).norm() / x.norm())
             assert 1e-5 < rel < 2e-2  # bf16 inputs, fp32 accumulation
     with pytest.raises(UsageError, match="matmul_dtype must be one of"):
-        precompute(d, tmp_path / "x.safetensors", matmul_dtype="int8")
+        precompute(d, tmp_path / "x.safetensors", matmul_dtype="int8", dtype="fp32")

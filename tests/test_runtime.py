@@ -21,7 +21,7 @@ from tolcli.runtime import HotTokenCache, hot_tokens
 
 
 def test_cache_returns_the_bundle_rows_and_counts_hits(tmp_path: Path, cli) -> None:
-    dense = precompute(demo_checkpoint_path(), tmp_path / "d.safetensors").path
+    dense = precompute(demo_checkpoint_path(), tmp_path / "d.safetensors", dtype="fp32").path
     q = compress(dense, tmp_path / "q", CompressOptions("int4"), max_shard_size="1MB").path
     counts = torch.zeros(4096)
     counts[[5, 9, 77]] = torch.tensor([10.0, 30.0, 20.0])

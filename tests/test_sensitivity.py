@@ -111,7 +111,7 @@ def test_compress_with_sensitivity(tmp_path: Path, make_ckpt) -> None:
     from tolcli import demo_checkpoint_path
 
     dense = tmp_path / "d.safetensors"
-    precompute(demo_checkpoint_path(), dense)
+    precompute(demo_checkpoint_path(), dense, dtype="fp32")
     calib = tmp_path / "calib.txt"
     calib.write_text(demo_heldout_path().read_text()[:20000])
     res = compress(
@@ -140,7 +140,7 @@ def test_compress_device_is_where_the_sensitivity_passes_run(tmp_path: Path, cli
 
     C = importlib.import_module("tolcli.compress")  # the module (``tolcli.compress`` is the function)
 
-    dense = precompute(demo_checkpoint_path(), tmp_path / "d.safetensors").path
+    dense = precompute(demo_checkpoint_path(), tmp_path / "d.safetensors", dtype="fp32").path
     calib = tmp_path / "calib.txt"
     calib.write_text(demo_heldout_path().read_text()[:3000])
     seen: list[str] = []

@@ -79,7 +79,7 @@ def test_inspect_plot(tmp_path: Path, make_ckpt, cli) -> None:
     require("matplotlib")
     from tolcli import CompressOptions, compress, drop_layers, precompute
 
-    d = precompute(make_ckpt(), tmp_path / "d.safetensors").path
+    d = precompute(make_ckpt(), tmp_path / "d.safetensors", dtype="fp32").path
     a = compress(d, tmp_path / "a.safetensors", CompressOptions("adaptive-svd", budget="0.5")).path
     dropped, _ = drop_layers(a, tmp_path / "x.safetensors", drop_last=1)
     r = cli("inspect", dropped, "--plot", tmp_path / "layers.png")
@@ -133,7 +133,7 @@ def test_sweep_evaluates_an_existing_bundle_as_it_is(make_ckpt, tmp_path: Path, 
     d = make_ckpt("memoryllm", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
     ids = torch.randint(0, 97, (300,), generator=torch.Generator().manual_seed(1)).numpy()
     np.save(tmp_path / "ids.npy", ids)
-    dense = precompute(d, tmp_path / "dense.safetensors").path
+    dense = precompute(d, tmp_path / "dense.safetensors", dtype="fp32").path
     mine = compress(dense, tmp_path / "mine.h5", CompressOptions("int3", group_size=32)).path
     r = cli(
         "sweep", d, "--data", tmp_path / "ids.npy", "-o", tmp_path / "sw", "--ctx", "64", "--json",
@@ -149,7 +149,7 @@ def test_sweep_evaluates_an_existing_bundle_as_it_is(make_ckpt, tmp_path: Path, 
     r = cli("sweep", d, "--data", tmp_path / "ids.npy", "-o", tmp_path / "sw2", "--schemes", "int4,nosuch.h5")
     assert r.code == 2 and "sweep item 'nosuch.h5'" in r.err and not (tmp_path / "sw2").exists()
     other = make_ckpt("memoryllm", seed=1, vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2)
-    foreign = precompute(other, tmp_path / "foreign.safetensors").path  # same shapes, another model
+    foreign = precompute(other, tmp_path / "foreign.safetensors", dtype="fp32").path  # same shapes, another model
     r = cli("sweep", d, "--data", tmp_path / "ids.npy", "-o", tmp_path / "sw3", "--schemes", f"int4,{foreign}")
     assert r.code == 4 and "another checkpoint" in r.err and "eval-ppl --allow-source-mismatch" in r.err
     assert not (tmp_path / "sw3").exists()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -64,7 +65,7 @@ from tolcli.data import read_data
 from tolcli.demo import resolve_checkpoint_arg
 from tolcli.dtypes import DTYPES, tensor_to_numpy
 from tolcli.errors import InputError, UsageError
-from tolcli.fsutil import parse_size
+from tolcli.fsutil import check_output, parse_size
 from tolcli.model import load_model
 from tolcli.pairing import check_pairing
 from tolcli.precompute import resolve_device
@@ -244,6 +245,40 @@ def plan_auto_layers(
     return plan_auto(sources, specs, weights, budget, _row_errors, progress)
 
 
+VALIDATE_PREFIX = ".tolcli-validate-"  # + host + "-" + pid + "-" + random: validate_auto's private directory
+
+
+def _host_tag() -> str:
+    import socket
+
+    return "".join(c for c in socket.gethostname() if c.isalnum())[:32] or "host"
+
+
+def remove_stale_validations(work_dir: Path) -> list[Path]:
+    """Remove the private directories that ``validate`` runs on this host left in ``work_dir`` when killed (their
+    process no longer exists); a live run's, another host's, anything not a plain directory, are left alone."""
+    import shutil
+    import stat
+
+    removed = []
+    prefix = f"{VALIDATE_PREFIX}{_host_tag()}-"
+    for entry in work_dir.glob(f"{VALIDATE_PREFIX}*"):
+        pid_text = entry.name[len(prefix) :].split("-", 1)[0] if entry.name.startswith(prefix) else ""
+        if not pid_text.isdigit():
+            continue
+        try:
+            if not stat.S_ISDIR(entry.lstat().st_mode):
+                continue
+            os.kill(int(pid_text), 0)
+            continue  # alive (or another user's: PermissionError below)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        except (OSError, OverflowError, ValueError):
+            continue
+    return removed
+
+
 def validate_auto(
     o: CompressOptions,
     b: Bundle,
@@ -264,7 +299,8 @@ def validate_auto(
 
     ckpt = _sensitivity_checkpoint(o.weighting(), b, lambda s: None)  # (its warnings were said by load_weights)
     alternatives = alternative_plans(plan.measured, plan.budget_bytes, o.validate_plans or VALIDATE_PLANS)
-    tmp = Path(tempfile.mkdtemp(prefix=".tolcli-validate-", dir=work_dir))
+    remove_stale_validations(work_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{VALIDATE_PREFIX}{_host_tag()}-{os.getpid()}-", dir=work_dir))
     try:
         paths = []
         for k, (_, chosen) in enumerate(alternatives):
@@ -769,14 +805,16 @@ def compounded(old: dict[str, Any], new: dict[str, Any] | None) -> dict[str, Any
 
 
 def warn_lossy_input(b: Bundle, note: Callable[[str], None]) -> None:
-    """Warn when the input's tables are already lossy (not fp32, or compressed): errors compound."""
-    lossy = [e["index"] for e in b.manifest["layers"] if input_error(e) > 0]
+    """Warn when the input's tables are already compressed (not dense): errors compound. A dense bf16 or fp16 input
+    (``precompute``'s default is bf16) is not warned about: its rounding (relative error ~2e-3) is far below any
+    codec's and measured to change nothing (docs/compression.md); its layers' rel_error is still the bound."""
+    lossy = [e for e in b.manifest["layers"] if input_error(e) > 0 and e.get("codec") != "dense"]
     if lossy:
-        worst = max(input_error(e) for e in b.manifest["layers"])
+        worst = max(input_error(e) for e in lossy)
         note(
-            f"warning: the input's tables are already lossy ({len(lossy)} layer(s), relative error up to "
+            f"warning: the input's tables are already compressed ({len(lossy)} layer(s), relative error up to "
             f"{worst:.2e} against the fp32 computation): the errors compound, and each layer's rel_error is recorded "
-            "as a bound; compress from an fp32 bundle for the best result"
+            "as a bound; compress from a dense bundle for the best result"
         )
 
 
@@ -884,6 +922,8 @@ def compress(
     write = WriteOptions.make(
         out, container=container, compression=compression, max_shard_size=max_shard_size, force=force
     )
+    # an existing output is refused before the weights, the plan or --validate cost anything (Staging checks again)
+    check_output(out, force=force, directory=write.sharded, make_parent=False)
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
         weighting = replace(options.weighting(), device=device)

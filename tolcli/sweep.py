@@ -303,7 +303,7 @@ def sweep(
     existing = _existing(opts, {name for name, _, _ in grid} | {"baseline", "dense-fp32"}, ckpt)
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     dense = out / "bundles" / "dense-fp32.safetensors"
-    precompute(ckpt, dense, device=opts.device, force=True)
+    precompute(ckpt, dense, dtype="fp32", device=opts.device, force=True)  # the exact reference
     built, families = _build(grid, dense, opts, ckpt, progress, note)
     families |= dict.fromkeys(existing, "bundle")
     built |= existing
