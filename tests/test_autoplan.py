@@ -392,3 +392,48 @@ def test_validate_removes_the_directories_of_killed_runs_only(tmp_path: Path) ->
     assert remove_stale_validations(tmp_path) == [killed]
     assert not killed.exists() and live.exists() and other.exists() and link.is_symlink()
     assert (target / "f").read_bytes() == b"y"
+
+
+def test_a_memo_computes_the_weights_and_the_measurements_once_and_changes_no_byte(
+    small: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sweep`` builds auto bundles at several budgets through one CompressMemo: the sensitivity passes and the
+    candidates' measurements run once, and every bundle is byte for byte the one a fresh compress writes; a
+    changed calibration file (another size and time) is measured afresh."""
+    import sys
+
+    from tolcli import CompressMemo
+
+    module = sys.modules["tolcli.compress"]
+    calls = {"sensitivity": 0, "measure": 0}
+    real_sens, real_measure = module.token_sensitivity, module.measure_candidates
+
+    def sens(*a, **k):
+        calls["sensitivity"] += 1
+        return real_sens(*a, **k)
+
+    def measure(*a, **k):
+        calls["measure"] += 1
+        return real_measure(*a, **k)
+
+    monkeypatch.setattr(module, "token_sensitivity", sens)
+    monkeypatch.setattr(module, "measure_candidates", measure)
+    ckpt, dense, shipped = small
+    calib = tmp_path / "calib.txt"
+    calib.write_bytes(shipped.read_bytes())
+    memo = CompressMemo()
+    for budget in ("0.15", "0.25"):
+        opts = CompressOptions(
+            scheme="auto",
+            budget=budget,
+            calibration=str(calib),
+            sensitivity=str(ckpt),
+            candidates=VALIDATE_CANDIDATES,
+        )
+        shared = compress(dense, tmp_path / f"m{budget}.safetensors", opts, memo=memo).path
+        fresh = compress(dense, tmp_path / f"f{budget}.safetensors", opts).path
+        assert shared.read_bytes() == fresh.read_bytes()
+    assert calls == {"sensitivity": 3, "measure": 3}  # the memo's once, and each fresh compress's
+    calib.write_text(calib.read_text(encoding="utf-8") + " more words", encoding="utf-8")
+    compress(dense, tmp_path / "changed.safetensors", opts, memo=memo)
+    assert calls == {"sensitivity": 4, "measure": 4}

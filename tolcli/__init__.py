@@ -8,7 +8,8 @@ The public API (the CLI is a thin layer over it):
 - :func:`describe_checkpoint`: what ``tolcli info`` reports;
 - :func:`precompute`: compute a checkpoint's ToLs into a bundle;
 - :func:`open_bundle` / :class:`Bundle`: read and verify bundles (``.lookup(layer, ids)``);
-- :func:`compress` / :class:`CompressOptions`: SVD, adaptive-rank SVD, int4/nf4/int8 and combinations;
+- :func:`compress` / :class:`CompressOptions`: SVD, adaptive-rank SVD, int4/nf4/int8 and combinations
+  (:class:`CompressMemo` shares token weights and auto's measurements between calls on one input);
 - :func:`convert_bundle`: safetensors <-> HDF5, losslessly;
 - :func:`eval_ppl`: perplexity, KL and top-1 agreement of the model with its FFNs and with bundles;
 - :func:`drop_layers`, :func:`strip_checkpoint`: smaller bundles, deployable checkpoints;
@@ -35,6 +36,7 @@ _LAZY: dict[str, str] = {
     "Checkpoint": "tolcli.checkpoint",
     "TensorMap": "tolcli.checkpoint",
     "open_checkpoint": "tolcli.checkpoint",
+    "CompressMemo": "tolcli.compress",
     "CompressOptions": "tolcli.compress",
     "compress": "tolcli.compress",
     "ModelConfig": "tolcli.config",
@@ -95,7 +97,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from tolcli.bundle.drop import drop_layers
     from tolcli.bundle.reader import Bundle, BundleSource, open_bundle
     from tolcli.checkpoint import Checkpoint, TensorMap, open_checkpoint
-    from tolcli.compress import CompressOptions, compress
+    from tolcli.compress import CompressMemo, CompressOptions, compress
     from tolcli.config import ModelConfig
     from tolcli.data import read_data
     from tolcli.demo import demo_checkpoint_path, demo_heldout_path
@@ -113,6 +115,7 @@ __all__ = [
     "Bundle",
     "BundleSource",
     "Checkpoint",
+    "CompressMemo",
     "CompressOptions",
     "EvalReport",
     "ExitCode",

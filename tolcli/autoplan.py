@@ -280,6 +280,19 @@ def plan_auto(
     progress: Progress | None = None,
 ) -> AutoPlan:
     """Measure every candidate on every layer (``layers``: index -> its row source) and choose (:func:`choose`)."""
+    measured = measure_candidates(layers, specs, weights, measure, progress)
+    return AutoPlan(budget, choose(measured, budget), measured)
+
+
+def measure_candidates(
+    layers: dict[int, Any],
+    specs: Sequence[CodecSpec],
+    weights: dict[int, torch.Tensor] | None,
+    measure: Any,
+    progress: Progress | None = None,
+) -> dict[int, list[Candidate]]:
+    """Every candidate measured on every layer (:func:`measure_layer`): what a plan at any budget chooses from. A
+    candidate that cannot encode a layer is left out of that layer's list; a layer none can encode is refused."""
     progress = progress or NullProgress()
     progress.start(f"auto: {len(specs)} candidates x {len(layers)} layer(s)", len(layers) * len(specs))
     measured = {}
@@ -297,4 +310,4 @@ def plan_auto(
             raise failed
         measured[i] = cands
     progress.finish()
-    return AutoPlan(budget, choose(measured, budget), measured)
+    return measured

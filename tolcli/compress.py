@@ -49,7 +49,8 @@ from tolcli.autoplan import (
     Validation,
     alternative_plans,
     candidate_specs,
-    plan_auto,
+    choose,
+    measure_candidates,
 )
 from tolcli.bundle.manifest import created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
@@ -235,14 +236,67 @@ def _row_errors(codec: Codec, source: RowSource) -> torch.Tensor:
 
 
 def plan_auto_layers(
-    o: CompressOptions, b: Bundle, weights: dict[int, torch.Tensor] | None, progress: Progress, batch_rows: int
+    o: CompressOptions,
+    b: Bundle,
+    weights: dict[int, torch.Tensor] | None,
+    progress: Progress,
+    batch_rows: int,
+    memo: CompressMemo | None = None,
+    weights_key: Any = None,
 ) -> AutoPlan:
-    """Scheme ``auto``'s plan for bundle ``b`` (:mod:`tolcli.autoplan`)."""
+    """Scheme ``auto``'s plan for bundle ``b`` (:mod:`tolcli.autoplan`); the candidates' measurements come from
+    ``memo`` when an earlier call measured them on the same input with the same weights."""
     texts = split_items(o.candidates) if o.candidates is not None else DEFAULT_CANDIDATES
     specs = candidate_specs(texts, b.hidden_size)
     budget = parse_budget(str(o.budget), b.vocab_size * b.hidden_size * 2 * len(b.layers))
-    sources = {i: LayerRows(b, i, batch_rows) for i in b.layers}
-    return plan_auto(sources, specs, weights, budget, _row_errors, progress)
+    key = (b.manifest_sha256, tuple(str(s) for s in specs), weights_key, batch_rows)
+    measured = None if memo is None else memo.measured.get(key)
+    if measured is None:
+        sources = {i: LayerRows(b, i, batch_rows) for i in b.layers}
+        measured = measure_candidates(sources, specs, weights, _row_errors, progress)
+        if memo is not None:
+            memo.measured[key] = measured
+    return AutoPlan(budget, choose(measured, budget), measured)
+
+
+@dataclass
+class CompressMemo:
+    """Work that several :func:`compress` calls on the same input can share (``sweep`` passes one to all its
+    builds): the token weights of a weighting (``sensitivity`` runs the model over the calibration text) and scheme
+    auto's measured candidates. Entries are keyed by the input's manifest (its tensors' sha256), the options they
+    depend on and the identity of the files named (path, size, modification time), so a changed file or option
+    computes afresh."""
+
+    weights: dict[Any, Any] = field(default_factory=dict)
+    measured: dict[Any, Any] = field(default_factory=dict)
+
+
+def _file_id(path: str | Path | None) -> Any:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (str(path), None)
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def weights_key(w: Weighting, b: Bundle) -> Any:
+    """What :func:`load_weights` depends on, for :class:`CompressMemo`."""
+    s = w.sensitivity
+    if isinstance(s, Checkpoint):
+        sens: Any = ("checkpoint", id(s), _file_id(s.path))
+    else:
+        sens = None if s is None else ("arg", str(s), _file_id(s) if Path(str(s)).exists() else None)
+    return (
+        b.manifest_sha256,
+        _file_id(w.token_weights),
+        _file_id(w.calibration),
+        sens,
+        w.floor,
+        w.allow_source_mismatch,
+        w.device,
+    )
 
 
 VALIDATE_PREFIX = ".tolcli-validate-"  # + host + "-" + pid + "-" + random: validate_auto's private directory
@@ -892,6 +946,7 @@ def compress(
     device: str = "cpu",
     progress: Progress | None = None,
     note: Callable[[str], None] = lambda s: None,
+    memo: CompressMemo | None = None,
 ) -> CompressResult:
     """Compress bundle ``src`` into ``out`` with the codec ``options`` choose; returns the manifest and ranks.
 
@@ -899,7 +954,8 @@ def compress(
     stays near one batch for row-wise codecs and near one h x h Gram for SVD, whatever the vocabulary
     (docs/compression.md, "Memory"). The output does not depend on ``batch_rows`` except for SVD, whose
     last bits may. ``device`` is where the ``sensitivity`` passes (forward and backward through the model) run:
-    the CPU by default, so that the bytes do not depend on the machine; the codecs encode on the CPU.
+    the CPU by default, so that the bytes do not depend on the machine; the codecs encode on the CPU. ``memo`` (a
+    :class:`CompressMemo`) shares the token weights and scheme auto's measurements between calls on the same input.
 
     Example:
         >>> import tempfile, pathlib
@@ -927,11 +983,17 @@ def compress(
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
         weighting = replace(options.weighting(), device=device)
-        weights, weight_info = load_weights(weighting, b, progress, note)
+        wkey = weights_key(weighting, b)
+        if memo is not None and wkey in memo.weights:
+            weights, weight_info = memo.weights[wkey]
+        else:
+            weights, weight_info = load_weights(weighting, b, progress, note)
+            if memo is not None:
+                memo.weights[wkey] = (weights, weight_info)
         batch_rows = default_batch_rows(b.hidden_size) if batch_rows is None else batch_rows
         plan = None
         if spec is None:
-            plan = plan_auto_layers(options, b, weights, progress, batch_rows)
+            plan = plan_auto_layers(options, b, weights, progress, batch_rows, memo, wkey)
             if options.validate is not None:
                 parent = out.resolve().parent
                 parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, SCHEMES, SWEEP_BITS, SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
 from tolcli.codecs.spec import split_items
-from tolcli.compress import AUTO_SCHEME, CompressOptions, compress
+from tolcli.compress import AUTO_SCHEME, CompressMemo, CompressOptions, compress
 from tolcli.errors import InputError, OutputError, UsageError
 from tolcli.evaluation import eval_ppl
 from tolcli.fsutil import write_text_atomic
@@ -224,13 +224,14 @@ def _build(
     """Compress every bundle of the grid next to ``dense``; returns name -> path and name -> family."""
     built: dict[str, Path] = {}
     families: dict[str, str] = {}
+    memo = CompressMemo()  # the sensitivity weights and auto's measurements: computed once for every bits entry
     progress.start(f"sweep: build {len(grid)} bundle(s)", len(grid))
     for name, family, copts in grid:
         copts = copts or _at_uniform_bytes(name, built, opts, checkpoint)
         if name.endswith("-sensitivity") and family.startswith(("mixed", "auto")):
             copts = replace(copts, calibration=opts.calibration, sensitivity=checkpoint)
         try:
-            built[name] = compress(dense, dense.parent / f"{name}.safetensors", copts, force=True).path
+            built[name] = compress(dense, dense.parent / f"{name}.safetensors", copts, force=True, memo=memo).path
             families[name] = family
         except UsageError as e:  # e.g. a budget below the minimum rank at this model's size
             note(f"skipping {name}: {e.one_line()}")
