@@ -267,12 +267,68 @@ def test_threads_decoding_at_once_each_get_their_own_rows(decoder: tuple[str, li
             if not torch.equal(out, expected[k]):
                 wrong.append(k)
 
+    import warnings
+
+    before = list(warnings.filters)
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not wrong
+    # no blanket "ignore" left behind by decodes racing on the process-wide filters (numba's own may be added)
+    added = [f for f in warnings.filters if f not in before]
+    assert all(f[0] == "ignore" and f[2].__module__.startswith("numba") for f in added), added
+
+
+class _ArrayAccess:
+    """A TensorAccess over numpy arrays that hands out its arrays as views, aligned or not (a crafted file's)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def rows(self, role: str, ids: Tensor) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.arrays[role][ids.numpy()]))
+
+    def full(self, role: str) -> Tensor:
+        return torch.from_numpy(np.array(self.arrays[role]))
+
+    def view(self, role: str) -> np.ndarray:
+        return self.arrays[role]
+
+
+def _misaligned(a: np.ndarray) -> np.ndarray:
+    buf = np.zeros(a.nbytes + 1, dtype=np.uint8)
+    out = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def test_misaligned_views_and_missing_unused_classes_decode_on_both_paths(decoder: tuple[str, list[int]]) -> None:
+    """Views that are not naturally aligned (a crafted file may misalign its tensors; numba would assume them
+    aligned) are left to the numpy path; a class that no requested id uses may lack its tensors in memory."""
+    params, tensors = _random_layer(300, 128, sorted(MENU), seed=17)
+    codec = codec_from_manifest("mixed", params)
+    ids = torch.tensor([0, 5, 299, 5])
+    expected = torch.from_numpy(np.stack([reference_decode(params, tensors, int(t)) for t in ids]))
+    arrays = {r: t.numpy() for r, t in tensors.items()}
+    arrays["mean"] = _misaligned(arrays["mean"])
+    assert not arrays["mean"].flags.aligned
+    out = torch.empty(len(ids), 128)
+    codec.decode_into(_ArrayAccess(arrays), ids, out)
+    assert torch.equal(out, expected)
+    _, answered = decoder
+    assert answered == []  # the kernels never read a misaligned view
+    raw = tensors["index"].long()
+    pos = sum(raw[:, j] << (8 * j) for j in range(raw.shape[1]))
+    used = {int(p) for p in pos[ids]}
+    starts = np.cumsum([0] + [c[2] for c in params["classes"]])
+    unused = [k for k in range(len(params["classes"])) if not used & set(range(starts[k], starts[k + 1]))]
+    k = next(k for k in unused if params["classes"][k][0])
+    partial = {r: t for r, t in tensors.items() if not r.startswith(f"class{k}.")}
+    codec.decode_into(DictAccess(partial), ids, out)
+    assert torch.equal(out, expected)
+    assert answered == []  # a role without a view: the compiled path leaves the layer to the numpy path
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
@@ -358,6 +414,7 @@ def test_hostile_tensors_are_refused_with_an_input_error(decoder: tuple[str, lis
         ({"target_bits": 3.0, "classes": [[0, 32, 10]]}, "not in the menu"),
         ({"target_bits": 3.0, "classes": [[4, 32, 0]]}, "at least 1"),
         ({"target_bits": 3.0, "classes": [[4, 32, 5], [4, 32, 5]]}, "twice"),
+        ({"target_bits": 3.0, "classes": [[0, 0, 2**64], [4, 32, 5]]}, "more than 72,057,594,037,927,935"),
         ({"target_bits": 3.0, "classes": [[4, 32, 5.0]]}, "integers"),
         ({"target_bits": 3.0, "classes": "all"}, "triples"),
         ({"target_bits": -1.0, "classes": [[4, 32, 5]]}, "bits"),

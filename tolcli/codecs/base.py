@@ -303,7 +303,7 @@ class DictAccess:
 
     def view(self, role: str) -> np.ndarray | None:
         """A role's whole tensor as a numpy array sharing its memory (None: not a CPU, contiguous numpy dtype)."""
-        t = self.tensors[role]
-        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype == torch.bfloat16 or t.requires_grad:
+        t = self.tensors.get(role)
+        if t is None or t.device.type != "cpu" or not t.is_contiguous() or t.dtype == torch.bfloat16 or t.requires_grad:
             return None
         return t.numpy()

@@ -45,6 +45,7 @@ from tolcli.errors import InputError, UsageError
 MENU_BITS = (0, 1, 2, 3, 4, 5, 6, 8)
 MENU_GROUPS = (128, 64, 32)
 DEFAULT_FLOOR = 0.3  # a row's weight is at least this fraction of the layer's mean weight
+MAX_ROWS = (1 << 56) - 1  # the most rows a layer may list: positions fit the 7 bytes an index row may have
 WIDTH_MULTIPLE = 32  # the smallest group: every width the codec encodes is a multiple of it
 BISECT_STEPS = 100  # bisections of log(lambda)
 LAMBDA_RANGE = 1e-30  # the smallest lambda tried, relative to the largest useful one
@@ -411,7 +412,9 @@ class MixedCodec(Codec):
     def _decode_compiled(self, access: TensorAccess, ids: Tensor, out: Tensor) -> bool:
         """Decode with :mod:`tolcli.codecs.mixed_kernel` from whole-tensor views of the stored roles; False (nothing
         written) when the kernels or the views are unavailable."""
-        if not mixed_kernel.available() or ids.dtype != torch.int64 or out.shape[0] != ids.numel():
+        if not mixed_kernel.available() or ids.dtype != torch.int64 or ids.device.type != "cpu":
+            return False
+        if out.shape[0] != ids.numel():
             return False
         got = self._kernel_inputs(access, out.shape[1])
         if got is None:
@@ -454,7 +457,10 @@ class MixedCodec(Codec):
                 for role in ("scales", "offsets"):
                     a = arrays[f"class{k}.{role}"]
                     ok = ok and a.dtype == np.float16 and a.shape == (c.rows, C // c.group)
-        ok = ok and all(a.flags.c_contiguous for a in arrays.values())  # type: ignore[union-attr]
+        # numba assumes natural alignment whatever numpy says (a crafted file may misalign its tensors); positions
+        # and row counts stay far from int64's limits (numba converts them; a hostile manifest's need not)
+        ok = ok and all(a.flags.c_contiguous and a.flags.aligned for a in arrays.values())  # type: ignore[union-attr]
+        ok = ok and sum(c.rows for c in classes) < 1 << 62
         if not ok:
             return None
         spec = []
@@ -643,7 +649,10 @@ def check_target(bits: float) -> None:
 
 
 def check_classes(classes: list[RowClass]) -> None:
-    """Listed classes come from the menu, each at most once, with at least one row."""
+    """Listed classes come from the menu, each at most once, with at least one row and together fewer than
+    :data:`MAX_ROWS` (positions are at most 7 bytes; a manifest that lists more is refused before any decoding)."""
+    if sum(c.rows for c in classes) > MAX_ROWS:
+        raise UsageError(f"mixed: the classes list {sum(c.rows for c in classes):,} rows, more than {MAX_ROWS:,}")
     seen = set()
     for c in classes:
         ok_group = c.group == 0 if c.bits == 0 else c.group in MENU_GROUPS

@@ -4,7 +4,8 @@ One pass per class over the ids' positions: each row of the class is read straig
 zero-copy views of a bundle's memory map, or in-memory tensors), unpacked, scaled and written once into the output,
 with the mean row added. The arithmetic is the format's, one fp32 rounding per operation
 (``((q * scale) + offset) + mean``, no fused multiply-add: numba compiles without ``fastmath``), so the rows are
-bit-identical to :func:`tolcli.codecs.mixed.decode_rows_fast` and to the reference formula (tests check both).
+bit-identical to :func:`tolcli.codecs.mixed.decode_rows_fast` and to the reference formula (tests check both; a NaN
+from a non-finite scale, which no encoder writes, may differ in sign or payload).
 
 Without numba, or with ``TOLCLI_NUMBA=0`` in the environment, :func:`available` is False and the codec takes its
 numpy path. The first use compiles the kernels (about a second; numba caches them on disk where it can); a
@@ -14,6 +15,7 @@ compilation failure disables them for the process, with the numpy path taking ov
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Any
 
@@ -24,6 +26,7 @@ FP16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.flo
 
 _KERNELS: dict[str, Any] | None = None
 _FAILED = False
+_LOCK = threading.Lock()
 
 
 def spread_rounds(bits: int) -> tuple[tuple[int, int, int], ...]:
@@ -40,7 +43,11 @@ def spread_rounds(bits: int) -> tuple[tuple[int, int, int], ...]:
 
 def _compile() -> dict[str, Any]:
     import numba
+    from numba.core.errors import NumbaError, NumbaWarning
 
+    # numba's own warnings (an unwritable cache directory, say) are not the user's concern: one filter, installed once
+    # (a catch_warnings around each call would swap the process-wide filters under concurrent threads)
+    warnings.filterwarnings("ignore", category=NumbaWarning)
     jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 
     @jit
@@ -117,7 +124,7 @@ def _compile() -> dict[str, Any]:
         return class_rows
 
     classes = {bits: class_kernel(bits) for bits in range(1, 9)}  # each compiled on its first call
-    return {"positions": positions, "mean_rows": mean_rows, "classes": classes}
+    return {"positions": positions, "mean_rows": mean_rows, "classes": classes, "compile_errors": NumbaError}
 
 
 def available() -> bool:
@@ -136,12 +143,13 @@ def kernels() -> dict[str, Any] | None:
     global _KERNELS, _FAILED
     if not available():
         return None
-    if _KERNELS is None:
-        try:
-            _KERNELS = _compile()
-        except Exception:  # numba's errors (a missing compiler, an unwritable cache) are not ours to report
-            _FAILED = True
-            return None
+    with _LOCK:
+        if _KERNELS is None:
+            try:
+                _KERNELS = _compile()
+            except Exception:  # numba's own failures (say, a broken llvmlite): the numpy path decodes instead
+                _FAILED = True
+                return None
     return _KERNELS
 
 
@@ -154,7 +162,6 @@ class Layer:
         self.index, self.mean, self.classes = index, mean.reshape(-1), classes
         self.rows = sum(c[2] for c in classes)
         self.q = np.zeros(mean.size, dtype=np.uint8)  # one decoded row's codes (per call: see decode)
-        self.compiled = False  # whether a call has run every kernel it needs (they are compiled then)
 
 
 def decode(layer: Layer, ids: np.ndarray, out: np.ndarray) -> bool:
@@ -164,20 +171,12 @@ def decode(layer: Layer, ids: np.ndarray, out: np.ndarray) -> bool:
     k = kernels()
     if k is None:
         return False
-    if layer.compiled:
+    try:
         _run(k, layer, ids, out)
-        return True
-    try:  # the first call on a layer may compile: numba's warnings (an unwritable cache) are not the user's concern
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _run(k, layer, ids, out)
-    except ValueError:
-        raise
-    except Exception:  # a compilation failure: the numpy path takes over from now on
+    except k["compile_errors"]:  # a kernel failed to compile (the first call of a type signature compiles it)
         global _FAILED
-        _FAILED = True
+        _FAILED = True  # the numpy path takes over from now on
         return False
-    layer.compiled = True
     return True
 
 
