@@ -9,7 +9,6 @@ machine; figures move with the load average (printed).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -19,11 +18,9 @@ import torch
 
 from benchmarks._util import best_of, row
 from tolcli import open_bundle
-from tolcli.bundle.entries import TensorEntry
-from tolcli.bundle.writer import write_bundle
 from tolcli.codecs import DictAccess, codec_from_manifest
 from tolcli.codecs.mixed import index_bytes
-from tolcli.testing import tiny_manifest
+from tolcli.testing import write_layer_bundle
 
 SHAPES = ((4_096, 128), (32_768, 2_048))  # the demo's layers; a 1B-scale width
 BATCH = 4_096
@@ -51,32 +48,6 @@ def random_layer(V: int, h: int, g: np.random.Generator) -> tuple[dict, dict[str
     return {"target_bits": 3.0, "classes": classes}, arrays
 
 
-def write_layer(path: Path, params: dict, arrays: dict[str, np.ndarray], V: int, h: int) -> Path:
-    m = tiny_manifest(V, h)
-    m["model"]["num_layers"] = 1
-    entries = [
-        TensorEntry(f"layers.0.{r}", _dtype(a), a.shape, hashlib.sha256(a.data).hexdigest(), lambda a=a: iter([a]))
-        for r, a in arrays.items()
-    ]
-    nbytes = sum(a.nbytes for a in arrays.values())
-    m["layers"] = [
-        {
-            "index": 0,
-            "status": "present",
-            "codec": "mixed",
-            "params": params,
-            "tensors": {r: f"layers.0.{r}" for r in arrays},
-            "stored_bytes": nbytes,
-            "bits_per_value": nbytes * 8 / (V * h),
-        }
-    ]
-    return write_bundle(path, entries, m)
-
-
-def _dtype(a: np.ndarray) -> str:
-    return {np.dtype("u1"): "U8", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}[a.dtype]
-
-
 def _line(name: str, bound: float, t: float) -> str:
     verdict = ("ok" if bound / t >= GOAL else "MISSED") + f" (goal >= {GOAL}x)"
     return row(name, f"{t * 1e6:10.1f} us", bound / t, verdict)
@@ -98,7 +69,7 @@ def run() -> list[str]:
             t_mem = best_of(lambda c=codec, a=access, ids=ids, out=out: c.decode_into(a, ids, out), 5)
             bits = 8 * sum(a.nbytes for a in arrays.values()) / (V * h)
             lines.append(_line(f"{V:,} x {h:,} ({bits:.2f} bits/value), in memory", bound, t_mem))
-            with open_bundle(write_layer(Path(d) / f"m{h}.safetensors", params, arrays, V, h)) as b:
+            with open_bundle(write_layer_bundle(Path(d) / f"m{h}.safetensors", "mixed", params, arrays, V, h)) as b:
                 buf = b.lookup_layers(ids)
                 t_b = best_of(lambda b=b, ids=ids, buf=buf: b.lookup_layers(ids, out=buf), 5)
             lines.append(_line(f"{V:,} x {h:,}, safetensors lookup_layers", bound, t_b))

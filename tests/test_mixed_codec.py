@@ -180,46 +180,17 @@ def test_the_compiled_decoder_reads_bundles_and_refuses_positions_beyond_the_lay
     """A layer holding every class, written by the library's writer and read back from both containers: lookups
     equal the reference decoder (from the memory map's views, for the compiled path); an ``index`` whose position
     lies beyond the layer's rows is an InputError naming it, on either path."""
-    import hashlib
-
-    from tolcli.bundle.entries import TensorEntry
-    from tolcli.bundle.writer import write_bundle
-    from tolcli.testing import tiny_manifest
+    from tolcli.testing import write_layer_bundle
 
     params, tensors = _random_layer(300, 128, sorted(MENU), seed=21)
     ids = torch.tensor([299, 0, 7, 7, 150, 42])
     expected = torch.from_numpy(np.stack([reference_decode(params, tensors, int(t)) for t in ids]))
-    dtype = {torch.uint8: "U8", torch.float32: "F32", torch.float16: "F16"}
     for name, index in (("ok", tensors["index"]), ("bad", tensors["index"].clone())):
         if name == "bad":
             index[7] = torch.tensor([0x2C, 0x01], dtype=torch.uint8)  # position 300 of a 300-row layer
-        arrays = {**tensors, "index": index}
-        m = tiny_manifest(300, 128)
-        m["model"]["num_layers"] = 1
-        nbytes = sum(t.numel() * t.element_size() for t in arrays.values())
-        m["layers"] = [
-            {
-                "index": 0,
-                "status": "present",
-                "codec": "mixed",
-                "params": params,
-                "tensors": {r: f"layers.0.{r}" for r in arrays},
-                "stored_bytes": nbytes,
-                "bits_per_value": nbytes * 8 / (300 * 128),
-            }
-        ]
-        entries = [
-            TensorEntry(
-                f"layers.0.{r}",
-                dtype[t.dtype],
-                tuple(t.shape),
-                hashlib.sha256(t.numpy().tobytes()).hexdigest(),
-                lambda t=t: iter([t.numpy()]),
-            )
-            for r, t in arrays.items()
-        ]
+        arrays = {r: t.numpy() for r, t in {**tensors, "index": index}.items()}
         for suffix in ("safetensors", "h5"):
-            with open_bundle(write_bundle(tmp_path / f"{name}.{suffix}", entries, m)) as b:
+            with open_bundle(write_layer_bundle(tmp_path / f"{name}.{suffix}", "mixed", params, arrays, 300, 128)) as b:
                 if name == "ok":
                     assert torch.equal(b.lookup_layers(ids)[0], expected)
                     assert torch.equal(b.lookup_layers(ids)[0], expected)  # again: the layer's kept views

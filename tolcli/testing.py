@@ -167,6 +167,40 @@ def tiny_manifest(vocab: int = 3, hidden: int = 2) -> dict[str, Any]:
     }
 
 
+def write_layer_bundle(
+    path: str | Path, codec: str, params: dict[str, Any], arrays: dict[str, Any], vocab: int, hidden: int
+) -> Path:
+    """A one-layer bundle whose layer is ``codec`` with ``params`` and the stored role -> numpy array ``arrays``,
+    written by the library's writer (for tests and benchmarks that craft a layer's tensors by hand)."""
+    import hashlib
+
+    import numpy as np
+
+    from tolcli.bundle.entries import TensorEntry
+    from tolcli.bundle.writer import write_bundle
+
+    names = {np.dtype("u1"): "U8", np.dtype("i1"): "I8", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}
+    arrays = {r: np.ascontiguousarray(a) for r, a in arrays.items()}
+    m = tiny_manifest(vocab, hidden)
+    nbytes = sum(a.nbytes for a in arrays.values())
+    m["layers"] = [
+        {
+            "index": 0,
+            "status": "present",
+            "codec": codec,
+            "params": params,
+            "tensors": {r: f"layers.0.{r}" for r in arrays},
+            "stored_bytes": nbytes,
+            "bits_per_value": nbytes * 8 / (vocab * hidden),
+        }
+    ]
+    entries = [
+        TensorEntry(f"layers.0.{r}", names[a.dtype], a.shape, hashlib.sha256(a.data).hexdigest(), lambda a=a: iter([a]))
+        for r, a in arrays.items()
+    ]
+    return write_bundle(Path(path), entries, m)
+
+
 _PROBE = """\
 import sys, threading, time
 {setup}
