@@ -64,7 +64,7 @@ def leftovers_of(out: Path) -> list[str]:
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".h5"])
 def test_kill_9_then_resume(ckpt: Path, tmp_path: Path, suffix: str) -> None:
-    ref = precompute(ckpt, tmp_path / f"ref{suffix}", batch_rows=2048, dtype="fp32").path
+    ref = precompute(ckpt, tmp_path / f"ref{suffix}", batch_rows=2048).path
     out = tmp_path / f"out{suffix}"
     args = ["precompute", str(ckpt), "-o", out.name, "--batch-tokens", "2048"]
     done = kill_after_first_layer(args, tmp_path / f".{out.name}.partial", tmp_path)
@@ -80,7 +80,7 @@ def test_kill_9_then_resume(ckpt: Path, tmp_path: Path, suffix: str) -> None:
 
 
 def test_kill_9_during_compress_then_resume(ckpt: Path, tmp_path: Path) -> None:
-    dense = precompute(ckpt, tmp_path / "dense.safetensors", dtype="fp32").path
+    dense = precompute(ckpt, tmp_path / "dense.safetensors").path
     args = ["compress", "dense.safetensors", "-o", "svd.safetensors", "--scheme", "svd", "--rank", "64"]
     ref = subprocess.run(
         [sys.executable, "-m", "tolcli", *args[:3], "ref.safetensors", *args[4:]],
@@ -112,7 +112,7 @@ def test_disk_full_leaves_nothing(ckpt: Path, tmp_path: Path, monkeypatch, cli) 
     monkeypatch.setattr(st, "write", full)
     out = tmp_path / "t.safetensors"
     with pytest.raises(OutputError, match="no space left"):
-        precompute(ckpt, out, layers="0", dtype="fp32")
+        precompute(ckpt, out, layers="0")
     assert not out.exists() and not list(tmp_path.glob(".t.safetensors.tmp-*"))
     r = cli("precompute", ckpt, "-o", out, "--layers", "0", "--force")
     assert r.code == ExitCode.OUTPUT == 6 and "no space left" in r.err and not out.exists()

@@ -129,7 +129,7 @@ def ckpt(make_ckpt) -> Path:
 
 @pytest.fixture
 def dense(ckpt: Path, tmp_path: Path) -> Path:
-    return precompute(ckpt, tmp_path / "dense.safetensors", dtype="fp32").path
+    return precompute(ckpt, tmp_path / "dense.safetensors").path
 
 
 # ---- 2. two writers on one output ----------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ def test_symlinks_planted_inside_an_interrupted_staging(
 ) -> None:
     """Resuming: staged names not yet written and the old state temp name are links to the victim."""
     out = tmp_path / "out.safetensors"
-    ref = precompute(ckpt, tmp_path / "ref.safetensors", dtype="fp32").path.read_bytes()
+    ref = precompute(ckpt, tmp_path / "ref.safetensors").path.read_bytes()
     commit = Staging.commit_layer
 
     def interrupted(self, index, entry):
@@ -320,7 +320,7 @@ def test_symlinks_planted_inside_an_interrupted_staging(
 
     monkeypatch.setattr(Staging, "commit_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        precompute(ckpt, out, dtype="fp32")
+        precompute(ckpt, out)
     monkeypatch.setattr(Staging, "commit_layer", commit)
     partial = tmp_path / ".out.safetensors.partial"
     assert (partial / "state.json").exists()
@@ -332,19 +332,19 @@ def test_symlinks_planted_inside_an_interrupted_staging(
     (partial / "sub").symlink_to(victims[1])
     before = snapshot(list(victims))
     notes: list[str] = []
-    precompute(ckpt, out, resume=True, note=notes.append, dtype="fp32")
+    precompute(ckpt, out, resume=True, note=notes.append)
     assert any(n.startswith("resuming: 1 layer(s)") for n in notes), notes
     assert out.read_bytes() == ref and snapshot(list(victims)) == before
     # a staged file replaced by a link is not reused (and not followed): the run starts over
     monkeypatch.setattr(Staging, "commit_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        precompute(ckpt, out, force=True, dtype="fp32")
+        precompute(ckpt, out, force=True)
     monkeypatch.setattr(Staging, "commit_layer", commit)
     first = sorted(partial.glob("*.bin"))[0]
     first.unlink()
     first.symlink_to(victims[0])
     notes = []
-    precompute(ckpt, out, resume=True, force=True, note=notes.append, dtype="fp32")
+    precompute(ckpt, out, resume=True, force=True, note=notes.append)
     assert any("removing the partial output" in n for n in notes), notes
     assert out.read_bytes() == ref and snapshot(list(victims)) == before
 
@@ -493,7 +493,7 @@ def test_usage_errors_and_failed_runs_leave_no_staging(ckpt: Path, tmp_path: Pat
     # leaves that staging alone
     monkeypatch.setattr(Staging, "commit_layer", _commit_then_stop(commit))
     with pytest.raises(KeyboardInterrupt):
-        precompute(ckpt, out, dtype="fp32")
+        precompute(ckpt, out)
     gc.collect()
     partial = tmp_path / ".out.safetensors.partial"
     kept = tree(partial)
@@ -667,7 +667,7 @@ class Holder:
 def inputs(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("inputs")
     ck = write_random_checkpoint(d / "ckpt", tiny_config("memoryllm"))
-    dense = precompute(ck, d / "dense.safetensors", dtype="fp32").path
+    dense = precompute(ck, d / "dense.safetensors").path
     many = convert_bundle(dense, d / "many", max_shard_size="20kB")
     return {"ckpt": ck, "dense": dense, "many": many}
 
@@ -686,7 +686,7 @@ def run_command(command: str, inputs: dict[str, Path], out: Path, force: bool, r
     try:
         if command.startswith("precompute"):
             shard = "20kB" if command.endswith("sharded") else None
-            precompute(inputs["ckpt"], out, force=force, resume=resume, max_shard_size=shard, dtype="fp32")
+            precompute(inputs["ckpt"], out, force=force, resume=resume, max_shard_size=shard)
         elif command == "compress":
             compress(inputs["dense"], out, CompressOptions("int8"), force=force, resume=resume)
         elif command.startswith("convert"):
