@@ -250,12 +250,10 @@ def plan_auto_layers(
     specs = candidate_specs(texts, b.hidden_size)
     budget = parse_budget(str(o.budget), b.vocab_size * b.hidden_size * 2 * len(b.layers))
     key = (b.manifest_sha256, tuple(str(s) for s in specs), weights_key, batch_rows)
-    measured = None if memo is None else memo.measured.get(key)
-    if measured is None:
-        sources = {i: LayerRows(b, i, batch_rows) for i in b.layers}
-        measured = measure_candidates(sources, specs, weights, _row_errors, progress)
-        if memo is not None:
-            memo.measured[key] = measured
+    sources = {i: LayerRows(b, i, batch_rows) for i in b.layers}
+    measured = memoized(
+        memo, "measured", key, lambda: measure_candidates(sources, specs, weights, _row_errors, progress)
+    )
     return AutoPlan(budget, choose(measured, budget), measured)
 
 
@@ -269,6 +267,16 @@ class CompressMemo:
 
     weights: dict[Any, Any] = field(default_factory=dict)
     measured: dict[Any, Any] = field(default_factory=dict)
+
+
+def memoized(memo: CompressMemo | None, table: str, key: Any, compute: Callable[[], Any]) -> Any:
+    """``compute()``, or what it gave for ``key`` in ``memo``'s ``table`` (stored there on the first call)."""
+    if memo is None:
+        return compute()
+    entries = getattr(memo, table)
+    if key not in entries:
+        entries[key] = compute()
+    return entries[key]
 
 
 def _file_id(path: str | Path | None) -> Any:
@@ -287,7 +295,7 @@ def weights_key(w: Weighting, b: Bundle) -> Any:
     if isinstance(s, Checkpoint):
         sens: Any = ("checkpoint", id(s), _file_id(s.path))
     else:
-        sens = None if s is None else ("arg", str(s), _file_id(s) if Path(str(s)).exists() else None)
+        sens = None if s is None else ("arg", str(s), _file_id(s))
     return (
         b.manifest_sha256,
         _file_id(w.token_weights),
@@ -983,13 +991,8 @@ def compress(
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
         weighting = replace(options.weighting(), device=device)
-        wkey = weights_key(weighting, b)
-        if memo is not None and wkey in memo.weights:
-            weights, weight_info = memo.weights[wkey]
-        else:
-            weights, weight_info = load_weights(weighting, b, progress, note)
-            if memo is not None:
-                memo.weights[wkey] = (weights, weight_info)
+        wkey = None if memo is None else weights_key(weighting, b)
+        weights, weight_info = memoized(memo, "weights", wkey, lambda: load_weights(weighting, b, progress, note))
         batch_rows = default_batch_rows(b.hidden_size) if batch_rows is None else batch_rows
         plan = None
         if spec is None:

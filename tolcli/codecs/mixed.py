@@ -414,7 +414,7 @@ class MixedCodec(Codec):
         written) when the kernels or the views are unavailable."""
         if not mixed_kernel.available() or ids.dtype != torch.int64 or ids.device.type != "cpu":
             return False
-        if out.shape[0] != ids.numel():
+        if out.shape[0] != ids.numel():  # the kernels write a row of ``out`` per id
             return False
         got = self._kernel_inputs(access, out.shape[1])
         if got is None:
@@ -432,9 +432,10 @@ class MixedCodec(Codec):
             ) from None
 
     def _kernel_inputs(self, access: TensorAccess, C: int) -> mixed_kernel.Layer | None:
-        """The kernels' class list and role -> whole-tensor view, every shape and dtype checked (the kernels index
-        without bounds checks); None when a role has no view or anything is unusual (the numpy path then reads the
-        same tensors and says what is wrong). Kept for an access whose views never change (a bundle's)."""
+        """The layer as the kernels read it (whole-tensor views of its roles), every shape and dtype checked (the
+        kernels index without bounds checks); None when a role has no view or anything is unusual (the numpy path
+        then reads the same tensors and says what is wrong). Kept for an access whose views never change (a
+        bundle's). Row counts need no check here: :func:`check_classes` bounds their sum by :data:`MAX_ROWS`."""
         memo = self._kernel_memo
         if memo is not None and memo[0]() is access and memo[1] == C:
             return memo[2]
@@ -457,10 +458,8 @@ class MixedCodec(Codec):
                 for role in ("scales", "offsets"):
                     a = arrays[f"class{k}.{role}"]
                     ok = ok and a.dtype == np.float16 and a.shape == (c.rows, C // c.group)
-        # numba assumes natural alignment whatever numpy says (a crafted file may misalign its tensors); positions
-        # and row counts stay far from int64's limits (numba converts them; a hostile manifest's need not)
+        # numba assumes natural alignment whatever numpy says (a crafted file may misalign its tensors)
         ok = ok and all(a.flags.c_contiguous and a.flags.aligned for a in arrays.values())  # type: ignore[union-attr]
-        ok = ok and sum(c.rows for c in classes) < 1 << 62
         if not ok:
             return None
         spec = []
