@@ -52,9 +52,9 @@ from tolcli.autoplan import (
     choose,
     measure_candidates,
 )
-from tolcli.bundle.manifest import created_timestamp
+from tolcli.bundle.manifest import attribute_bytes, created_timestamp
 from tolcli.bundle.reader import Bundle, open_bundle
-from tolcli.bundle.spec import TOKENIZER_TENSOR, layer_tensor
+from tolcli.bundle.spec import TOKENIZER_TENSOR
 from tolcli.bundle.writer import Staging, WriteOptions
 from tolcli.checkpoint import Checkpoint, open_checkpoint
 from tolcli.choices import DENSE_SCHEMES, QUANT_SCHEMES, SCHEMES, SVD_KINDS
@@ -710,7 +710,7 @@ def _entry(
         "status": "present",
         "codec": codec.name,
         "params": codec.params(),
-        "tensors": {role: layer_tensor(index, role) for role in roles},
+        "tensors": {role: codec.tensor_name(index, role) for role in roles},
         "stored_bytes": stored,
         "bits_per_value": 8 * stored / (V * h),
         **stats.fields(weights),
@@ -726,7 +726,7 @@ def encode_layer(index: int, table: torch.Tensor, codec: Codec, weights: torch.T
     stats = ErrorStats(V)
     stats.add(0, table, codec.decode_rows(DictAccess(tensors), torch.arange(V)))
     entry = _entry(index, codec, list(tensors), (V, h), stats, weights)
-    return EncodedLayer({layer_tensor(index, r): (dtypes[r], t) for r, t in tensors.items()}, entry)
+    return EncodedLayer({codec.tensor_name(index, r): (dtypes[r], t) for r, t in tensors.items()}, entry)
 
 
 def default_batch_rows(width: int) -> int:
@@ -786,6 +786,22 @@ def stage_streamed(
     specs = codec.tensor_specs(source.rows, source.width)
     stats = ErrorStats(source.rows)
     batches = _encoded_batches(source, codec, enc, stats)
+    roles = stage_rows(staging, batches, specs, lambda r: codec.tensor_name(index, r))
+    for role, t in enc.fixed.items():
+        staging.stage(codec.tensor_name(index, role), specs[role][1], specs[role][0], [tensor_to_numpy(t)])
+    return _entry(index, codec, [*roles, *enc.fixed], (source.rows, source.width), stats, weights)
+
+
+def stage_rows(
+    staging: Staging,
+    batches: Iterator[tuple[int, dict[str, torch.Tensor]]],
+    specs: dict[str, tuple[tuple[int, ...], str]],
+    name: Callable[[str], str],
+) -> list[str]:
+    """Stage the per-row roles of encoded row ``batches`` (``(first row, role -> rows)``) as the tensors ``name(role)``
+    (shapes and dtypes from ``specs``); returns the roles in the order staged. The first (largest) role streams to
+    its staged file as batches are encoded; the others (scales, offsets: a small fraction of it) are gathered in
+    preallocated tensors and staged after."""
     first = next(batches)
     main, *rest = first[1]
     bufs = {r: torch.empty(specs[r][0], dtype=DTYPES[specs[r][1]].torch) for r in rest}
@@ -796,11 +812,10 @@ def stage_streamed(
                 bufs[r][s : s + roles[r].shape[0]] = roles[r]
             yield tensor_to_numpy(roles[main])
 
-    named = {**dict.fromkeys([main]), **bufs, **enc.fixed}
-    for role, t in named.items():
-        blocks = main_blocks() if t is None else [tensor_to_numpy(t)]
-        staging.stage(layer_tensor(index, role), specs[role][1], specs[role][0], blocks)
-    return _entry(index, codec, list(named), (source.rows, source.width), stats, weights)
+    staging.stage(name(main), specs[main][1], specs[main][0], main_blocks())
+    for r, t in bufs.items():
+        staging.stage(name(r), specs[r][1], specs[r][0], [tensor_to_numpy(t)])
+    return [main, *rest]
 
 
 # ---- the whole job ----------------------------------------------------------------------------------------------
@@ -892,8 +907,15 @@ def _stage_layers(
     weight_info: dict[str, Any] | None,
     ranks: dict[int, int],
 ) -> dict[str, Any]:
-    """Encode every layer of ``b`` with its spec into ``staging``, with the tokenizer; returns the manifest."""
-    _encode_layers(b, specs, label, weights, staging, progress, batch_rows)
+    """Encode every layer of ``b`` with its spec into ``staging``, with the tokenizer; returns the manifest. A
+    cross-layer SVD spec encodes all layers at once (:mod:`tolcli.crosslayer`)."""
+    first = specs[min(specs)] if specs else None
+    if isinstance(first, SVD) and first.cross_layer:
+        from tolcli.crosslayer import stage_stack  # it imports this module
+
+        stage_stack(b, first, weights, staging, progress, batch_rows)
+    else:
+        _encode_layers(b, specs, label, weights, staging, progress, batch_rows)
     tok = b.tokenizer_bytes()
     if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
         staging.stage_extra(TOKENIZER_TENSOR, tok)
@@ -905,6 +927,8 @@ def _manifest(
 ) -> dict[str, Any]:
     """The output's manifest: the input's, with the new layer entries and a history entry for this run."""
     layers = [compounded(e, staging.layer_done(e["index"])) for e in b.manifest["layers"]]
+    # a shared tensor (cross-layer SVD) counts in the first layer that reads it
+    layers = attribute_bytes(layers, staging.state["tensors"], b.vocab_size * b.hidden_size)
     manifest = {k: v for k, v in b.manifest.items() if k not in ("tensors", "created")}
     manifest["tolcli_version"] = __version__
     manifest["layers"] = layers
@@ -1003,6 +1027,12 @@ def compress(
                 plan = validate_auto(options, b, plan, weights, parent, device, progress, batch_rows)
             specs = plan.specs()
             ranks = {i: s.rank for i, s in specs.items() if isinstance(s, RankedSpec) and s.rank is not None}
+        elif isinstance(spec, SVD) and spec.cross_layer:
+            from tolcli.crosslayer import stack_rank  # it imports this module
+
+            rank = stack_rank(spec, b.vocab_size, b.hidden_size, len(b.layers))
+            ranks = dict.fromkeys(b.layers, rank)
+            specs = {i: spec.with_rank(rank) for i in b.layers}
         else:
             ranks = plan_ranks(spec, b, weights, progress, batch_rows)
             warn_above_fp16(spec, b, ranks, note)

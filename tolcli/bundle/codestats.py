@@ -87,10 +87,22 @@ def bytes_to_read(bundle: Any) -> int:
     """What :func:`code_statistics` reads of an open bundle (its progress total): every tensor of every present
     layer once for zstd, the code tensors once more for their histogram."""
     return sum(
-        bundle.entry(name).nbytes * (2 if role in info.codec.code_roles() else 1)
-        for info in bundle.layers.values()
-        for role, name in info.tensors.items()
+        bundle.entry(name).nbytes * (2 if role in bundle.layers[i].codec.code_roles() else 1)
+        for i, role, name in _layer_tensors(bundle)
     )
+
+
+def _layer_tensors(bundle: Any) -> list[tuple[int, str, str]]:
+    """``(layer, role, tensor name)`` of every present layer's tensors, in layer then role order, a shared tensor
+    only under the first layer that reads it (where the manifest counts its bytes)."""
+    seen: set[str] = set()
+    out = []
+    for index in sorted(bundle.layers):
+        for role, name in sorted(bundle.layers[index].tensors.items()):
+            if name not in seen:
+                seen.add(name)
+                out.append((index, role, name))
+    return out
 
 
 def code_statistics(bundle: Any, progress: Callable[[int], None] | None = None) -> list[LayerCodeStats]:
@@ -98,13 +110,14 @@ def code_statistics(bundle: Any, progress: Callable[[int], None] | None = None) 
     order; ``progress(bytes)`` is called as tensors are read (every tensor once for zstd, code tensors once more
     for their histogram)."""
     out = []
+    tensors = _layer_tensors(bundle)
     for index in sorted(bundle.layers):
         info = bundle.layers[index]
         widths = info.codec.code_roles()
         codes = 0
         stored_bits = entropy_total = 0.0
         stored = packed = zbytes = 0
-        for role, name in sorted(info.tensors.items()):
+        for role, name in [(r, n) for i, r, n in tensors if i == index]:
             entry = bundle.entry(name)
             stored += entry.nbytes
             zbytes += zstd_size(_counted(entry.blocks(), progress))

@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tolcli.bundle.manifest import attribute_bytes
 from tolcli.bundle.reader import open_bundle
+from tolcli.bundle.spec import TOKENIZER_TENSOR
 from tolcli.bundle.writer import WriteOptions, write_bundle
 from tolcli.errors import UsageError
 from tolcli.fsutil import check_output
@@ -55,16 +57,18 @@ def drop_layers(
                 "table (a model runs the same with no bundle at all)",
                 hint="drop fewer layers; eval-ppl --drop-last measures dropping all of them without writing",
             )
-        layers, names = [], []
+        layers, names = [], set()
         for e in b.manifest["layers"]:
             if e["status"] == "present" and e["index"] in keep:
                 layers.append(e)
-                names += list(e["tensors"].values())
+                names.update(e["tensors"].values())  # a shared tensor stays while a kept layer reads it
             else:
                 layers.append({"index": e["index"], "status": "dropped"})
-        names += [n for n in b.manifest["tensors"] if not n.startswith("layers.")]
+        if TOKENIZER_TENSOR in b.manifest["tensors"]:
+            names.add(TOKENIZER_TENSOR)
         manifest = {k: v for k, v in b.manifest.items() if k != "tensors"}
-        manifest["layers"] = layers
+        # a shared tensor's bytes move to the first kept layer that reads it
+        manifest["layers"] = attribute_bytes(layers, b.manifest["tensors"], b.vocab_size * b.hidden_size)
         step: dict[str, Any] = {"command": "drop", "kept": sorted(keep)}
         manifest["history"] = [*b.manifest.get("history", []), step]
         path = write_bundle(Path(out), [b.entry(n) for n in sorted(names)], manifest, options)

@@ -29,10 +29,11 @@ from tolcli.bundle.spec import (
     MAX_MANIFEST_LAYERS,
     MAX_MANIFEST_VOCAB,
     MAX_NDIM,
+    MAX_SHARED_GROUPS,
     MAX_TENSORS,
     MAX_TOKENIZER_BYTES,
+    SHARED_PREFIX,
     TOKENIZER_TENSOR,
-    layer_tensor,
 )
 from tolcli.config import SOURCE_FINGERPRINT_PATTERN
 from tolcli.dtypes import DTYPES
@@ -105,7 +106,7 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
     "svd": _closed(
         ["rank", "a", "b_dtype", "method", "weighted"],
         {
-            "rank": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_HIDDEN},
+            "rank": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_VOCAB},
             "a": {
                 # any registered row-wise codec (a new codec needs no change here); built-ins checked by their schema
                 **_closed(["codec", "params"], {"codec": {"type": "string"}, "params": {}}),
@@ -121,6 +122,13 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
             "normalize": {
                 "const": True,
                 "description": "A's columns were scaled by powers of two folded into B (absent: not); informational",
+            },
+            "shared": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_SHARED_GROUPS - 1,
+                "description": "cross-layer SVD: A is the tensors shared.{shared}.A.*, read by every layer of the "
+                "group (absent: A is this layer's own)",
             },
         },
     ),
@@ -387,19 +395,23 @@ def _codec(e: dict[str, Any], where: str) -> Any:
 
 def check_manifest(manifest: dict[str, Any], *, where: str) -> None:
     """What a schema cannot say: layers in order; the vocabulary consistent; every present layer's tensors named
-    ``layers.{i}.{role}`` for exactly its codec's roles, with the codec's dtypes and shapes, their bytes summing to
-    ``stored_bytes``; an ``fp16_overflow`` count no larger than the table; and no tensor that no layer reads (except
-    the tokenizer, whose hash is ``vocabulary.tokenizer_sha256``). So no tensor is shared by two layers, and a
-    runtime that reads tensors by their documented names reads what tolcli reads."""
+    by its codec (``layers.{i}.{role}``, or ``shared.{g}.{role}`` for a role its codec shares) for exactly its
+    codec's roles, with the codec's dtypes and shapes; ``stored_bytes`` the bytes of its tensors that no earlier
+    present layer reads (:func:`attribute_bytes`); layers reading a shared tensor agreeing on what shapes it
+    (:meth:`~tolcli.codecs.base.Codec.shared_key`); an ``fp16_overflow`` count no larger than the table; and no
+    tensor that no layer reads (except the tokenizer, whose hash is ``vocabulary.tokenizer_sha256``). So a
+    tensor is read by one layer unless its name says it is shared, and a runtime that reads tensors by their
+    documented names reads what tolcli reads."""
     declared = manifest["tensors"]
     model = manifest["model"]
     if [e["index"] for e in manifest["layers"]] != list(range(model["num_layers"])):
         raise InputError(f"manifest layers must list indices 0..{model['num_layers'] - 1} in order", path=where)
     _check_vocabulary(manifest["vocabulary"], model["vocab_size"], declared, where)
     referenced: set[str] = set()
+    sharers: dict[str, tuple[int, str]] = {}  # shared tensor -> (first layer reading it, its codec's shared_key)
     for e in manifest["layers"]:
         if e["status"] == "present":
-            referenced |= _check_layer(e, model["vocab_size"], model["hidden_size"], declared, where)
+            referenced |= _check_layer(e, model["vocab_size"], model["hidden_size"], declared, sharers, where)
     unread = sorted(set(declared) - referenced - {TOKENIZER_TENSOR})
     if unread:
         raise InputError(
@@ -428,8 +440,41 @@ def _check_vocabulary(vocabulary: dict[str, Any], V: int, declared: dict[str, An
             )
 
 
-def _check_layer(e: dict[str, Any], V: int, h: int, declared: dict[str, Any], where: str) -> set[str]:
-    """One present layer against its codec and the stored tensors; returns the tensor names it reads."""
+def attribute_bytes(layers: list[dict[str, Any]], declared: dict[str, Any], values: int) -> list[dict[str, Any]]:
+    """``layers`` (manifest entries) with each present layer's ``stored_bytes`` and ``bits_per_value`` set to the
+    bytes of its tensors that no earlier present layer reads: a shared tensor is counted once, in the first present
+    layer that reads it, so the layers' ``stored_bytes`` sum to the bundle's table bytes. What ``compress`` writes
+    and what ``drop`` recomputes when that first layer goes. ``declared``: tensor name -> its manifest record;
+    ``values``: a table's values (vocabulary x hidden size), for ``bits_per_value``.
+
+    Example:
+        >>> t = {"shared.0.A.table": {"bytes": 100}, "layers.0.B": {"bytes": 8}, "layers.1.B": {"bytes": 8}}
+        >>> e = lambda i: {"index": i, "status": "present", "tensors": {"A.table": "shared.0.A.table",
+        ...                "B": f"layers.{i}.B"}, "stored_bytes": 0, "bits_per_value": 0}
+        >>> [x["stored_bytes"] for x in attribute_bytes([e(0), e(1)], t, 16)]
+        [108, 8]
+        >>> out = attribute_bytes([{"index": 0, "status": "dropped"}, e(1)], t, 16)
+        >>> [(x.get("stored_bytes"), x.get("bits_per_value")) for x in out]
+        [(None, None), (108, 54.0)]
+    """
+    seen: set[str] = set()
+    out = []
+    for e in layers:
+        if e["status"] != "present":
+            out.append(e)
+            continue
+        names = [n for n in dict.fromkeys(e["tensors"].values()) if n not in seen]
+        seen.update(names)
+        stored = sum(declared[n]["bytes"] for n in names)
+        out.append({**e, "stored_bytes": stored, "bits_per_value": 8 * stored / values})
+    return out
+
+
+def _check_layer(
+    e: dict[str, Any], V: int, h: int, declared: dict[str, Any], sharers: dict[str, tuple[int, str]], where: str
+) -> set[str]:
+    """One present layer against its codec and the stored tensors; returns the tensor names it reads.
+    ``sharers`` (updated): each shared tensor's first reader and the codec ``shared_key`` it was read with."""
     i = e["index"]
     codec = _codec(e, where)
     try:
@@ -444,11 +489,12 @@ def _check_layer(e: dict[str, Any], V: int, h: int, declared: dict[str, Any], wh
             path=where,
         )
     total = 0
+    key = codec.shared_key()
     for role, (shape, dtype) in specs.items():
-        name = e["tensors"][role]
-        if name != layer_tensor(i, role):
+        name, want = e["tensors"][role], codec.tensor_name(i, role)
+        if name != want:
             raise InputError(
-                f"layer {i}: role {role} must be tensor {layer_tensor(i, role)!r}, the manifest names {short(name)}"
+                f"layer {i}: role {role} must be tensor {want!r}, the manifest names {short(name)}"
                 " (tensors are bound to their layer and role)",
                 path=where,
             )
@@ -460,10 +506,22 @@ def _check_layer(e: dict[str, Any], V: int, h: int, declared: dict[str, Any], wh
                 f"codec {e['codec']} {short(e['params'])} expects {dtype}{list(shape)}",
                 path=where,
             )
+        if name.startswith(SHARED_PREFIX):
+            first = sharers.setdefault(name, (i, key or ""))
+            if first[0] != i:
+                if first[1] != key:
+                    raise InputError(
+                        f"layer {i}: shared tensor {name!r} is read by layer {first[0]} with other parameters "
+                        f"({short(first[1])}; layer {i}: {short(key)})",
+                        path=where,
+                    )
+                continue  # counted in the first layer that reads it
         total += declared[name]["bytes"]
     if e["stored_bytes"] != total:
         raise InputError(
-            f"layer {i}: stored_bytes is {e['stored_bytes']:,} but its tensors hold {total:,} bytes", path=where
+            f"layer {i}: stored_bytes is {e['stored_bytes']:,} but its tensors hold {total:,} bytes"
+            " (a shared tensor counts in the first present layer that reads it)",
+            path=where,
         )
     if not math.isclose(e["bits_per_value"], 8 * total / (V * h), rel_tol=1e-9):
         raise InputError(

@@ -20,6 +20,10 @@ H5_MANIFEST_ATTR = "tol.manifest"
 
 TOKENIZER_TENSOR = "tokenizer"
 LAYER_PREFIX = "layers."
+# Tensors read by several layers (a cross-layer SVD's A factor): ``shared.{group}.{role}``, its bytes counted in the
+# first present layer that reads it (docs/bundle-format.md, "Shared tensors").
+SHARED_PREFIX = "shared."
+MAX_SHARED_GROUPS = 1 << 16
 
 # Bounds checked before anything is allocated from a file's header.
 MAX_HEADER_BYTES = 100 << 20
@@ -44,6 +48,10 @@ MIN_H5_EXPANSION_BYTES = 64 << 20
 
 def layer_tensor(layer: int, role: str) -> str:
     return f"{LAYER_PREFIX}{layer}.{role}"
+
+
+def shared_tensor(group: int, role: str) -> str:
+    return f"{SHARED_PREFIX}{group}.{role}"
 
 
 def parse_layer_tensor(name: str) -> tuple[int, str] | None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from tolcli._lazy import lazy_import
+from tolcli.bundle.spec import layer_tensor
 from tolcli.dtypes import DTYPES
 from tolcli.errors import InputError, TolcliError, UsageError
 
@@ -116,6 +117,17 @@ class Codec(ABC):
         :meth:`decode_rows`: what run-time lookups call. This default copies ``decode_rows``; the built-in codecs
         decode in place, block by block (:func:`row_blocks`)."""
         out.copy_(self.decode_rows(access, ids))
+
+    def tensor_name(self, layer: int, role: str) -> str:
+        """The bundle tensor that holds ``role`` of layer ``layer``: ``layers.{layer}.{role}``, or for a role that
+        several layers share (:meth:`shared_key`), ``shared.{group}.{role}``."""
+        return layer_tensor(layer, role)
+
+    def shared_key(self) -> str | None:
+        """For a codec whose layers share tensors: what every layer reading them must agree on (canonical JSON of
+        the parameters that shape the shared tensors), checked when a bundle is read; None for codecs that share
+        nothing."""
+        return None
 
     def nibble_pairs(self) -> tuple[np.ndarray, bool] | None:
         """For 4-bit codecs that decode as ``level[q] * scale (+ offset)`` from ``codes`` U8 [R, C/2] (two codes a

@@ -23,13 +23,16 @@ its rank per layer.
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from tolcli.bundle.spec import MAX_SHARED_GROUPS, shared_tensor
 from tolcli.codecs.base import (
     BatchEncoder,
     Codec,
@@ -136,6 +139,45 @@ def randomized_basis(
     small = (q.T @ tw).double()  # (k, h)
     _, _, vt = torch.linalg.svd(small, full_matrices=False)
     return vt[:rank].T  # (h, rank)
+
+
+def streamed_randomized_basis(
+    source: RowSource, rank: int, *, weights: Tensor | None, oversample: int, power_iters: int, seed: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`randomized_basis` reading ``source`` in row batches (``2 + 2 * power_iters`` passes), so that only
+    ``[rows, k]`` and ``[k, width]`` matrices (``k = rank + oversample``) are held, never the table: the range
+    finder for tables too wide for a Gram (a cross-layer stack). Returns the fp64 [width, rank] basis and each basis
+    vector's (weighted) energy."""
+    h = source.width
+    k = min(h, rank + oversample)
+    g = torch.Generator().manual_seed(seed)
+    omega = torch.randn(h, k, generator=g, dtype=torch.float32)
+
+    def weighted() -> Iterator[tuple[int, Tensor]]:
+        for s, rows in source.batches():
+            yield s, rows if weights is None else rows * weights[s : s + rows.shape[0]].float().sqrt().unsqueeze(1)
+
+    def project(z: Tensor) -> Tensor:  # Q of (T_w z), [rows, k]
+        y = torch.empty(source.rows, z.shape[1], dtype=torch.float32)
+        for s, rows in weighted():
+            y[s : s + rows.shape[0]] = rows @ z
+        return torch.linalg.qr(y).Q
+
+    q = project(omega)
+    for _ in range(power_iters):
+        z = torch.zeros(h, q.shape[1], dtype=torch.float32)
+        for s, rows in weighted():
+            z += rows.T @ q[s : s + rows.shape[0]]
+        q = project(torch.linalg.qr(z).Q)
+    small = torch.zeros(q.shape[1], h, dtype=torch.float64)  # Q^T T_w, (k, h)
+    for s, rows in weighted():
+        small += (q[s : s + rows.shape[0]].T @ rows).double()
+    _, _, vt = torch.linalg.svd(small, full_matrices=False)
+    basis = vt[:rank].T.contiguous()
+    energy = torch.zeros(rank, dtype=torch.float64)
+    for _, rows in weighted():
+        energy += (rows.double() @ basis).pow(2).sum(0)
+    return basis, energy
 
 
 def fit_basis(
@@ -248,9 +290,12 @@ class SVDCodec(Codec):
         weights: Tensor | None = None,
         gram: str = DEFAULT_GRAM,
         normalize: bool = False,
+        shared: int | None = None,
     ):
         if rank < 1:
             raise UsageError(f"rank must be >= 1, got {rank}")
+        if shared is not None and not 0 <= shared < MAX_SHARED_GROUPS:
+            raise UsageError(f"svd shared group must be within 0..{MAX_SHARED_GROUPS - 1}, got {shared}")
         check_method(method)
         check_gram(gram)
         self.rank, self.gram = rank, gram
@@ -260,6 +305,7 @@ class SVDCodec(Codec):
         self.method, self.oversample, self.power_iters, self.seed = method, oversample, power_iters, seed
         self.weights = weights
         self.normalize = normalize and not isinstance(self.a_codec, DenseCodec)  # a dense A needs no scaling
+        self.shared = shared  # cross-layer: the A factor is the tensors ``shared.{shared}.A.*``, read by every layer
 
     def params(self) -> dict[str, Any]:
         p: dict[str, Any] = {
@@ -275,6 +321,8 @@ class SVDCodec(Codec):
             p["gram"] = self.gram
         if self.normalize:  # informational (decoding is A @ B either way); absent in bundles written before it
             p["normalize"] = True
+        if self.shared is not None:
+            p["shared"] = self.shared
         return p
 
     @classmethod
@@ -287,7 +335,20 @@ class SVDCodec(Codec):
             method=params.get("method", "exact"),
             gram=params.get("gram", DEFAULT_GRAM),
             normalize=bool(params.get("normalize", False)),
+            shared=None if params.get("shared") is None else int(params["shared"]),
         )
+
+    def tensor_name(self, layer: int, role: str) -> str:
+        if self.shared is not None and role.startswith("A."):
+            return shared_tensor(self.shared, role)
+        return super().tensor_name(layer, role)
+
+    def shared_key(self) -> str | None:
+        """The shared A factor's shape and codec: rank, A's codec and parameters, and the group."""
+        if self.shared is None:
+            return None
+        a = {"codec": self.a_codec.name, "params": self.a_codec.params()}
+        return json.dumps({"rank": self.rank, "a": a, "shared": self.shared}, sort_keys=True)
 
     def code_roles(self) -> dict[str, int]:
         return {f"A.{role}": bits for role, bits in self.a_codec.code_roles().items()}
@@ -353,6 +414,12 @@ class SVD(RankedSpec):
     quantised ``A`` only): divide ``A``'s columns by powers of two near the square roots of their RMS, folding
     them into ``B`` (:func:`column_scales`). The rank options are :class:`~tolcli.codecs.base.RankedSpec`'s.
 
+    ``cross_layer``: one factorisation of all present layers' tables side by side, ``[T_0 | T_1 | ...] ~ A [B_0 |
+    B_1 | ...]``: every layer is a function of the same token embedding, so one ``A`` [V, rank] (stored once, as the
+    tensors ``shared.0.A.*``) serves all layers, each with its own ``B_l`` [rank, h] (:mod:`tolcli.crosslayer`).
+    ``rank``, ``ratio`` and ``budget`` then describe the whole bundle (``ratio``/``budget``: of all layers' fp16
+    bytes); ``energy`` is per layer, so not with it.
+
     Example:
         >>> from tolcli.codecs import Int4
         >>> s = SVD(budget="0.25", a=Int4(group=32))
@@ -368,9 +435,12 @@ class SVD(RankedSpec):
     seed: int = 0
     gram: str = DEFAULT_GRAM
     normalize: bool = True
+    cross_layer: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.cross_layer and self.energy is not None:
+            raise UsageError("svd cross_layer chooses one rank for all layers: give rank, ratio or budget, not energy")
         check_method(self.method)
         check_gram(self.gram)
         _check_row_wise(self.a.codec)
@@ -396,6 +466,7 @@ class SVD(RankedSpec):
             weights=weights,
             gram=self.gram,
             normalize=self.normalize,
+            shared=0 if self.cross_layer else None,
         )
 
     def spectrum(self, table: Tensor | RowSource, weights: Tensor | None) -> Tensor:

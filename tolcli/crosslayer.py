@@ -1,0 +1,190 @@
+"""``compress`` with a cross-layer SVD (``svd(..., cross_layer=true)``): one factorisation of every present layer's
+table side by side.
+
+Every layer's ToL is a function of the same token embedding, so the tables share their row structure: stacked
+``X = [s_0 T_0 | s_1 T_1 | ...]`` ([V, L h]) is factorised once, ``X ~ A B'`` with ``A`` [V, r] and ``B'`` [r, L h],
+and layer ``l`` decodes as ``A B_l`` where ``B_l = B'[:, l h:(l+1) h] / s_l``. ``A`` (the bulk of the bytes) is stored
+once, as the tensors ``shared.0.A.*`` that every layer's codec names; each layer stores its own ``B`` (
+:class:`~tolcli.codecs.svd.SVDCodec` with ``shared=0``; ``docs/bundle-format.md``, "Shared tensors").
+
+Token weights: the rows of ``X`` are weighted by ``w_t``, the mean over layers of the layers' weights, and layer
+``l``'s columns scaled by ``s_l = sqrt(c_l)``, ``c_l = sum_t w_lt / sum_t w_t`` (its share of the weight), which
+minimises ``sum_l sum_t w_lt ||T_lt - A_t B_l||^2`` exactly when the weights factor as ``w_lt = w_t c_l`` and
+approximately otherwise (:func:`stack_weights`).
+
+The basis of ``B'`` comes from the Gram of ``X`` (``exact``, an (L h)^2 matrix, refused beyond
+:data:`MAX_EXACT_WIDTH`) or a range finder reading ``X`` in row batches (``randomized``:
+:func:`~tolcli.codecs.svd.streamed_randomized_basis`, for the paper's shapes); the layers are read in row batches
+side by side, so memory is a batch of every layer plus the factors, whatever the vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from tolcli.bundle.reader import Bundle
+from tolcli.bundle.writer import Staging
+from tolcli.codecs import SVD, DictAccess
+from tolcli.codecs.svd import GRAM_DTYPES, SVDCodec, column_scales, gram_eigh, streamed_gram, streamed_randomized_basis
+from tolcli.compress import ErrorStats, LayerRows, _entry, parse_budget, stage_rows
+from tolcli.dtypes import tensor_to_numpy
+from tolcli.errors import UsageError
+from tolcli.progress import Progress
+
+# The widest stack (layers x hidden size) whose Gram ``exact`` forms: 16,384^2 fp64 is 2 GiB (and eigh's workspace).
+MAX_EXACT_WIDTH = 16_384
+
+
+class StackedRows:
+    """A :class:`~tolcli.codecs.base.RowSource` of the layers' tables side by side, layer ``k``'s columns multiplied
+    by ``scales[k]``: the layers are read in row batches in step."""
+
+    def __init__(self, sources: list[LayerRows], scales: Tensor):
+        self.sources, self.scales = sources, scales
+        self.rows, self.width = sources[0].rows, sum(s.width for s in sources)
+
+    def parts(self) -> Iterator[tuple[int, list[Tensor]]]:
+        """``(first row, [each layer's fp32 rows])``, unscaled."""
+        for batch in zip(*(s.batches() for s in self.sources), strict=True):
+            yield batch[0][0], [rows for _, rows in batch]
+
+    def stack(self, parts: list[Tensor]) -> Tensor:
+        return torch.cat([rows * float(sc) for rows, sc in zip(parts, self.scales, strict=True)], dim=1)
+
+    def batches(self) -> Iterator[tuple[int, Tensor]]:
+        for s, parts in self.parts():
+            yield s, self.stack(parts)
+
+
+def stack_weights(weights: dict[int, Tensor] | None, layers: list[int]) -> tuple[Tensor | None, Tensor]:
+    """``(row weights w_t, column scales s_l)`` of the stack: ``w_t`` the mean of the layers' token weights, ``s_l``
+    the square root of layer ``l``'s share ``c_l = sum_t w_lt / sum_t w_t`` (all ones without weights).
+
+    Example:
+        >>> w, s = stack_weights({0: torch.tensor([1.0, 3.0]), 1: torch.tensor([2.0, 6.0])}, [0, 1])
+        >>> w.tolist(), [round(x, 4) for x in (s**2).tolist()]
+        ([1.5, 4.5], [0.6667, 1.3333])
+    """
+    if weights is None:
+        return None, torch.ones(len(layers), dtype=torch.float64)
+    w = torch.stack([weights[i].double() for i in layers])  # [L, V]
+    row = w.mean(0)
+    total = float(row.sum())
+    if not total > 0:
+        raise UsageError("the token weights sum to zero: no row carries weight in the cross-layer fit")
+    return row.float(), (w.sum(1) / total).sqrt()
+
+
+def stack_bytes(spec: SVD, rank: int, V: int, h: int, layers: int) -> int:
+    """The stored bytes of a cross-layer SVD at ``rank``: ``A`` once, a ``B`` per layer."""
+    codec = spec.with_rank(rank).build(h)
+    return codec.a_codec.stored_bytes(V, rank) + layers * rank * h * codec.b.stored_bytes(1, 1)
+
+
+def stack_rank(spec: SVD, V: int, h: int, layers: int) -> int:
+    """The shared rank: ``rank``, or the largest multiple of the rank step whose bytes fit ``ratio`` or ``budget``
+    of all layers' dense fp16 bytes (within ``min_rank`` .. ``max_rank`` and ``1 .. min(V, layers h)``)."""
+    top = min(V, layers * h)
+    if spec.max_rank is not None:
+        top = min(top, spec.max_rank)
+    if spec.rank is not None:
+        if not 1 <= spec.rank <= min(V, layers * h):
+            raise UsageError(f"cross-layer rank {spec.rank} is outside 1..{min(V, layers * h)}")
+        return spec.rank
+    dense16 = layers * V * h * 2
+    target = spec.ratio * dense16 if spec.ratio is not None else parse_budget(str(spec.budget), dense16)
+    step = spec.rank_step()
+    lo = spec.min_rank if spec.min_rank is not None else step
+    best = None
+    for r in range(step, top + 1, step):  # bytes grow with the rank: the last that fits
+        if stack_bytes(spec, r, V, h, layers) > target:
+            break
+        best = r
+    if best is None or best < lo:
+        need = stack_bytes(spec, max(lo, step), V, h, layers)
+        raise UsageError(
+            f"{spec}: the budget ({int(target):,} bytes) is below the smallest cross-layer rank {max(lo, step)} "
+            f"({need:,} bytes)",
+            hint="raise the budget or the ratio",
+        )
+    return best
+
+
+def fit_stack(spec: SVD, source: StackedRows, rank: int, row_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(P [L h, r], B' [r, L h])``, fp32, with ``A = X P`` and ``X ~ A B'``: the top-``rank`` right singular
+    vectors of the weighted stack (``P`` the basis divided by :func:`~tolcli.codecs.svd.column_scales` when the
+    spec normalises a quantised ``A``, ``B'`` multiplied by them)."""
+    if spec.method == "exact":
+        if source.width > MAX_EXACT_WIDTH:
+            raise UsageError(
+                f"cross-layer svd method=exact needs a {source.width:,}^2 Gram (layers x hidden size above "
+                f"{MAX_EXACT_WIDTH:,})",
+                hint="use method=randomized, which reads the layers in row batches",
+            )
+        evals, evecs = gram_eigh(streamed_gram(source, row_weights, dtype=GRAM_DTYPES[spec.gram]))
+        basis, energy = evecs[:, :rank], evals[:rank]
+    else:
+        kw = {"oversample": spec.oversample, "power_iters": spec.power_iters, "seed": spec.seed}
+        basis, energy = streamed_randomized_basis(source, rank, weights=row_weights, **kw)
+    basis = basis.float()
+    b = basis.T.contiguous()
+    codec = spec.with_rank(rank).build(source.width)
+    if codec.normalize:
+        total = float(row_weights.double().sum()) if row_weights is not None else float(source.rows)
+        d = column_scales(energy, total)
+        basis, b = basis / d, b * d.unsqueeze(1)
+    return basis, b
+
+
+def stage_stack(
+    b: Bundle,
+    spec: SVD,
+    weights: dict[int, Tensor] | None,
+    staging: Staging,
+    progress: Progress,
+    batch_rows: int,
+) -> int:
+    """Fit and stage a cross-layer SVD of every present layer of ``b`` (``A`` as ``shared.0.A.*``, each layer's
+    ``B``), committing each layer's manifest entry (``stored_bytes`` counts ``A`` in every layer until the
+    manifest attributes it: :func:`~tolcli.bundle.manifest.attribute_bytes`). Returns the rank. A run resumed with
+    some layers done fits and stages everything again (the staged bytes are the same)."""
+    layers = sorted(b.layers)
+    V, h = b.vocab_size, b.hidden_size
+    rank = stack_rank(spec, V, h, len(layers))
+    if all(staging.layer_done(i) is not None for i in layers):
+        return rank
+    row_w, scales = stack_weights(weights, layers)
+    source = StackedRows([LayerRows(b, i, batch_rows) for i in layers], scales)
+    progress.start(f"cross-layer svd of {len(layers)} layer(s), rank {rank}", 2)
+    basis, b_all = fit_stack(spec, source, rank, row_w)
+    progress.advance(1)
+    codecs = {i: spec.with_rank(rank).build(h, weights=None if weights is None else weights[i]) for i in layers}
+    first = codecs[layers[0]]
+    # what each layer stores and decodes with: B_l in fp16, undone of its column scale
+    b_enc = {i: first.b.encode(b_all[:, k * h : (k + 1) * h] / float(scales[k]))["table"] for k, i in enumerate(layers)}
+    b_f32 = {i: t.float() for i, t in b_enc.items()}
+    stats = {i: ErrorStats(V) for i in layers}
+    a_specs = first.tensor_specs(V, h)
+
+    def encoded() -> Iterator[tuple[int, dict[str, Tensor]]]:
+        for s, parts in source.parts():
+            a = source.stack(parts) @ basis
+            roles = {f"A.{r}": t for r, t in first.a_codec.encode(a).items()}
+            n = a.shape[0]
+            a_dec = first.a_codec.decode_rows(DictAccess({r[2:]: t for r, t in roles.items()}), torch.arange(n))
+            for k, i in enumerate(layers):
+                stats[i].add(s, parts[k], a_dec @ b_f32[i])
+            yield s, roles
+
+    a_roles = stage_rows(staging, encoded(), a_specs, lambda r: first.tensor_name(layers[0], r))
+    for i in layers:
+        codec: SVDCodec = codecs[i]
+        staging.stage(codec.tensor_name(i, "B"), a_specs["B"][1], a_specs["B"][0], [tensor_to_numpy(b_enc[i])])
+        w = None if weights is None else weights[i]
+        staging.commit_layer(i, _entry(i, codec, [*a_roles, "B"], (V, h), stats[i], w))
+    progress.advance(1)
+    progress.finish()
+    return rank
