@@ -22,6 +22,7 @@ from tolcli.codecs.base import TableRows
 from tolcli.codecs.svd import randomized_basis, streamed_randomized_basis
 from tolcli.crosslayer import StackedRows, fit_stack, stack_bytes, stack_rank, stack_weights
 from tolcli.errors import InputError, UsageError
+from tolcli.transport import pack, unpack
 
 V, H, L = 300, 16, 3
 
@@ -106,10 +107,13 @@ def test_drop_keeps_a_while_a_layer_reads_it_and_moves_its_bytes(src: Path, tmp_
     assert torch.equal(decoded(tmp_path / "d2.h5")[2], before[2])
 
 
-def test_every_container_and_sharding_read_the_same(src: Path, tmp_path: Path) -> None:
+def test_every_container_sharding_and_pack_read_the_same(src: Path, tmp_path: Path) -> None:
     x = tmp_path / "x.safetensors"
     compress(src, x, CompressOptions(codec="svd(rank=32,cross_layer=true,a=int4(group=32))"))
     ref = decoded(x)
+    pack(x, tmp_path / "x.zst")
+    unpack(tmp_path / "x.zst", tmp_path / "back.safetensors")
+    assert (tmp_path / "back.safetensors").read_bytes() == x.read_bytes()
     for out, kw in ((tmp_path / "x.h5", {}), (tmp_path / "sharded", {"max_shard_size": 2000})):
         convert_bundle(x, out, **kw)
         with open_bundle(out) as b:

@@ -322,9 +322,10 @@ class Bundle:
         else:
             check_out(out, want, torch.device("cpu"))
         rows = out.view(len(self.present_layers), flat.numel(), self.hidden_size)
+        shared: dict[str, Tensor] = {}  # what layers sharing tensors decode once (a cross-layer SVD's A rows)
         for run in self._runs():
             if len(run.layers) == 1:
-                run.codec.decode_into(self._accesses[run.layers[0]], flat, rows[run.start])
+                run.codec.decode_into_shared(self._accesses[run.layers[0]], flat, rows[run.start], shared)
             else:
                 block = rows[run.start : run.start + len(run.layers)].view(-1, self.hidden_size)
                 access = _StackedAccess(run.stacks or {}, flat.numpy(), self._scratch_of(run.start))

@@ -118,6 +118,11 @@ class Codec(ABC):
         decode in place, block by block (:func:`row_blocks`)."""
         out.copy_(self.decode_rows(access, ids))
 
+    def decode_into_shared(self, access: TensorAccess, ids: Tensor, out: Tensor, cache: dict[str, Tensor]) -> None:
+        """:meth:`decode_into` for a lookup of several layers at once: ``cache`` (one per lookup) holds what layers
+        sharing tensors decode once (a cross-layer SVD's ``A`` rows, by :meth:`shared_key`). The same values."""
+        self.decode_into(access, ids, out)
+
     def tensor_name(self, layer: int, role: str) -> str:
         """The bundle tensor that holds ``role`` of layer ``layer``: ``layers.{layer}.{role}``, or for a role that
         several layers share (:meth:`shared_key`), ``shared.{group}.{role}``."""

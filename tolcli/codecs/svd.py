@@ -396,6 +396,18 @@ class SVDCodec(Codec):
         self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
         torch.mm(a, full_f32(access, "B"), out=out)  # B in fp32 is cached by a bundle's access
 
+    def decode_into_shared(self, access: TensorAccess, ids: Tensor, out: Tensor, cache: dict[str, Tensor]) -> None:
+        """A shared ``A``'s rows are decoded once per lookup (the first layer's), every layer multiplies them."""
+        key = self.shared_key()
+        if key is None:
+            self.decode_into(access, ids, out)
+            return
+        a = cache.get(key)
+        if a is None:
+            a = cache[key] = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
+            self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
+        torch.mm(a, full_f32(access, "B"), out=out)
+
 
 def _check_row_wise(codec: Codec | type[Codec]) -> None:
     if not codec.row_wise:
