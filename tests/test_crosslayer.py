@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.adversarial import write_raw
+from tests.adversarial import tensors_section, write_raw
 from tests.test_compress import synthetic_bundle
+from tests.test_mixed_codec import reference_decode
 from tolcli import CompressOptions, compress, convert_bundle, drop_layers, open_bundle
 from tolcli.bundle.codestats import code_statistics
+from tolcli.bundle.manifest import attribute_bytes
 from tolcli.codecs import SVD, Dense, Int4
 from tolcli.codecs.base import TableRows
 from tolcli.codecs.svd import randomized_basis, streamed_randomized_basis
@@ -183,6 +185,31 @@ def test_compress_weights_layers_by_their_share(src: Path, tmp_path: Path, monke
     assert weighted_error(plain) > 1.2 * tail
 
 
+def test_a_mixed_a_factor_decodes_like_the_reference_and_follows_the_weights(src: Path, tmp_path: Path) -> None:
+    """A cross-layer A coded by ``mixed`` (fitted to the whole factor with the stack's row weights): each row decodes
+    as the slow reference decoder of the format gives A's row, times the layer's B; heavy rows get the bits."""
+    counts = np.ones(V, dtype=np.int64)
+    counts[:30] = 10_000
+    np.save(tmp_path / "w.npy", counts)
+    out = tmp_path / "m.safetensors"
+    spec = "svd(rank=32,cross_layer=true,normalize=false,a=mixed(bits=2))"
+    compress(src, out, CompressOptions(codec=spec, token_weights=str(tmp_path / "w.npy"), weight_floor=0.0))
+    got = decoded(out)
+    with open_bundle(out) as b:
+        e = b.manifest["layers"][2]
+        assert e["params"]["a"]["codec"] == "mixed" and e["tensors"]["A.index"] == "shared.0.A.index"
+        a_params = e["params"]["a"]["params"]
+        a_tensors = {n[len("shared.0.A.") :]: b.tensor(n) for n in b.manifest["tensors"] if n.startswith("shared.")}
+        bs = {i: b.tensor(f"layers.{i}.B").float() for i in range(L)}
+    for t in (0, 7, 29, 30, 150, 299):
+        a_row = torch.from_numpy(reference_decode(a_params, a_tensors, t))
+        for i in range(L):
+            assert torch.allclose(got[i][t].float(), a_row @ bs[i], rtol=1e-5, atol=1e-5)
+    tables = shared_tables()
+    err = torch.stack([(got[i] - tables[i].double()).pow(2).sum(1) for i in range(L)]).sum(0)
+    assert float(err[:30].mean()) < 0.05 * float(err[30:].mean())  # the weighted rows are coded finely
+
+
 def test_streamed_range_finder_matches_the_whole_table_one() -> None:
     table = torch.cat(shared_tables(1), dim=1)
     kw = {"weights": None, "oversample": 6, "power_iters": 2, "seed": 3}
@@ -231,10 +258,15 @@ def test_exact_refuses_a_stack_too_wide_for_its_gram(src: Path, tmp_path: Path, 
 
 
 def _lie(good: Path, out: Path, edit) -> Path:
+    """``good`` rewritten with an edited manifest, every hash and byte count consistent with the tensors."""
     with open_bundle(good) as b:
         arrays = {n: (t["dtype"], np.concatenate(list(b.entry(n).blocks()))) for n, t in b.manifest["tensors"].items()}
         m = json.loads(json.dumps(b.manifest))
+    if edit is _two_a_factors_in_one_group:
+        arrays["shared.0.A.table"] = ("F16", np.zeros((V, 32), np.float16))
     edit(m)
+    if edit is _two_a_factors_in_one_group:
+        m["layers"] = attribute_bytes(m["layers"], tensors_section(arrays), V * H)
     return write_raw(out, arrays, m)
 
 
@@ -256,10 +288,19 @@ def _unshare(m) -> None:
     del m["layers"][1]["params"]["shared"]  # then its A roles must be its own tensors
 
 
+def _two_a_factors_in_one_group(m) -> None:
+    """Layer 2 reads another A (dense, its own tensor name) in group 0: the group would hold two factors."""
+    e = m["layers"][2]
+    e["params"]["a"] = {"codec": "dense", "params": {"dtype": "F16"}}
+    e["params"].pop("normalize", None)
+    e["tensors"] = {"A.table": "shared.0.A.table", "B": "layers.2.B"}
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
         (_relabel_layer1_fit, "is read by layer 0 with other parameters"),
+        (_two_a_factors_in_one_group, "'shared.0.A.table' is read by layer 0 with other parameters"),
         (_count_a_twice, "counts in the first present layer"),
         (_own_a, "role A.codes must be tensor 'shared.0.A.codes'"),
         (_unshare, "role A.codes must be tensor 'layers.1.A.codes'"),
@@ -270,3 +311,64 @@ def test_manifest_lies_about_sharing_are_refused(src: Path, tmp_path: Path, edit
     compress(src, good, CompressOptions(codec="svd(rank=32,cross_layer=true,a=int4(group=32))"))
     with pytest.raises(InputError, match=match):
         open_bundle(_lie(good, tmp_path / "lie.safetensors", edit))
+
+
+def test_auto_refuses_a_cross_layer_candidate(src: Path, tmp_path: Path) -> None:
+    opts = CompressOptions("auto", budget="0.25", candidates="int4(group=32),svd(rank=8,cross_layer=true)")
+    with pytest.raises(UsageError, match="cannot be one layer's choice"):
+        compress(src, tmp_path / "x.safetensors", opts)
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes(src: Path, tmp_path: Path, monkeypatch) -> None:
+    opts = CompressOptions(codec="svd(rank=32,cross_layer=true,a=int4(group=32))")
+    whole = tmp_path / "whole.safetensors"
+    compress(src, whole, opts)
+    from tolcli.bundle.writer import Staging
+
+    commit, calls = Staging.commit_layer, []
+
+    def crash_after_two(self, index, entry):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(index)
+        commit(self, index, entry)
+
+    monkeypatch.setattr(Staging, "commit_layer", crash_after_two)
+    out = tmp_path / "x.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        compress(src, out, opts)
+    monkeypatch.undo()
+    compress(src, out, opts, resume=True)
+    assert out.read_bytes() == whole.read_bytes()
+
+
+def test_a_b_codec_stores_b_quantised_and_decodes_from_it(src: Path, tmp_path: Path) -> None:
+    """``b=int8``: each layer's B is int8 codes with a per-row fp16 scale; rows decode as A's row times
+    ``codes * scale`` (computed here from the stored tensors), for a cross-layer and a per-layer SVD."""
+    for spec in ("svd(rank=32,cross_layer=true,a=int4(group=32),b=int8)", "svd(rank=8,a=int8,b=int8)"):
+        out = tmp_path / "b.safetensors"
+        res = compress(src, out, CompressOptions(codec=spec), force=True)
+        got = decoded(out)
+        with open_bundle(out) as b:
+            e = b.manifest["layers"][1]
+            assert e["params"]["b"] == {"codec": "int8", "params": {"bits": 8, "group_size": H, "fit": "mse"}}
+            assert "b_dtype" not in e["params"] and e["tensors"]["B.codes"] == "layers.1.B.codes"
+            r = e["params"]["rank"]
+            assert b.manifest["tensors"]["layers.1.B.codes"]["shape"] == [r, H]
+            for i in range(L):
+                codes = b.tensor(f"layers.{i}.B.codes").float()
+                scales = b.tensor(f"layers.{i}.B.scales").float()
+                b_ref = codes * scales  # [r, H] * [r, 1]
+                a_rows = b.layers[i].codec.a_codec.decode_rows(_prefixed(b, i), torch.arange(V))
+                assert torch.allclose(got[i].float(), a_rows @ b_ref, rtol=1e-5, atol=1e-4)
+        tables = shared_tables()
+        rel = sum(float((got[i] - tables[i].double()).norm()) for i in range(L)) / sum(
+            float(t.double().norm()) for t in tables
+        )
+        assert rel < 0.2 and res.stored_bytes < L * V * H * 2 * 0.4
+
+
+def _prefixed(b, i):
+    from tolcli.codecs.base import PrefixedAccess
+
+    return PrefixedAccess(b._accesses[i], "A.")

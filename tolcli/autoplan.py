@@ -150,6 +150,11 @@ def candidate_specs(texts: Sequence[str], width: int) -> list[CodecSpec]:
     for text in texts:
         text = f"dense(dtype={text})" if text in DENSE_SCHEMES else text  # fp16 as the scheme names it
         spec = parse_spec(_with_width(text, width))
+        if getattr(spec, "cross_layer", False):
+            raise UsageError(
+                f"candidate {text!r}: a cross-layer svd encodes all layers at once, so it cannot be one layer's choice",
+                hint="compare it with --scheme auto by building it on its own (tolcli sweep takes both)",
+            )
         if width % spec.width_multiple:
             rejected.append(text)
             continue

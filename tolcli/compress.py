@@ -911,6 +911,8 @@ def _stage_layers(
     cross-layer SVD spec encodes all layers at once (:mod:`tolcli.crosslayer`)."""
     first = specs[min(specs)] if specs else None
     if isinstance(first, SVD) and first.cross_layer:
+        if any(s != first for s in specs.values()):  # pragma: no cover - candidate_specs refuses cross-layer ones
+            raise UsageError("a cross-layer svd encodes every layer with one spec")
         from tolcli.crosslayer import stage_stack  # it imports this module
 
         stage_stack(b, first, weights, staging, progress, batch_rows)

@@ -20,6 +20,7 @@ side by side, so memory is a batch of every layer plus the factors, whatever the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -28,9 +29,10 @@ from torch import Tensor
 from tolcli.bundle.reader import Bundle
 from tolcli.bundle.writer import Staging
 from tolcli.codecs import SVD, DictAccess
+from tolcli.codecs.dense import DenseCodec
 from tolcli.codecs.svd import GRAM_DTYPES, SVDCodec, column_scales, gram_eigh, streamed_gram, streamed_randomized_basis
 from tolcli.compress import ErrorStats, LayerRows, _entry, parse_budget, stage_rows
-from tolcli.dtypes import tensor_to_numpy
+from tolcli.dtypes import DTYPES, tensor_to_numpy
 from tolcli.errors import UsageError
 from tolcli.progress import Progress
 
@@ -81,7 +83,15 @@ def stack_weights(weights: dict[int, Tensor] | None, layers: list[int]) -> tuple
 def stack_bytes(spec: SVD, rank: int, V: int, h: int, layers: int) -> int:
     """The stored bytes of a cross-layer SVD at ``rank``: ``A`` once, a ``B`` per layer."""
     codec = spec.with_rank(rank).build(h)
-    return codec.a_codec.stored_bytes(V, rank) + layers * rank * h * codec.b.stored_bytes(1, 1)
+    b_bytes = sum(v for k, v in _role_bytes(codec, V, h).items() if not k.startswith("A."))
+    return codec.a_codec.stored_bytes(V, rank) + layers * b_bytes
+
+
+def _role_bytes(codec: SVDCodec, V: int, h: int) -> dict[str, int]:
+    """Each of a layer's roles' bytes (``A.*`` of a fitted A codec, ``B`` or ``B.*``)."""
+    if not codec.a_codec.row_wise:  # a codec fitted to the data: only B's roles are known before
+        codec = SVDCodec(codec.rank, DenseCodec("F16"), codec.b.dtype, b_codec=codec.b_codec)
+    return {r: DTYPES[dt].itemsize * math.prod(shape) for r, (shape, dt) in codec.tensor_specs(V, h).items()}
 
 
 def stack_rank(spec: SVD, V: int, h: int, layers: int) -> int:
@@ -139,6 +149,18 @@ def fit_stack(spec: SVD, source: StackedRows, rank: int, row_weights: Tensor | N
     return basis, b
 
 
+class Projected:
+    """A :class:`~tolcli.codecs.base.RowSource` of ``A = X P``: the stack's row batches projected on the basis."""
+
+    def __init__(self, source: StackedRows, basis: Tensor):
+        self.source, self.basis = source, basis
+        self.rows, self.width = source.rows, basis.shape[1]
+
+    def batches(self) -> Iterator[tuple[int, Tensor]]:
+        for s, x in self.source.batches():
+            yield s, x @ self.basis
+
+
 def stage_stack(
     b: Bundle,
     spec: SVD,
@@ -149,8 +171,12 @@ def stage_stack(
 ) -> int:
     """Fit and stage a cross-layer SVD of every present layer of ``b`` (``A`` as ``shared.0.A.*``, each layer's
     ``B``), committing each layer's manifest entry (``stored_bytes`` counts ``A`` in every layer until the
-    manifest attributes it: :func:`~tolcli.bundle.manifest.attribute_bytes`). Returns the rank. A run resumed with
-    some layers done fits and stages everything again (the staged bytes are the same)."""
+    manifest attributes it: :func:`~tolcli.bundle.manifest.attribute_bytes`). Returns the rank.
+
+    ``A``'s codec is fitted to ``A = X P`` (its own passes over the layers, for a codec that fits the whole factor,
+    such as ``mixed``, with the stack's row weights), then ``A`` is encoded in row batches while each layer's
+    reconstruction error is measured. A run resumed with some layers done fits and stages everything again (the
+    staged bytes are the same)."""
     layers = sorted(b.layers)
     V, h = b.vocab_size, b.hidden_size
     rank = stack_rank(spec, V, h, len(layers))
@@ -158,33 +184,43 @@ def stage_stack(
         return rank
     row_w, scales = stack_weights(weights, layers)
     source = StackedRows([LayerRows(b, i, batch_rows) for i in layers], scales)
-    progress.start(f"cross-layer svd of {len(layers)} layer(s), rank {rank}", 2)
+    progress.start(f"cross-layer svd of {len(layers)} layer(s), rank {rank}", 3)
     basis, b_all = fit_stack(spec, source, rank, row_w)
     progress.advance(1)
-    codecs = {i: spec.with_rank(rank).build(h, weights=None if weights is None else weights[i]) for i in layers}
-    first = codecs[layers[0]]
+    first = spec.with_rank(rank).build(h, weights=row_w)  # its A codec is fitted with the stack's row weights
+    a_codec = first.a_codec
+    enc = a_codec.encoder(Projected(source, basis))
+    if enc is None:
+        raise UsageError(f"{spec}: the A factor's codec {a_codec.name} cannot encode in row batches")
+    progress.advance(1)
     # what each layer stores and decodes with: B_l in fp16, undone of its column scale
-    b_enc = {i: first.b.encode(b_all[:, k * h : (k + 1) * h] / float(scales[k]))["table"] for k, i in enumerate(layers)}
-    b_f32 = {i: t.float() for i, t in b_enc.items()}
+    b_enc = {i: first.encode_b(b_all[:, k * h : (k + 1) * h] / float(scales[k])) for k, i in enumerate(layers)}
+    b_f32 = {i: first.b_f32(DictAccess(t)) for i, t in b_enc.items()}
     stats = {i: ErrorStats(V) for i in layers}
-    a_specs = first.tensor_specs(V, h)
 
     def encoded() -> Iterator[tuple[int, dict[str, Tensor]]]:
         for s, parts in source.parts():
-            a = source.stack(parts) @ basis
-            roles = {f"A.{r}": t for r, t in first.a_codec.encode(a).items()}
-            n = a.shape[0]
-            a_dec = first.a_codec.decode_rows(DictAccess({r[2:]: t for r, t in roles.items()}), torch.arange(n))
+            roles = enc.encode_rows(source.stack(parts) @ basis)
+            n = parts[0].shape[0]
+            a_dec = a_codec.decode_rows(DictAccess({**roles, **enc.fixed}), torch.arange(n))
             for k, i in enumerate(layers):
                 stats[i].add(s, parts[k], a_dec @ b_f32[i])
-            yield s, roles
+            yield s, {f"A.{r}": t for r, t in roles.items()}
 
-    a_roles = stage_rows(staging, encoded(), a_specs, lambda r: first.tensor_name(layers[0], r))
+    a_specs = {f"A.{r}": t for r, t in a_codec.tensor_specs(V, rank).items()}  # known once fitted (mixed)
+    shared_name = lambda r: first.tensor_name(layers[0], r)  # noqa: E731
+    a_roles = stage_rows(staging, encoded(), a_specs, shared_name)
+    for r, t in enc.fixed.items():
+        staging.stage(shared_name(f"A.{r}"), a_specs[f"A.{r}"][1], a_specs[f"A.{r}"][0], [tensor_to_numpy(t)])
     for i in layers:
-        codec: SVDCodec = codecs[i]
-        staging.stage(codec.tensor_name(i, "B"), a_specs["B"][1], a_specs["B"][0], [tensor_to_numpy(b_enc[i])])
+        codec: SVDCodec = spec.with_rank(rank).build(h, weights=None if weights is None else weights[i])
+        codec.a_codec = a_codec  # the one fitted A codec (its params: a mixed A's classes)
+        b_specs = codec.tensor_specs(V, h)
+        for r, t in b_enc[i].items():
+            staging.stage(codec.tensor_name(i, r), b_specs[r][1], b_specs[r][0], [tensor_to_numpy(t)])
         w = None if weights is None else weights[i]
-        staging.commit_layer(i, _entry(i, codec, [*a_roles, "B"], (V, h), stats[i], w))
+        roles = [*a_roles, *(f"A.{r}" for r in enc.fixed), *b_enc[i]]
+        staging.commit_layer(i, _entry(i, codec, roles, (V, h), stats[i], w))
     progress.advance(1)
     progress.finish()
     return rank

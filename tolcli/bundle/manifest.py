@@ -104,7 +104,7 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
         for b in (3, 2)
     },
     "svd": _closed(
-        ["rank", "a", "b_dtype", "method", "weighted"],
+        ["rank", "a", "method", "weighted"],
         {
             "rank": {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_VOCAB},
             "a": {
@@ -112,7 +112,15 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
                 **_closed(["codec", "params"], {"codec": {"type": "string"}, "params": {}}),
                 "$ref": "#/$defs/codec_params",
             },
-            "b_dtype": _FLOAT_DTYPE,
+            "b_dtype": {
+                **_FLOAT_DTYPE,
+                "description": "B's dtype when B is one dense tensor (exactly one of b_dtype, b)",
+            },
+            "b": {
+                # B's rows coded by a row-wise codec: roles B.<role>
+                **_closed(["codec", "params"], {"codec": {"type": "string"}, "params": {}}),
+                "$ref": "#/$defs/codec_params",
+            },
             "method": {"enum": ["exact", "randomized"]},
             "weighted": {"type": "boolean"},
             "oversample": {"type": "integer", "minimum": 0, "maximum": MAX_MANIFEST_HIDDEN},
@@ -408,7 +416,7 @@ def check_manifest(manifest: dict[str, Any], *, where: str) -> None:
         raise InputError(f"manifest layers must list indices 0..{model['num_layers'] - 1} in order", path=where)
     _check_vocabulary(manifest["vocabulary"], model["vocab_size"], declared, where)
     referenced: set[str] = set()
-    sharers: dict[str, tuple[int, str]] = {}  # shared tensor -> (first layer reading it, its codec's shared_key)
+    sharers: dict[str, tuple[int, str]] = {}  # shared tensor or group -> (first layer reading it, its shared_key)
     for e in manifest["layers"]:
         if e["status"] == "present":
             referenced |= _check_layer(e, model["vocab_size"], model["hidden_size"], declared, sharers, where)
@@ -507,14 +515,16 @@ def _check_layer(
                 path=where,
             )
         if name.startswith(SHARED_PREFIX):
-            first = sharers.setdefault(name, (i, key or ""))
-            if first[0] != i:
-                if first[1] != key:
-                    raise InputError(
-                        f"layer {i}: shared tensor {name!r} is read by layer {first[0]} with other parameters "
-                        f"({short(first[1])}; layer {i}: {short(key)})",
-                        path=where,
-                    )
+            # one group is one set of shared tensors: every layer reading any of them agrees on what shapes them
+            group = SHARED_PREFIX + name[len(SHARED_PREFIX) :].partition(".")[0]
+            agreed = sharers.setdefault(group, (i, key or ""))
+            if agreed[1] != key:
+                raise InputError(
+                    f"layer {i}: shared tensor {name!r} is read by layer {agreed[0]} with other parameters "
+                    f"({short(agreed[1])}; layer {i}: {short(key)})",
+                    path=where,
+                )
+            if sharers.setdefault(name, (i, key or ""))[0] != i:
                 continue  # counted in the first layer that reads it
         total += declared[name]["bytes"]
     if e["stored_bytes"] != total:

@@ -431,7 +431,11 @@ class Staging:
         the next one (hashlib, file writes and torch all release the GIL); blocks must then stay valid
         until two more have been produced."""
         self._ensure_dir()
-        fname = f"{len(self.state['tensors']):05d}.bin"
+        used = {rec["file"] for rec in self.state["tensors"].values()}
+        k = len(self.state["tensors"])
+        while f"{k:05d}.bin" in used:  # a name staged again (a resumed cross-layer fit) gets a file of its own
+            k += 1
+        fname = f"{k:05d}.bin"
         h = hashlib.sha256()
         n = 0
         try:

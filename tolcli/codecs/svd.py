@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -291,6 +292,7 @@ class SVDCodec(Codec):
         gram: str = DEFAULT_GRAM,
         normalize: bool = False,
         shared: int | None = None,
+        b_codec: Codec | None = None,
     ):
         if rank < 1:
             raise UsageError(f"rank must be >= 1, got {rank}")
@@ -300,8 +302,15 @@ class SVDCodec(Codec):
         check_gram(gram)
         self.rank, self.gram = rank, gram
         self.a_codec = a_codec or DenseCodec("F16")
-        _check_row_wise(self.a_codec)
+        if shared is None:  # a per-layer A is encoded in row batches; a shared one is fitted whole (crosslayer.py)
+            _check_row_wise(self.a_codec)
+        elif isinstance(self.a_codec, SVDCodec):
+            raise UsageError("a cross-layer svd's A factor cannot be an svd itself")
         self.b = DenseCodec(b_dtype)
+        self.b_codec = b_codec  # None: B is the dense tensor ``B``; else B's rows coded by it, roles ``B.*``
+        if b_codec is not None:
+            _check_row_wise(b_codec, "B")
+        self._b_memo: tuple[Any, Tensor] | None = None  # (weak ref to a bundle's access, its decoded B)
         self.method, self.oversample, self.power_iters, self.seed = method, oversample, power_iters, seed
         self.weights = weights
         self.normalize = normalize and not isinstance(self.a_codec, DenseCodec)  # a dense A needs no scaling
@@ -311,7 +320,6 @@ class SVDCodec(Codec):
         p: dict[str, Any] = {
             "rank": self.rank,
             "a": {"codec": self.a_codec.name, "params": self.a_codec.params()},
-            "b_dtype": self.b.dtype,
             "method": self.method,
             "weighted": self.weights is not None,
         }
@@ -323,15 +331,22 @@ class SVDCodec(Codec):
             p["normalize"] = True
         if self.shared is not None:
             p["shared"] = self.shared
+        if self.b_codec is None:
+            p["b_dtype"] = self.b.dtype
+        else:
+            p["b"] = {"codec": self.b_codec.name, "params": self.b_codec.params()}
         return p
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> SVDCodec:
-        a = params["a"]
+        a, b = params["a"], params.get("b")
+        if (b is None) == ("b_dtype" not in params):
+            raise UsageError("svd params need exactly one of `b_dtype` (a dense B) and `b` (B's codec)")
         return cls(
             int(params["rank"]),
             codec_from_manifest(a["codec"], a["params"]),
-            params["b_dtype"],
+            params.get("b_dtype", "F16"),
+            b_codec=None if b is None else codec_from_manifest(b["codec"], b["params"]),
             method=params.get("method", "exact"),
             gram=params.get("gram", DEFAULT_GRAM),
             normalize=bool(params.get("normalize", False)),
@@ -351,12 +366,37 @@ class SVDCodec(Codec):
         return json.dumps({"rank": self.rank, "a": a, "shared": self.shared}, sort_keys=True)
 
     def code_roles(self) -> dict[str, int]:
-        return {f"A.{role}": bits for role, bits in self.a_codec.code_roles().items()}
+        roles = {f"A.{role}": bits for role, bits in self.a_codec.code_roles().items()}
+        if self.b_codec is not None:
+            roles.update({f"B.{role}": bits for role, bits in self.b_codec.code_roles().items()})
+        return roles
 
     def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         specs = {f"A.{role}": spec for role, spec in self.a_codec.tensor_specs(rows, self.rank).items()}
-        specs["B"] = ((self.rank, width), self.b.dtype)
+        if self.b_codec is None:
+            specs["B"] = ((self.rank, width), self.b.dtype)
+        else:
+            specs.update({f"B.{role}": spec for role, spec in self.b_codec.tensor_specs(self.rank, width).items()})
         return specs
+
+    def encode_b(self, b: Tensor) -> dict[str, Tensor]:
+        """The roles that store ``B`` [rank, h] (``B``, or ``B.*`` through its codec)."""
+        if self.b_codec is None:
+            return {"B": self.b.encode(b)["table"]}
+        return {f"B.{role}": t for role, t in self.b_codec.encode(b).items()}
+
+    def b_f32(self, access: TensorAccess) -> Tensor:
+        """``B`` as decoding uses it, fp32 [rank, h]: the stored dense ``B`` (cached by a bundle's access), or
+        decoded from ``B.*`` (cached here for a bundle's access)."""
+        if self.b_codec is None:
+            return full_f32(access, "B")
+        memo = self._b_memo
+        if memo is not None and memo[0]() is access:
+            return memo[1]
+        out = self.b_codec.decode_rows(PrefixedAccess(access, "B."), torch.arange(self.rank))
+        if getattr(access, "stable_views", False):
+            self._b_memo = (weakref.ref(access), out)
+        return out
 
     def encode(self, table: Tensor) -> dict[str, Tensor]:
         enc = self.encoder(TableRows(table, _BLOCK))
@@ -385,16 +425,16 @@ class SVDCodec(Codec):
         def encode_rows(rows: Tensor) -> dict[str, Tensor]:
             return {f"A.{role}": t for role, t in a_codec.encode(rows @ basis).items()}
 
-        return BatchEncoder(encode_rows, {"B": self.b.encode(b)["table"]})
+        return BatchEncoder(encode_rows, self.encode_b(b))
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         a = self.a_codec.decode_rows(PrefixedAccess(access, "A."), ids)  # (n, r)
-        return a @ access.full("B").float()  # (n, h)
+        return a @ self.b_f32(access)  # (n, h)
 
     def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         a = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
         self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
-        torch.mm(a, full_f32(access, "B"), out=out)  # B in fp32 is cached by a bundle's access
+        torch.mm(a, self.b_f32(access), out=out)
 
     def decode_into_shared(self, access: TensorAccess, ids: Tensor, out: Tensor, cache: dict[str, Tensor]) -> None:
         """A shared ``A``'s rows are decoded once per lookup (the first layer's), every layer multiplies them."""
@@ -406,14 +446,14 @@ class SVDCodec(Codec):
         if a is None:
             a = cache[key] = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
             self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
-        torch.mm(a, full_f32(access, "B"), out=out)
+        torch.mm(a, self.b_f32(access), out=out)
 
 
-def _check_row_wise(codec: Codec | type[Codec]) -> None:
+def _check_row_wise(codec: Codec | type[Codec], factor: str = "A") -> None:
     if not codec.row_wise:
         row_wise = ", ".join(sorted(n for n, c in Codec.registry.items() if c.row_wise))
         what = f"{codec.name} with center=true" if getattr(codec, "center", False) is True else codec.name
-        raise UsageError(f"the svd A factor needs a row-wise codec ({row_wise}), not {what}")
+        raise UsageError(f"the svd {factor} factor needs a row-wise codec ({row_wise}), not {what}")
 
 
 @dataclass(frozen=True)
@@ -425,6 +465,8 @@ class SVD(RankedSpec):
     six decades) or ``randomized`` (with ``oversample``, ``power_iters`` and ``seed``). ``normalize`` (a
     quantised ``A`` only): divide ``A``'s columns by powers of two near the square roots of their RMS, folding
     them into ``B`` (:func:`column_scales`). The rank options are :class:`~tolcli.codecs.base.RankedSpec`'s.
+    ``b``: the spec of a row-wise codec for ``B``'s rows (default: dense fp16), e.g. ``b=int8``: what a cross-layer
+    SVD's ``B`` [rank, layers x h] weighs at the paper's shapes (more than an int4 ``A``).
 
     ``cross_layer``: one factorisation of all present layers' tables side by side, ``[T_0 | T_1 | ...] ~ A [B_0 |
     B_1 | ...]``: every layer is a function of the same token embedding, so one ``A`` [V, rank] (stored once, as the
@@ -448,6 +490,7 @@ class SVD(RankedSpec):
     gram: str = DEFAULT_GRAM
     normalize: bool = True
     cross_layer: bool = False
+    b: CodecSpec | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -455,7 +498,10 @@ class SVD(RankedSpec):
             raise UsageError("svd cross_layer chooses one rank for all layers: give rank, ratio or budget, not energy")
         check_method(self.method)
         check_gram(self.gram)
-        _check_row_wise(self.a.codec)
+        if not self.cross_layer:  # a cross-layer A may be any codec (``mixed``: fitted to the whole A)
+            _check_row_wise(self.a.codec)
+        if self.b is not None:
+            _check_row_wise(self.b.codec, "B")
         if self.oversample < 0 or self.power_iters < 0:
             raise UsageError(f"svd oversample and power_iters must be >= 0, got {self.oversample}, {self.power_iters}")
         if not 0 <= self.seed < 2**63:
@@ -464,12 +510,16 @@ class SVD(RankedSpec):
     def rank_step(self) -> int:
         return math.lcm(self.rank_multiple, self.a.width_multiple)  # ranks fill whole groups of A's codec
 
+    @property
+    def width_multiple(self) -> int:
+        return 1 if self.b is None else self.b.width_multiple  # B's rows are the table's width
+
     def build(self, width: int, *, weights: Tensor | None = None) -> SVDCodec:
         if self.rank is None:
             raise UsageError(f"{self}: the rank is chosen per layer (build with_rank(r))")
         return SVDCodec(
             self.rank,
-            self.a.build(self.rank),
+            self.a.build(self.rank, weights=weights if self.cross_layer else None),
             "F16",
             method=self.method,
             oversample=self.oversample,
@@ -479,6 +529,7 @@ class SVD(RankedSpec):
             gram=self.gram,
             normalize=self.normalize,
             shared=0 if self.cross_layer else None,
+            b_codec=None if self.b is None else self.b.build(width),
         )
 
     def spectrum(self, table: Tensor | RowSource, weights: Tensor | None) -> Tensor:
