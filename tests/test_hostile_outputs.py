@@ -453,19 +453,23 @@ def test_sigterm_as_interrupt_restores_and_respects_ignored_signals() -> None:
 def test_sigterm_still_unwinds_after_a_ctrl_c_that_was_handled() -> None:
     """Ctrl-C is recorded too (an error it turns into still exits 130), but a handled one must not make a later
     SIGTERM a no-op."""
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("Python's own Ctrl-C handler is not installed here")
-    with sigterm_as_interrupt() as fired:
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
-        except KeyboardInterrupt:
-            pass
-        assert fired == [signal.SIGINT]
-        with pytest.raises(Terminated):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)
-        assert fired == [signal.SIGINT, signal.SIGTERM]
+    # a process started in the background of a non-interactive shell (a CI runner's `cmd &`) inherits SIGINT
+    # ignored, and Python then leaves it so: install Python's own handler, as an interactive start has it
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with sigterm_as_interrupt() as fired:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass
+            assert fired == [signal.SIGINT]
+            with pytest.raises(Terminated):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            assert fired == [signal.SIGINT, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_usage_errors_and_failed_runs_leave_no_staging(ckpt: Path, tmp_path: Path, cli, monkeypatch) -> None:
