@@ -372,3 +372,28 @@ def _prefixed(b, i):
     from tolcli.codecs.base import PrefixedAccess
 
     return PrefixedAccess(b._accesses[i], "A.")
+
+
+def test_a_mixed_a_fills_the_budget_its_bits_choose_the_rank(tmp_path: Path) -> None:
+    """``budget`` with a ``mixed`` A: the rank is the largest multiple of 32 whose A at the given bits (plus the
+    int8 B's) fits, found here by brute force over the ranks, and A's bits then rise to spend the rest."""
+    g = torch.Generator().manual_seed(9)
+    v, h, layers = 400, 32, 4
+    e = torch.randn(v, 40, generator=g) * torch.logspace(0, -1, 40)
+    tables = [e @ torch.randn(40, h, generator=g) for _ in range(layers)]
+    src = synthetic_bundle(tmp_path / "syn.safetensors", tables)
+    budget = int(0.2 * layers * v * h * 2)
+
+    def nominal_bytes(r: int, bits: float) -> int:  # A: bits per value, side information included; B: int8 + scale
+        return int(bits * v * r) // 8 + layers * r * (h + 2)
+
+    for bits in (3.0, 4.4, 6.0):
+        want = max(r for r in range(32, layers * h + 1, 32) if nominal_bytes(r, bits) <= budget)
+        spec = f"svd(budget={budget},cross_layer=true,normalize=false,a=mixed(bits={bits}),b=int8)"
+        res = compress(src, tmp_path / f"m{bits}.safetensors", CompressOptions(codec=spec))
+        assert res.ranks[0] == want
+        filled = res.manifest["layers"][0]["params"]["a"]["params"]["target_bits"]
+        left = budget - layers * want * (h + 2)
+        assert filled == min(8.0, int(1000 * 8 * left / (v * want)) / 1000)  # at most 8 bits a value
+        assert res.stored_bytes <= budget
+        assert res.stored_bytes >= 0.99 * nominal_bytes(want, filled)  # the bytes A was given are spent

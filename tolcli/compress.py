@@ -1030,11 +1030,11 @@ def compress(
             specs = plan.specs()
             ranks = {i: s.rank for i, s in specs.items() if isinstance(s, RankedSpec) and s.rank is not None}
         elif isinstance(spec, SVD) and spec.cross_layer:
-            from tolcli.crosslayer import stack_rank  # it imports this module
+            from tolcli.crosslayer import stack_spec  # it imports this module
 
-            rank = stack_rank(spec, b.vocab_size, b.hidden_size, len(b.layers))
-            ranks = dict.fromkeys(b.layers, rank)
-            specs = {i: spec.with_rank(rank) for i in b.layers}
+            shared = stack_spec(spec, b.vocab_size, b.hidden_size, len(b.layers))
+            ranks = dict.fromkeys(b.layers, shared.rank)
+            specs = dict.fromkeys(b.layers, shared)
         else:
             ranks = plan_ranks(spec, b, weights, progress, batch_rows)
             warn_above_fp16(spec, b, ranks, note)

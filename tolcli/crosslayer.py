@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from tolcli.bundle.reader import Bundle
 from tolcli.bundle.writer import Staging
-from tolcli.codecs import SVD, DictAccess
+from tolcli.codecs import SVD, DictAccess, Mixed
 from tolcli.codecs.dense import DenseCodec
 from tolcli.codecs.svd import GRAM_DTYPES, SVDCodec, column_scales, gram_eigh, streamed_gram, streamed_randomized_basis
 from tolcli.compress import ErrorStats, LayerRows, _entry, parse_budget, stage_rows
@@ -121,6 +122,30 @@ def stack_rank(spec: SVD, V: int, h: int, layers: int) -> int:
             hint="raise the budget or the ratio",
         )
     return best
+
+
+def stack_spec(spec: SVD, V: int, h: int, layers: int) -> SVD:
+    """``spec`` at its shared rank (:func:`stack_rank`). With a ``mixed`` A and a ``ratio`` or ``budget``, A's
+    ``bits`` choose the rank (the largest whose A at those bits fits), and A then takes every byte the budget has
+    left (at most 8 bits a value): ranks are multiples of 32, so a fixed-bits A would leave up to 32 ranks' bytes
+    unspent.
+
+    Example:
+        >>> from tolcli.codecs import Int8
+        >>> xl = SVD(budget="0.1", cross_layer=True, normalize=False, a=Mixed(bits=4.5), b=Int8())
+        >>> s = stack_spec(xl, 4096, 128, 6)  # rank 224 at 4.5 bits would not fit 10% of fp16
+        >>> s.rank, s.a.bits, str(s)
+        (192, 4.876, 'svd(rank=192,a=mixed(bits=4.876),normalize=false,cross_layer=true,b=int8)')
+    """
+    rank = stack_rank(spec, V, h, layers)
+    fixed = spec.with_rank(rank)
+    if spec.rank is not None or not isinstance(spec.a, Mixed):
+        return fixed
+    dense16 = layers * V * h * 2
+    target = spec.ratio * dense16 if spec.ratio is not None else parse_budget(str(spec.budget), dense16)
+    left = target - (stack_bytes(fixed, rank, V, h, layers) - fixed.build(h).a_codec.stored_bytes(V, rank))
+    bits = min(8.0, math.floor(1000 * 8 * left / (V * rank)) / 1000)  # never above the budget
+    return replace(fixed, a=replace(spec.a, bits=max(bits, spec.a.bits)))
 
 
 def fit_stack(spec: SVD, source: StackedRows, rank: int, row_weights: Tensor | None) -> tuple[Tensor, Tensor]:
