@@ -209,3 +209,15 @@ def test_sweep_builds_mixed_and_auto_within_their_bits_weighted_by_sensitivity(t
     assert all(f"`{name}`" in md for name in rows if name not in ("baseline",))
     r = cli("sweep", ckpt, "--data", tmp_path / "eval.txt", "-o", tmp_path / "x", "--bits", "2,x")
     assert r.code == 2 and "--bits '2,x': expected comma-separated numbers" in r.err, r.err
+
+
+def test_the_cross_svd_family_is_one_cross_layer_bundle_per_bits_entry() -> None:
+    from tolcli.sweep import _grid
+
+    grid = _grid(SweepOptions(families=("cross-svd",), bits=(1.6, 2.5), calibration="c.txt"), 64)
+    assert [(name, family) for name, family, _ in grid] == [
+        ("cross-svd-1.6b-sensitivity", "cross-svd (sensitivity)"),
+        ("cross-svd-2.5b-sensitivity", "cross-svd (sensitivity)"),
+    ]
+    spec = grid[0][2].codec_spec()
+    assert spec.cross_layer and spec.budget == "0.1" and str(spec.b) == "int8" and spec.a.bits == 4.4

@@ -22,7 +22,7 @@ from typing import Any
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.summary import bundle_summary
 from tolcli.checkpoint import Checkpoint, open_checkpoint
-from tolcli.choices import DENSE_SCHEMES, SCHEMES, SWEEP_BITS, SWEEP_FAMILIES
+from tolcli.choices import CROSS_SVD_SPEC, DENSE_SCHEMES, SCHEMES, SWEEP_BITS, SWEEP_FAMILIES
 from tolcli.codecs import parse_spec
 from tolcli.codecs.spec import split_items
 from tolcli.compress import AUTO_SCHEME, CompressMemo, CompressOptions, compress
@@ -87,9 +87,10 @@ class SweepOptions:
     variants (token counts for uniform ranks, ``--sensitivity`` for adaptive ones); ``codecs`` adds one
     bundle per codec spec string (``"svd(budget=0.1,a=nf4(group=32))"``), named by its canonical spelling;
     ``bundles`` adds existing bundles as they are. ``families`` takes every compress scheme too (``fp16``: one
-    bundle; ``svd+Q``: one per rank; ``adaptive-svd+Q``: one per ``int4_budgets`` entry). The ``mixed`` and
-    ``auto`` families build one bundle per ``bits`` entry (bits per value; auto's budget is ``bits / 16`` of
-    fp16), weighted by ``--sensitivity`` on the calibration text when ``calibration`` is given."""
+    bundle; ``svd+Q``: one per rank; ``adaptive-svd+Q``: one per ``int4_budgets`` entry). The ``mixed``, ``auto``
+    and ``cross-svd`` families build one bundle per ``bits`` entry (bits per value; the budget of auto and cross-svd
+    is ``bits / 16`` of fp16; cross-svd: :data:`~tolcli.choices.CROSS_SVD_SPEC`), weighted by ``--sensitivity`` on
+    the calibration text when ``calibration`` is given."""
 
     families: Sequence[str] = FAMILIES
     ranks: Sequence[int] | None = None
@@ -166,8 +167,9 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
 
 
 def _rate_grid(opts: SweepOptions) -> list[tuple[str, str, CompressOptions | None]]:
-    """The ``mixed`` and ``auto`` bundles: one per ``bits`` entry. With calibration text both are weighted by
-    loss sensitivity (set in :func:`_build`, which has the checkpoint), as compress ``--sensitivity`` weights them."""
+    """The ``mixed``, ``auto`` and ``cross-svd`` bundles: one per ``bits`` entry. With calibration text they are
+    weighted by loss sensitivity (set in :func:`_build`, which has the checkpoint), as compress ``--sensitivity``
+    weights them."""
     for b in opts.bits:
         if not 0 < b <= 16:
             raise UsageError(f"sweep bits {b:g}: give bits per value in (0, 16], e.g. 2,2.5,3,4")
@@ -180,6 +182,10 @@ def _rate_grid(opts: SweepOptions) -> list[tuple[str, str, CompressOptions | Non
     if "auto" in opts.families:
         for b in opts.bits:
             grid.append((f"auto-{b:g}b{suffix}", f"auto{label}", CompressOptions(AUTO_SCHEME, budget=repr(b / 16))))
+    if "cross-svd" in opts.families:
+        for b in opts.bits:
+            spec = parse_spec(CROSS_SVD_SPEC.format(budget=b / 16))
+            grid.append((f"cross-svd-{b:g}b{suffix}", f"cross-svd{label}", CompressOptions(codec=spec)))
     return grid
 
 
@@ -228,7 +234,7 @@ def _build(
     progress.start(f"sweep: build {len(grid)} bundle(s)", len(grid))
     for name, family, copts in grid:
         copts = copts or _at_uniform_bytes(name, built, opts, checkpoint)
-        if name.endswith("-sensitivity") and family.startswith(("mixed", "auto")):
+        if name.endswith("-sensitivity") and family.startswith(("mixed", "auto", "cross-svd")):
             copts = replace(copts, calibration=opts.calibration, sensitivity=checkpoint)
         try:
             built[name] = compress(dense, dense.parent / f"{name}.safetensors", copts, force=True, memo=memo).path

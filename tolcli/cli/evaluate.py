@@ -285,7 +285,7 @@ def sweep_cmd(
         typer.Option(
             "--bits",
             metavar="B,B,...",
-            help="Bits per value of the mixed and auto families' bundles (default 1.6,2,2.5,3,4).",
+            help="Bits per value of the mixed, auto and cross-svd families' bundles (default 1.6,2,2.5,3,4).",
         ),
     ] = None,
     calibration: Annotated[
@@ -293,7 +293,7 @@ def sweep_cmd(
         typer.Option(
             "--calibration",
             metavar="TEXT",
-            help="Add loss-weighted SVD variants; weight mixed and auto by loss sensitivity on this text.",
+            help="Add loss-weighted SVD variants; weight mixed, auto and cross-svd by loss sensitivity on this text.",
         ),
     ] = None,
     protocol: ProtocolOpt = "tolcli",
