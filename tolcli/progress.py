@@ -37,6 +37,7 @@ UNITS = {
     "verify": "bytes",
     "entropy": "bytes",
     "auto:": "encodes",
+    "cross-layer": "stages",  # the basis, A's codec, the encoding
     "pack": "bytes",
     "unpack": "bytes",
 }
