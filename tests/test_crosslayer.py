@@ -397,3 +397,21 @@ def test_a_mixed_a_fills_the_budget_its_bits_choose_the_rank(tmp_path: Path) -> 
         assert filled == min(8.0, int(1000 * 8 * left / (v * want)) / 1000)  # at most 8 bits a value
         assert res.stored_bytes <= budget
         assert res.stored_bytes >= 0.99 * nominal_bytes(want, filled)  # the bytes A was given are spent
+
+
+def test_a_layer_without_weight_is_refused_and_a_rank_above_fp16_is_warned(src: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"layer\(s\) 1 carry no token weight"):
+        stack_weights({0: torch.ones(V), 1: torch.zeros(V), 2: torch.ones(V)}, [0, 1, 2])
+    notes: list[str] = []
+    big = CompressOptions(codec="svd(rank=48,cross_layer=true)")
+    compress(src, tmp_path / "big.safetensors", big, note=notes.append)
+    # rank 48: 48 * (300 + 3 * 16) * 2 = 33,408 bytes against 3 * 300 * 16 * 2 = 28,800 of fp16
+    assert any("1.16x the dense fp16 bytes" in n for n in notes)
+
+
+def test_the_sweep_uses_the_range_finder_for_stacks_too_wide_for_the_gram() -> None:
+    from tolcli.sweep import SweepOptions, _grid
+
+    narrow = _grid(SweepOptions(families=("cross-svd",), bits=(2,)), 128, 6)[0][2].codec_spec()
+    wide = _grid(SweepOptions(families=("cross-svd",), bits=(2,)), 2048, 24)[0][2].codec_spec()
+    assert (narrow.method, wide.method) == ("exact", "randomized")

@@ -1016,6 +1016,12 @@ def compress(
     check_output(out, force=force, directory=write.sharded, make_parent=False)
     progress = progress or NullProgress()
     with open_bundle(src, verify=verify_input) as b:
+        shared = None  # a cross-layer svd: its rank, checked before the weights cost anything
+        if isinstance(spec, SVD) and spec.cross_layer:
+            from tolcli.crosslayer import check_stack, stack_spec  # it imports this module
+
+            shared = stack_spec(spec, b.vocab_size, b.hidden_size, len(b.layers))
+            check_stack(shared, b.vocab_size, b.hidden_size, len(b.layers), note)
         weighting = replace(options.weighting(), device=device)
         wkey = None if memo is None else weights_key(weighting, b)
         weights, weight_info = memoized(memo, "weights", wkey, lambda: load_weights(weighting, b, progress, note))
@@ -1029,10 +1035,7 @@ def compress(
                 plan = validate_auto(options, b, plan, weights, parent, device, progress, batch_rows)
             specs = plan.specs()
             ranks = {i: s.rank for i, s in specs.items() if isinstance(s, RankedSpec) and s.rank is not None}
-        elif isinstance(spec, SVD) and spec.cross_layer:
-            from tolcli.crosslayer import stack_spec  # it imports this module
-
-            shared = stack_spec(spec, b.vocab_size, b.hidden_size, len(b.layers))
+        elif shared is not None:
             ranks = dict.fromkeys(b.layers, shared.rank)
             specs = dict.fromkeys(b.layers, shared)
         else:

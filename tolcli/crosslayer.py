@@ -21,7 +21,7 @@ side by side, so memory is a batch of every layer plus the factors, whatever the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
@@ -76,9 +76,14 @@ def stack_weights(weights: dict[int, Tensor] | None, layers: list[int]) -> tuple
     w = torch.stack([weights[i].double() for i in layers])  # [L, V]
     row = w.mean(0)
     total = float(row.sum())
-    if not total > 0:
-        raise UsageError("the token weights sum to zero: no row carries weight in the cross-layer fit")
-    return row.float(), (w.sum(1) / total).sqrt()
+    share = w.sum(1) / total if total > 0 else torch.zeros(len(layers), dtype=torch.float64)
+    if not bool(torch.isfinite(share).all()) or not bool((share > 0).all()):
+        zero = [layers[k] for k in range(len(layers)) if not share[k] > 0]
+        raise UsageError(
+            f"layer(s) {', '.join(map(str, zero))} carry no token weight: a cross-layer fit cannot scale them",
+            hint="keep --weight-floor above 0",
+        )
+    return row.float(), share.sqrt()
 
 
 def stack_bytes(spec: SVD, rank: int, V: int, h: int, layers: int) -> int:
@@ -95,6 +100,30 @@ def _role_bytes(codec: SVDCodec, V: int, h: int) -> dict[str, int]:
     return {r: DTYPES[dt].itemsize * math.prod(shape) for r, (shape, dt) in codec.tensor_specs(V, h).items()}
 
 
+def stack_target(spec: SVD, V: int, h: int, layers: int) -> float:
+    """The bytes a ``ratio`` or ``budget`` allows the whole stack (fractions are of every layer's dense fp16)."""
+    dense16 = layers * V * h * 2
+    return spec.ratio * dense16 if spec.ratio is not None else parse_budget(str(spec.budget), dense16)
+
+
+def check_stack(spec: SVD, V: int, h: int, layers: int, note: Callable[[str], None]) -> None:
+    """What can be said before any work: a stack too wide for ``exact`` is refused; one storing more than dense
+    fp16 (a rank above break-even) is warned about."""
+    if spec.method == "exact" and layers * h > MAX_EXACT_WIDTH:
+        raise UsageError(
+            f"cross-layer svd method=exact needs a {layers * h:,}^2 Gram (layers x hidden size above "
+            f"{MAX_EXACT_WIDTH:,})",
+            hint="use method=randomized, which reads the layers in row batches",
+        )
+    assert spec.rank is not None
+    stored, fp16 = stack_bytes(spec, spec.rank, V, h, layers), layers * V * h * 2
+    if stored > fp16:
+        note(
+            f"warning: the cross-layer svd at rank {spec.rank} stores {stored / fp16:.2f}x the dense fp16 bytes: "
+            "lower the rank or budget, or use --scheme fp16"
+        )
+
+
 def stack_rank(spec: SVD, V: int, h: int, layers: int) -> int:
     """The shared rank: ``rank``, or the largest multiple of the rank step whose bytes fit ``ratio`` or ``budget``
     of all layers' dense fp16 bytes (within ``min_rank`` .. ``max_rank`` and ``1 .. min(V, layers h)``)."""
@@ -105,8 +134,7 @@ def stack_rank(spec: SVD, V: int, h: int, layers: int) -> int:
         if not 1 <= spec.rank <= min(V, layers * h):
             raise UsageError(f"cross-layer rank {spec.rank} is outside 1..{min(V, layers * h)}")
         return spec.rank
-    dense16 = layers * V * h * 2
-    target = spec.ratio * dense16 if spec.ratio is not None else parse_budget(str(spec.budget), dense16)
+    target = stack_target(spec, V, h, layers)
     step = spec.rank_step()
     lo = spec.min_rank if spec.min_rank is not None else step
     best = None
@@ -141,8 +169,7 @@ def stack_spec(spec: SVD, V: int, h: int, layers: int) -> SVD:
     fixed = spec.with_rank(rank)
     if spec.rank is not None or not isinstance(spec.a, Mixed):
         return fixed
-    dense16 = layers * V * h * 2
-    target = spec.ratio * dense16 if spec.ratio is not None else parse_budget(str(spec.budget), dense16)
+    target = stack_target(spec, V, h, layers)
     left = target - (stack_bytes(fixed, rank, V, h, layers) - fixed.build(h).a_codec.stored_bytes(V, rank))
     bits = min(8.0, math.floor(1000 * 8 * left / (V * rank)) / 1000)  # never above the budget
     return replace(fixed, a=replace(spec.a, bits=max(bits, spec.a.bits)))
@@ -153,12 +180,8 @@ def fit_stack(spec: SVD, source: StackedRows, rank: int, row_weights: Tensor | N
     vectors of the weighted stack (``P`` the basis divided by :func:`~tolcli.codecs.svd.column_scales` when the
     spec normalises a quantised ``A``, ``B'`` multiplied by them)."""
     if spec.method == "exact":
-        if source.width > MAX_EXACT_WIDTH:
-            raise UsageError(
-                f"cross-layer svd method=exact needs a {source.width:,}^2 Gram (layers x hidden size above "
-                f"{MAX_EXACT_WIDTH:,})",
-                hint="use method=randomized, which reads the layers in row batches",
-            )
+        if source.width > MAX_EXACT_WIDTH:  # compress refuses it earlier (check_stack)
+            raise UsageError(f"cross-layer svd method=exact: the stack is {source.width:,} wide")
         evals, evecs = gram_eigh(streamed_gram(source, row_weights, dtype=GRAM_DTYPES[spec.gram]))
         basis, energy = evecs[:, :rank], evals[:rank]
     else:

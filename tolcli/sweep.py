@@ -26,6 +26,7 @@ from tolcli.choices import CROSS_SVD_SPEC, DENSE_SCHEMES, SCHEMES, SWEEP_BITS, S
 from tolcli.codecs import parse_spec
 from tolcli.codecs.spec import split_items
 from tolcli.compress import AUTO_SCHEME, CompressMemo, CompressOptions, compress
+from tolcli.crosslayer import MAX_EXACT_WIDTH
 from tolcli.errors import InputError, OutputError, UsageError
 from tolcli.evaluation import eval_ppl
 from tolcli.fsutil import write_text_atomic
@@ -119,7 +120,7 @@ class SweepResult:
     seconds: float = 0.0
 
 
-def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptions | None]]:
+def _grid(opts: SweepOptions, hidden: int, layers: int = 1) -> list[tuple[str, str, CompressOptions | None]]:
     """(name, family, options) per bundle. Adaptive budgets are the bytes of the uniform bundle of the same
     rank, so uniform SVD bundles are built whenever either SVD family is asked for."""
     bad = set(opts.families) - set(ACCEPTED)
@@ -150,7 +151,7 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
             (f"adaptive-svd+int4-{b}", "adaptive-svd+int4", CompressOptions("adaptive-svd+int4", budget=str(b)))
             for b in opts.int4_budgets
         ]
-    grid += _rate_grid(opts)
+    grid += _rate_grid(opts, layers * hidden)
     for s in dict.fromkeys(f for f in opts.families if f not in FAMILIES):  # the other compress schemes
         if s in DENSE_SCHEMES:
             grid += [] if s == "fp32" else [(s, s, CompressOptions(s))]  # fp32: the dense-fp32 reference
@@ -166,7 +167,7 @@ def _grid(opts: SweepOptions, hidden: int) -> list[tuple[str, str, CompressOptio
     return list(unique.values())
 
 
-def _rate_grid(opts: SweepOptions) -> list[tuple[str, str, CompressOptions | None]]:
+def _rate_grid(opts: SweepOptions, stack_width: int = 1) -> list[tuple[str, str, CompressOptions | None]]:
     """The ``mixed``, ``auto`` and ``cross-svd`` bundles: one per ``bits`` entry. With calibration text they are
     weighted by loss sensitivity (set in :func:`_build`, which has the checkpoint), as compress ``--sensitivity``
     weights them."""
@@ -185,6 +186,8 @@ def _rate_grid(opts: SweepOptions) -> list[tuple[str, str, CompressOptions | Non
     if "cross-svd" in opts.families:
         for b in opts.bits:
             spec = parse_spec(CROSS_SVD_SPEC.format(budget=b / 16))
+            if stack_width > MAX_EXACT_WIDTH:  # too wide for the exact Gram (every real model): the range finder
+                spec = replace(spec, method="randomized")
             grid.append((f"cross-svd-{b:g}b{suffix}", f"cross-svd{label}", CompressOptions(codec=spec)))
     return grid
 
@@ -306,7 +309,8 @@ def sweep(
         raise OutputError("sweep directory is not empty", path=out, hint="pass --force to reuse it")
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     cfg = ckpt.config
-    grid = _grid(opts, cfg.hidden_size)  # bad options and inputs are refused before anything is written
+    # bad options and inputs are refused before anything is written
+    grid = _grid(opts, cfg.hidden_size, cfg.num_hidden_layers)
     existing = _existing(opts, {name for name, _, _ in grid} | {"baseline", "dense-fp32"}, ckpt)
     (out / "bundles").mkdir(parents=True, exist_ok=True)
     dense = out / "bundles" / "dense-fp32.safetensors"

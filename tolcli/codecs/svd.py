@@ -145,8 +145,9 @@ def randomized_basis(
 def streamed_randomized_basis(
     source: RowSource, rank: int, *, weights: Tensor | None, oversample: int, power_iters: int, seed: int
 ) -> tuple[Tensor, Tensor]:
-    """:func:`randomized_basis` reading ``source`` in row batches (``2 + 2 * power_iters`` passes), so that only
-    ``[rows, k]`` and ``[k, width]`` matrices (``k = rank + oversample``) are held, never the table: the range
+    """:func:`randomized_basis` reading ``source`` in row batches (``3 + 2 * power_iters`` passes: the range, each
+    power iteration's two, the projection and the energies), so that only ``[rows, k]`` matrices (two at a time, a
+    QR's input and output) and ``[k, width]`` ones (``k = rank + oversample``) are held, never the table: the range
     finder for tables too wide for a Gram (a cross-layer stack). Returns the fp64 [width, rank] basis and each basis
     vector's (weighted) energy."""
     h = source.width
@@ -311,6 +312,7 @@ class SVDCodec(Codec):
         if b_codec is not None:
             _check_row_wise(b_codec, "B")
         self._b_memo: tuple[Any, Tensor] | None = None  # (weak ref to a bundle's access, its decoded B)
+        self._key_memo: tuple[Codec, str] | None = None  # (the A codec, its shared_key)
         self.method, self.oversample, self.power_iters, self.seed = method, oversample, power_iters, seed
         self.weights = weights
         self.normalize = normalize and not isinstance(self.a_codec, DenseCodec)  # a dense A needs no scaling
@@ -438,10 +440,13 @@ class SVDCodec(Codec):
 
     def decode_into_shared(self, access: TensorAccess, ids: Tensor, out: Tensor, cache: dict[str, Tensor]) -> None:
         """A shared ``A``'s rows are decoded once per lookup (the first layer's), every layer multiplies them."""
-        key = self.shared_key()
-        if key is None:
+        if self.shared is None:
             self.decode_into(access, ids, out)
             return
+        key = self._key_memo
+        if key is None or key[0] is not self.a_codec:  # json of the params: once per A codec, not per lookup
+            key = self._key_memo = (self.a_codec, self.shared_key() or "")
+        key = key[1]
         a = cache.get(key)
         if a is None:
             a = cache[key] = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
