@@ -30,10 +30,9 @@ from torch import Tensor
 from tolcli.bundle.reader import Bundle
 from tolcli.bundle.writer import Staging
 from tolcli.codecs import SVD, DictAccess, Mixed
-from tolcli.codecs.dense import DenseCodec
 from tolcli.codecs.svd import GRAM_DTYPES, SVDCodec, column_scales, gram_eigh, streamed_gram, streamed_randomized_basis
 from tolcli.compress import ErrorStats, LayerRows, _entry, parse_budget, stage_rows
-from tolcli.dtypes import DTYPES, tensor_to_numpy
+from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import UsageError
 from tolcli.progress import Progress
 
@@ -89,15 +88,8 @@ def stack_weights(weights: dict[int, Tensor] | None, layers: list[int]) -> tuple
 def stack_bytes(spec: SVD, rank: int, V: int, h: int, layers: int) -> int:
     """The stored bytes of a cross-layer SVD at ``rank``: ``A`` once, a ``B`` per layer."""
     codec = spec.with_rank(rank).build(h)
-    b_bytes = sum(v for k, v in _role_bytes(codec, V, h).items() if not k.startswith("A."))
-    return codec.a_codec.stored_bytes(V, rank) + layers * b_bytes
-
-
-def _role_bytes(codec: SVDCodec, V: int, h: int) -> dict[str, int]:
-    """Each of a layer's roles' bytes (``A.*`` of a fitted A codec, ``B`` or ``B.*``)."""
-    if not codec.a_codec.row_wise:  # a codec fitted to the data: only B's roles are known before
-        codec = SVDCodec(codec.rank, DenseCodec("F16"), codec.b.dtype, b_codec=codec.b_codec)
-    return {r: DTYPES[dt].itemsize * math.prod(shape) for r, (shape, dt) in codec.tensor_specs(V, h).items()}
+    b_codec = codec.b_codec or codec.b  # B's rows coded, or B dense
+    return codec.a_codec.stored_bytes(V, rank) + layers * b_codec.stored_bytes(rank, h)
 
 
 def stack_target(spec: SVD, V: int, h: int, layers: int) -> float:

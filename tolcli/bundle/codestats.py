@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from tolcli.bundle.manifest import owned_tensors
+
 ZSTD_LEVEL = 3
 HISTOGRAM_CHUNK = 1 << 20  # codes counted at once
 
@@ -88,21 +90,15 @@ def bytes_to_read(bundle: Any) -> int:
     layer once for zstd, the code tensors once more for their histogram."""
     return sum(
         bundle.entry(name).nbytes * (2 if role in bundle.layers[i].codec.code_roles() else 1)
-        for i, role, name in _layer_tensors(bundle)
+        for i, tensors in _owned(bundle).items()
+        for role, name in tensors.items()
     )
 
 
-def _layer_tensors(bundle: Any) -> list[tuple[int, str, str]]:
-    """``(layer, role, tensor name)`` of every present layer's tensors, in layer then role order, a shared tensor
-    only under the first layer that reads it (where the manifest counts its bytes)."""
-    seen: set[str] = set()
-    out = []
-    for index in sorted(bundle.layers):
-        for role, name in sorted(bundle.layers[index].tensors.items()):
-            if name not in seen:
-                seen.add(name)
-                out.append((index, role, name))
-    return out
+def _owned(bundle: Any) -> dict[int, dict[str, str]]:
+    """Each present layer's tensors, a shared one only under the first layer that reads it (as the manifest counts
+    its bytes: :func:`~tolcli.bundle.manifest.owned_tensors`)."""
+    return owned_tensors((i, bundle.layers[i].tensors) for i in sorted(bundle.layers))
 
 
 def code_statistics(bundle: Any, progress: Callable[[int], None] | None = None) -> list[LayerCodeStats]:
@@ -110,14 +106,14 @@ def code_statistics(bundle: Any, progress: Callable[[int], None] | None = None) 
     order; ``progress(bytes)`` is called as tensors are read (every tensor once for zstd, code tensors once more
     for their histogram)."""
     out = []
-    tensors = _layer_tensors(bundle)
+    owned = _owned(bundle)
     for index in sorted(bundle.layers):
         info = bundle.layers[index]
         widths = info.codec.code_roles()
         codes = 0
         stored_bits = entropy_total = 0.0
         stored = packed = zbytes = 0
-        for role, name in [(r, n) for i, r, n in tensors if i == index]:
+        for role, name in owned[index].items():
             entry = bundle.entry(name)
             stored += entry.nbytes
             zbytes += zstd_size(_counted(entry.blocks(), progress))

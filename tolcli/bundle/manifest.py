@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import jsonschema
@@ -465,16 +466,33 @@ def attribute_bytes(layers: list[dict[str, Any]], declared: dict[str, Any], valu
         >>> [(x.get("stored_bytes"), x.get("bits_per_value")) for x in out]
         [(None, None), (108, 54.0)]
     """
-    seen: set[str] = set()
+    owned = owned_tensors((e["index"], e["tensors"]) for e in layers if e["status"] == "present")
     out = []
     for e in layers:
         if e["status"] != "present":
             out.append(e)
             continue
-        names = [n for n in dict.fromkeys(e["tensors"].values()) if n not in seen]
-        seen.update(names)
-        stored = sum(declared[n]["bytes"] for n in names)
+        stored = sum(declared[n]["bytes"] for n in owned[e["index"]].values())
         out.append({**e, "stored_bytes": stored, "bits_per_value": 8 * stored / values})
+    return out
+
+
+def owned_tensors(layers: Iterable[tuple[int, dict[str, str]]]) -> dict[int, dict[str, str]]:
+    """Per present layer (``(index, role -> tensor name)``, in layer order), the roles whose tensors no earlier layer
+    reads, by role: where a shared tensor's bytes are counted (the manifest's ``stored_bytes``, ``inspect``).
+
+    Example:
+        >>> owned_tensors([(0, {"A": "shared.0.A", "B": "layers.0.B"}), (1, {"A": "shared.0.A", "B": "layers.1.B"})])
+        {0: {'A': 'shared.0.A', 'B': 'layers.0.B'}, 1: {'B': 'layers.1.B'}}
+    """
+    seen: set[str] = set()
+    out: dict[int, dict[str, str]] = {}
+    for index, tensors in layers:
+        out[index] = {}
+        for role, name in sorted(tensors.items()):
+            if name not in seen:
+                seen.add(name)
+                out[index][role] = name
     return out
 
 
