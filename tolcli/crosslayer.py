@@ -30,7 +30,16 @@ from torch import Tensor
 from tolcli.bundle.reader import Bundle
 from tolcli.bundle.writer import Staging
 from tolcli.codecs import SVD, DictAccess, Mixed
-from tolcli.codecs.svd import GRAM_DTYPES, SVDCodec, column_scales, gram_eigh, streamed_gram, streamed_randomized_basis
+from tolcli.codecs.base import PrefixedAccess
+from tolcli.codecs.svd import (
+    GRAM_DTYPES,
+    ResidualRows,
+    SVDCodec,
+    column_scales,
+    gram_eigh,
+    streamed_gram,
+    streamed_randomized_basis,
+)
 from tolcli.compress import ErrorStats, LayerRows, _entry, parse_budget, stage_rows
 from tolcli.dtypes import tensor_to_numpy
 from tolcli.errors import UsageError
@@ -86,10 +95,11 @@ def stack_weights(weights: dict[int, Tensor] | None, layers: list[int]) -> tuple
 
 
 def stack_bytes(spec: SVD, rank: int, V: int, h: int, layers: int) -> int:
-    """The stored bytes of a cross-layer SVD at ``rank``: ``A`` once, a ``B`` per layer."""
+    """The stored bytes of a cross-layer SVD at ``rank``: ``A`` once, a ``B`` (and a residual) per layer."""
     codec = spec.with_rank(rank).build(h)
     b_codec = codec.b_codec or codec.b  # B's rows coded, or B dense
-    return codec.a_codec.stored_bytes(V, rank) + layers * b_codec.stored_bytes(rank, h)
+    per_layer = b_codec.stored_bytes(rank, h) + (0 if codec.residual is None else codec.residual.stored_bytes(V, h))
+    return codec.a_codec.stored_bytes(V, rank) + layers * per_layer
 
 
 def stack_target(spec: SVD, V: int, h: int, layers: int) -> float:
@@ -224,7 +234,8 @@ def stage_stack(
         return rank
     row_w, scales = stack_weights(weights, layers)
     source = StackedRows([LayerRows(b, i, batch_rows) for i in layers], scales)
-    progress.start(f"cross-layer svd of {len(layers)} layer(s), rank {rank}", 3)
+    residual = spec.residual is not None
+    progress.start(f"cross-layer svd of {len(layers)} layer(s), rank {rank}", 3 + (len(layers) if residual else 0))
     basis, b_all = fit_stack(spec, source, rank, row_w)
     progress.advance(1)
     first = spec.with_rank(rank).build(h, weights=row_w)  # its A codec is fitted with the stack's row weights
@@ -237,6 +248,7 @@ def stage_stack(
     b_enc = {i: first.encode_b(b_all[:, k * h : (k + 1) * h] / float(scales[k])) for k, i in enumerate(layers)}
     b_f32 = {i: first.b_f32(DictAccess(t)) for i, t in b_enc.items()}
     stats = {i: ErrorStats(V) for i in layers}
+    kept: list[dict[str, Tensor]] = []  # A's encoded rows, for the residuals (A's stored bytes)
 
     def encoded() -> Iterator[tuple[int, dict[str, Tensor]]]:
         for s, parts in source.parts():
@@ -245,6 +257,8 @@ def stage_stack(
             a_dec = a_codec.decode_rows(DictAccess({**roles, **enc.fixed}), torch.arange(n))
             for k, i in enumerate(layers):
                 stats[i].add(s, parts[k], a_dec @ b_f32[i])
+            if residual:
+                kept.append(roles)
             yield s, {f"A.{r}": t for r, t in roles.items()}
 
     a_specs = {f"A.{r}": t for r, t in a_codec.tensor_specs(V, rank).items()}  # known once fitted (mixed)
@@ -252,15 +266,54 @@ def stage_stack(
     a_roles = stage_rows(staging, encoded(), a_specs, shared_name)
     for r, t in enc.fixed.items():
         staging.stage(shared_name(f"A.{r}"), a_specs[f"A.{r}"][1], a_specs[f"A.{r}"][0], [tensor_to_numpy(t)])
+    a_all = DictAccess({**{r: torch.cat([k[r] for k in kept]) for r in (kept[0] if kept else {})}, **enc.fixed})
+    kept.clear()
+    progress.advance(1)
     for i in layers:
-        codec: SVDCodec = spec.with_rank(rank).build(h, weights=None if weights is None else weights[i])
+        w = None if weights is None else weights[i]
+        codec: SVDCodec = spec.with_rank(rank).build(h, weights=w)
         codec.a_codec = a_codec  # the one fitted A codec (its params: a mixed A's classes)
+        r_roles: list[str] = []
+        if residual:
+            stats[i], r_roles = stage_residual(b, i, codec, a_all, b_f32[i], staging, batch_rows)
+            progress.advance(1)
         b_specs = codec.tensor_specs(V, h)
         for r, t in b_enc[i].items():
             staging.stage(codec.tensor_name(i, r), b_specs[r][1], b_specs[r][0], [tensor_to_numpy(t)])
-        w = None if weights is None else weights[i]
-        roles = [*a_roles, *(f"A.{r}" for r in enc.fixed), *b_enc[i]]
+        roles = [*a_roles, *(f"A.{r}" for r in enc.fixed), *b_enc[i], *r_roles]
         staging.commit_layer(i, _entry(i, codec, roles, (V, h), stats[i], w))
-    progress.advance(1)
     progress.finish()
     return rank
+
+
+def stage_residual(
+    b: Bundle, layer: int, codec: SVDCodec, a_all: DictAccess, b_f32: Tensor, staging: Staging, batch_rows: int
+) -> tuple[ErrorStats, list[str]]:
+    """Fit ``codec``'s residual to layer ``layer``'s ``T - A B_l`` (``A`` decoded from its encoded rows ``a_all``)
+    and stage it; returns the layer's error with the residual, and the residual's roles in the order staged."""
+    V, h = b.vocab_size, b.hidden_size
+
+    def base(s: int, rows: Tensor) -> Tensor:
+        return codec.a_codec.decode_rows(a_all, torch.arange(s, s + rows.shape[0])) @ b_f32
+
+    source = LayerRows(b, layer, batch_rows)
+    encode, fixed = codec.encode_residual(ResidualRows(source, base))
+    stats = ErrorStats(V)
+    assert codec.residual is not None
+    res_codec = codec.residual
+
+    def encoded() -> Iterator[tuple[int, dict[str, Tensor]]]:
+        for s, rows in source.batches():
+            approx = base(s, rows)
+            roles = encode(rows - approx)
+            n = rows.shape[0]
+            access = PrefixedAccess(DictAccess({**roles, **fixed}), "R.")
+            stats.add(s, rows, approx.add_(res_codec.decode_rows(access, torch.arange(n))))
+            yield s, roles
+
+    specs = codec.tensor_specs(V, h)
+    name = lambda r: codec.tensor_name(layer, r)  # noqa: E731
+    roles = stage_rows(staging, encoded(), specs, name)
+    for r, t in fixed.items():
+        staging.stage(name(r), specs[r][1], specs[r][0], [tensor_to_numpy(t)])
+    return stats, [*roles, *fixed]

@@ -22,7 +22,7 @@ from typing import Any
 from tolcli.bundle.reader import open_bundle
 from tolcli.bundle.summary import bundle_summary
 from tolcli.checkpoint import Checkpoint, open_checkpoint
-from tolcli.choices import CROSS_SVD_SPEC, DENSE_SCHEMES, SCHEMES, SWEEP_BITS, SWEEP_FAMILIES
+from tolcli.choices import DENSE_SCHEMES, SCHEMES, SWEEP_BITS, SWEEP_FAMILIES, cross_svd_spec
 from tolcli.codecs import parse_spec
 from tolcli.codecs.spec import split_items
 from tolcli.compress import AUTO_SCHEME, CompressMemo, CompressOptions, compress
@@ -90,7 +90,7 @@ class SweepOptions:
     ``bundles`` adds existing bundles as they are. ``families`` takes every compress scheme too (``fp16``: one
     bundle; ``svd+Q``: one per rank; ``adaptive-svd+Q``: one per ``int4_budgets`` entry). The ``mixed``, ``auto``
     and ``cross-svd`` families build one bundle per ``bits`` entry (bits per value; the budget of auto and cross-svd
-    is ``bits / 16`` of fp16; cross-svd: :data:`~tolcli.choices.CROSS_SVD_SPEC`), weighted by ``--sensitivity`` on
+    is ``bits / 16`` of fp16; cross-svd: :func:`~tolcli.choices.cross_svd_spec`), weighted by ``--sensitivity`` on
     the calibration text when ``calibration`` is given."""
 
     families: Sequence[str] = FAMILIES
@@ -185,7 +185,7 @@ def _rate_grid(opts: SweepOptions, stack_width: int = 1) -> list[tuple[str, str,
             grid.append((f"auto-{b:g}b{suffix}", f"auto{label}", CompressOptions(AUTO_SCHEME, budget=repr(b / 16))))
     if "cross-svd" in opts.families:
         for b in opts.bits:
-            spec = parse_spec(CROSS_SVD_SPEC.format(budget=b / 16))
+            spec = parse_spec(cross_svd_spec(b))
             if stack_width > MAX_EXACT_WIDTH:  # too wide for the exact Gram (every real model): the range finder
                 spec = replace(spec, method="randomized")
             grid.append((f"cross-svd-{b:g}b{suffix}", f"cross-svd{label}", CompressOptions(codec=spec)))

@@ -122,6 +122,11 @@ CODEC_PARAMS_SCHEMAS: dict[str, dict[str, Any]] = {
                 **_closed(["codec", "params"], {"codec": {"type": "string"}, "params": {}}),
                 "$ref": "#/$defs/codec_params",
             },
+            "residual": {
+                # T - A B coded per layer by any codec but svd: roles R.<role>, added to A B
+                **_closed(["codec", "params"], {"codec": {"type": "string"}, "params": {}}),
+                "$ref": "#/$defs/codec_params",
+            },
             "method": {"enum": ["exact", "randomized"]},
             "weighted": {"type": "boolean"},
             "oversample": {"type": "integer", "minimum": 0, "maximum": MAX_MANIFEST_HIDDEN},

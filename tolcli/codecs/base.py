@@ -153,13 +153,18 @@ class Codec(ABC):
         return BatchEncoder(self.encode) if self.row_wise else None
 
     def stored_bytes(self, rows: int, width: int) -> int:
-        total = 0
-        for shape, dt in self.tensor_specs(rows, width).values():
-            n = DTYPES[dt].itemsize
-            for s in shape:
-                n *= s
-            total += n
-        return total
+        return specs_bytes(self.tensor_specs(rows, width))
+
+
+def specs_bytes(specs: dict[str, tuple[tuple[int, ...], str]]) -> int:
+    """The bytes of tensors of these ``(shape, dtype name)``."""
+    total = 0
+    for shape, dt in specs.values():
+        n = DTYPES[dt].itemsize
+        for s in shape:
+            n *= s
+        total += n
+    return total
 
 
 @dataclass(frozen=True)
@@ -258,10 +263,12 @@ def codec_from_manifest(name: str, params: dict[str, Any]) -> Codec:
         )
     try:
         return cls.from_params(params)
-    except TolcliError as e:
-        raise InputError(f"codec {name!r} parameters {params!r} are invalid: {e.message}") from None
+    except TolcliError as e:  # the reason first: the parameters may be long, and messages are cut
+        raise InputError(f"codec {name!r} parameters are invalid: {e.message}; parameters {params!r}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise InputError(f"codec {name!r} parameters {params!r} are invalid ({type(e).__name__}: {e})") from None
+        raise InputError(
+            f"codec {name!r} parameters are invalid ({type(e).__name__}: {e}); parameters {params!r}"
+        ) from None
 
 
 def row_blocks(rows: int, width: int) -> Iterator[slice]:

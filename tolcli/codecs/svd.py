@@ -16,7 +16,9 @@ The ``A`` factor is stored by any row-wise codec (dense fp16 by default, or int4
 ``svd+int4`` schemes); ``B`` is stored dense (fp16 by default). A quantised ``A``'s columns are divided by
 powers of two near the square roots of their RMS, folded into ``B``'s rows (``normalize``, the default; ``A @ B``
 is unchanged, and so is decoding), since ``A = T V_r``'s column norms are the singular values, which fall by 10x
-along a group of the rank axis (:func:`column_scales`). The spec :class:`SVD`
+along a group of the rank axis (:func:`column_scales`). ``residual`` codes what the factors leave, ``T - A B``, with a
+codec of its own (roles ``R.*``; e.g. ``mixed``, which spends its bytes on the rows whose residual costs the most
+loss): decoding is then ``A B + R``. The spec :class:`SVD`
 (``svd(rank=64,a=int4(group=32))``) is a :class:`~tolcli.codecs.base.RankedSpec`: ``compress`` chooses
 its rank per layer.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,6 +40,7 @@ from tolcli.codecs.base import (
     BatchEncoder,
     Codec,
     CodecSpec,
+    DictAccess,
     PrefixedAccess,
     RankedSpec,
     RowSource,
@@ -45,6 +48,7 @@ from tolcli.codecs.base import (
     TensorAccess,
     codec_from_manifest,
     full_f32,
+    specs_bytes,
 )
 from tolcli.codecs.dense import Dense, DenseCodec
 from tolcli.errors import UsageError
@@ -294,6 +298,7 @@ class SVDCodec(Codec):
         normalize: bool = False,
         shared: int | None = None,
         b_codec: Codec | None = None,
+        residual: Codec | None = None,
     ):
         if rank < 1:
             raise UsageError(f"rank must be >= 1, got {rank}")
@@ -311,6 +316,9 @@ class SVDCodec(Codec):
         self.b_codec = b_codec  # None: B is the dense tensor ``B``; else B's rows coded by it, roles ``B.*``
         if b_codec is not None:
             _check_row_wise(b_codec, "B")
+        if isinstance(residual, SVDCodec):
+            raise UsageError("an svd's residual cannot be an svd itself")
+        self.residual = residual  # None: decode A @ B; else A @ B plus the residual's rows, roles ``R.*``
         self._b_memo: tuple[Any, Tensor] | None = None  # (weak ref to a bundle's access, its decoded B)
         self._key_memo: tuple[Codec, str] | None = None  # (the A codec, its shared_key)
         self.method, self.oversample, self.power_iters, self.seed = method, oversample, power_iters, seed
@@ -337,11 +345,13 @@ class SVDCodec(Codec):
             p["b_dtype"] = self.b.dtype
         else:
             p["b"] = {"codec": self.b_codec.name, "params": self.b_codec.params()}
+        if self.residual is not None:
+            p["residual"] = {"codec": self.residual.name, "params": self.residual.params()}
         return p
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> SVDCodec:
-        a, b = params["a"], params.get("b")
+        a, b, res = params["a"], params.get("b"), params.get("residual")
         if (b is None) == ("b_dtype" not in params):
             raise UsageError("svd params need exactly one of `b_dtype` (a dense B) and `b` (B's codec)")
         return cls(
@@ -353,6 +363,7 @@ class SVDCodec(Codec):
             gram=params.get("gram", DEFAULT_GRAM),
             normalize=bool(params.get("normalize", False)),
             shared=None if params.get("shared") is None else int(params["shared"]),
+            residual=None if res is None else codec_from_manifest(res["codec"], res["params"]),
         )
 
     def tensor_name(self, layer: int, role: str) -> str:
@@ -371,9 +382,22 @@ class SVDCodec(Codec):
         roles = {f"A.{role}": bits for role, bits in self.a_codec.code_roles().items()}
         if self.b_codec is not None:
             roles.update({f"B.{role}": bits for role, bits in self.b_codec.code_roles().items()})
+        if self.residual is not None:
+            roles.update({f"R.{role}": bits for role, bits in self.residual.code_roles().items()})
         return roles
 
     def tensor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        specs = self._factor_specs(rows, width)
+        if self.residual is not None:
+            specs.update({f"R.{role}": spec for role, spec in self.residual.tensor_specs(rows, width).items()})
+        return specs
+
+    def stored_bytes(self, rows: int, width: int) -> int:
+        """The factors' bytes and the residual's (before a residual is fitted, the most its budget allows)."""
+        res = 0 if self.residual is None else self.residual.stored_bytes(rows, width)
+        return specs_bytes(self._factor_specs(rows, width)) + res
+
+    def _factor_specs(self, rows: int, width: int) -> dict[str, tuple[tuple[int, ...], str]]:
         specs = {f"A.{role}": spec for role, spec in self.a_codec.tensor_specs(rows, self.rank).items()}
         if self.b_codec is None:
             specs["B"] = ((self.rank, width), self.b.dtype)
@@ -424,19 +448,57 @@ class SVDCodec(Codec):
             d = column_scales(energy, total)
             basis, b = basis / d, b * d.unsqueeze(1)
 
-        def encode_rows(rows: Tensor) -> dict[str, Tensor]:
+        def encode_a(rows: Tensor) -> dict[str, Tensor]:
             return {f"A.{role}": t for role, t in a_codec.encode(rows @ basis).items()}
 
-        return BatchEncoder(encode_rows, self.encode_b(b))
+        fixed = self.encode_b(b)
+        if self.residual is None:
+            return BatchEncoder(encode_a, fixed)
+        b_dec = self.b_f32(DictAccess(fixed))
+
+        def base(s: int, rows: Tensor) -> Tensor:  # what A @ B decodes these rows to
+            a = a_codec.decode_rows(PrefixedAccess(DictAccess(encode_a(rows)), "A."), torch.arange(rows.shape[0]))
+            return a @ b_dec
+
+        residual, r_enc = self.encode_residual(ResidualRows(source, base))
+
+        def encode_rows(rows: Tensor) -> dict[str, Tensor]:
+            roles = encode_a(rows)
+            a = a_codec.decode_rows(PrefixedAccess(DictAccess(roles), "A."), torch.arange(rows.shape[0]))
+            return {**roles, **residual(rows - a @ b_dec)}
+
+        return BatchEncoder(encode_rows, {**fixed, **r_enc})
+
+    def encode_residual(self, source: RowSource) -> tuple[Callable[[Tensor], dict[str, Tensor]], dict[str, Tensor]]:
+        """The residual's codec fitted to ``source`` (the rows of ``T - A B``): ``(encode_rows, fixed roles)``, each
+        role prefixed ``R.``."""
+        assert self.residual is not None
+        enc = self.residual.encoder(source)
+        if enc is None:
+            raise UsageError(f"an svd residual's codec ({self.residual.name}) must encode in row batches")
+        encode = enc.encode_rows
+
+        def encode_rows(rows: Tensor) -> dict[str, Tensor]:
+            return {f"R.{role}": t for role, t in encode(rows).items()}
+
+        return encode_rows, {f"R.{role}": t for role, t in enc.fixed.items()}
+
+    def add_residual(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
+        """``out += R[ids]`` when there is a residual: the last step of every decode, so all give the same values."""
+        if self.residual is not None:
+            out.add_(self.residual.decode_rows(PrefixedAccess(access, "R."), ids))
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
         a = self.a_codec.decode_rows(PrefixedAccess(access, "A."), ids)  # (n, r)
-        return a @ self.b_f32(access)  # (n, h)
+        out = a @ self.b_f32(access)  # (n, h)
+        self.add_residual(access, ids, out)
+        return out
 
     def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         a = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
         self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
         torch.mm(a, self.b_f32(access), out=out)
+        self.add_residual(access, ids, out)
 
     def decode_into_shared(self, access: TensorAccess, ids: Tensor, out: Tensor, cache: dict[str, Tensor]) -> None:
         """A shared ``A``'s rows are decoded once per lookup (the first layer's), every layer multiplies them."""
@@ -452,6 +514,20 @@ class SVDCodec(Codec):
             a = cache[key] = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
             self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
         torch.mm(a, self.b_f32(access), out=out)
+        self.add_residual(access, ids, out)
+
+
+class ResidualRows:
+    """A :class:`~tolcli.codecs.base.RowSource` of what a factorisation leaves: each row batch of ``source`` minus
+    ``base(first row, rows)`` (what the factors decode those rows to)."""
+
+    def __init__(self, source: RowSource, base: Callable[[int, Tensor], Tensor]):
+        self.source, self.base = source, base
+        self.rows, self.width = source.rows, source.width
+
+    def batches(self) -> Iterator[tuple[int, Tensor]]:
+        for s, rows in self.source.batches():
+            yield s, rows - self.base(s, rows)
 
 
 def _check_row_wise(codec: Codec | type[Codec], factor: str = "A") -> None:
@@ -471,7 +547,10 @@ class SVD(RankedSpec):
     quantised ``A`` only): divide ``A``'s columns by powers of two near the square roots of their RMS, folding
     them into ``B`` (:func:`column_scales`). The rank options are :class:`~tolcli.codecs.base.RankedSpec`'s.
     ``b``: the spec of a row-wise codec for ``B``'s rows (default: dense fp16), e.g. ``b=int8``: what a cross-layer
-    SVD's ``B`` [rank, layers x h] weighs at the paper's shapes (more than an int4 ``A``).
+    SVD's ``B`` [rank, layers x h] weighs at the paper's shapes (more than an int4 ``A``). ``residual``: the spec of a
+    codec for what the factors leave, ``T - A B``, per layer (any codec but ``svd``; ``mixed(bits=0.9)``: the rows
+    whose residual costs the most loss get bits, the rest none); a ``ratio`` or ``budget`` then counts its bytes and
+    the rank takes what is left.
 
     ``cross_layer``: one factorisation of all present layers' tables side by side, ``[T_0 | T_1 | ...] ~ A [B_0 |
     B_1 | ...]``: every layer is a function of the same token embedding, so one ``A`` [V, rank] (stored once, as the
@@ -496,6 +575,7 @@ class SVD(RankedSpec):
     normalize: bool = True
     cross_layer: bool = False
     b: CodecSpec | None = None
+    residual: CodecSpec | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -507,6 +587,8 @@ class SVD(RankedSpec):
             _check_row_wise(self.a.codec)
         if self.b is not None:
             _check_row_wise(self.b.codec, "B")
+        if self.residual is not None and isinstance(self.residual, SVD):
+            raise UsageError("an svd's residual cannot be an svd itself")
         if self.oversample < 0 or self.power_iters < 0:
             raise UsageError(f"svd oversample and power_iters must be >= 0, got {self.oversample}, {self.power_iters}")
         if not 0 <= self.seed < 2**63:
@@ -517,7 +599,8 @@ class SVD(RankedSpec):
 
     @property
     def width_multiple(self) -> int:
-        return 1 if self.b is None else self.b.width_multiple  # B's rows are the table's width
+        # B's rows and the residual's are the table's width
+        return math.lcm(*(1 if s is None else s.width_multiple for s in (self.b, self.residual)))
 
     def build(self, width: int, *, weights: Tensor | None = None) -> SVDCodec:
         if self.rank is None:
@@ -535,6 +618,7 @@ class SVD(RankedSpec):
             normalize=self.normalize,
             shared=0 if self.cross_layer else None,
             b_codec=None if self.b is None else self.b.build(width),
+            residual=None if self.residual is None else self.residual.build(width, weights=weights),
         )
 
     def spectrum(self, table: Tensor | RowSource, weights: Tensor | None) -> Tensor:

@@ -1,0 +1,208 @@
+"""``svd(..., residual=CODEC)``: what the factors leave, ``T - A B``, coded per layer; rows decode as ``A B + R``.
+
+Expected values come from derivations made here: ``A B`` from the stored fp16 factors, the residual's rows from the
+slow reference decoder of the ``mixed`` format (tests/test_mixed_codec.py), its mean row as the mean of ``T - A B``,
+and the rank under a budget by brute force over the ranks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.adversarial import write_raw
+from tests.test_compress import synthetic_bundle
+from tests.test_mixed_codec import reference_decode
+from tolcli import CompressOptions, compress, convert_bundle, drop_layers, open_bundle
+from tolcli.codecs import parse_spec
+from tolcli.crosslayer import stack_bytes
+from tolcli.errors import InputError, UsageError
+from tolcli.transport import pack, unpack
+
+V, H, L = 256, 32, 3
+
+
+def tables(seed: int = 0) -> list[torch.Tensor]:
+    """Layers that are functions of one embedding plus a part of their own that no shared rank holds."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(V, 10, generator=g) * torch.logspace(0, -1, 10)
+    return [e @ torch.randn(10, H, generator=g) * 2 + 0.3 * torch.randn(V, H, generator=g) for _ in range(L)]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return synthetic_bundle(tmp_path_factory.mktemp("res") / "syn.safetensors", tables())
+
+
+def decoded(path: Path) -> dict[int, torch.Tensor]:
+    with open_bundle(path) as b:
+        return {i: b.dense_layer(i) for i in b.present_layers}
+
+
+def factors(b, i: int) -> torch.Tensor:
+    """``A B`` of layer ``i`` from the stored fp16 tensors (a dense A, shared or not, and a dense B)."""
+    names = b.manifest["layers"][i]["tensors"]
+    return b.tensor(names["A.table"]).float() @ b.tensor(names["B"]).float()
+
+
+def residual_tensors(b, i: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    e = b.manifest["layers"][i]
+    tensors = {role[2:]: b.tensor(name) for role, name in e["tensors"].items() if role.startswith("R.")}
+    return e["params"]["residual"]["params"], tensors
+
+
+@pytest.mark.parametrize(
+    "spec", ["svd(rank=4,residual=mixed(bits=2))", "svd(rank=8,cross_layer=true,residual=mixed(bits=2))"]
+)
+def test_rows_decode_as_the_factors_plus_the_reference_residual(src: Path, tmp_path: Path, spec: str) -> None:
+    out = tmp_path / "r.safetensors"
+    compress(src, out, CompressOptions(codec=spec), batch_rows=64)  # the residual's rows fitted in batches
+    got = decoded(out)
+    with open_bundle(out) as b:
+        for i in range(L):
+            e = b.manifest["layers"][i]
+            assert e["params"]["residual"]["codec"] == "mixed"
+            assert e["tensors"]["R.index"] == f"layers.{i}.R.index"  # a residual is the layer's own
+            ab = factors(b, i)
+            params, res = residual_tensors(b, i)
+            # the residual was fitted to what the factors leave: its mean row is the mean of T - A B
+            assert torch.allclose(res["mean"][0].float(), (tables()[i] - ab).mean(0), atol=1e-5)
+            for t in (0, 1, 77, 255):
+                want = ab[t] + torch.from_numpy(reference_decode(params, res, t))
+                assert torch.allclose(got[i][t], want, rtol=1e-5, atol=1e-5)
+            ids = torch.tensor([3, 255, 3, 0])
+            looked = b.lookup_layers(ids)  # the run-time path (decode_into), every layer at once
+            assert all(torch.equal(looked[k], got[j][ids]) for k, j in enumerate(b.present_layers))
+
+
+def test_the_residual_takes_the_error_the_rank_leaves(src: Path, tmp_path: Path) -> None:
+    """Rank 8 holds the shared part; the layers' own noise (0.3 per value) stays until a residual codes it."""
+    err = {}
+    for name, spec in (
+        ("base", "svd(rank=8,cross_layer=true)"),
+        ("res", "svd(rank=8,cross_layer=true,residual=mixed(bits=8))"),
+    ):
+        compress(src, tmp_path / f"{name}.safetensors", CompressOptions(codec=spec))
+        got = decoded(tmp_path / f"{name}.safetensors")
+        err[name] = sum(float((got[i] - t).pow(2).sum()) for i, t in enumerate(tables())) / sum(
+            float(t.pow(2).sum()) for t in tables()
+        )
+    stack = torch.cat([t.double() for t in tables()], dim=1)
+    tail = float(torch.linalg.svdvals(stack)[8:].pow(2).sum() / stack.pow(2).sum())
+    assert err["base"] == pytest.approx(tail, rel=1e-2)  # the stack's truncated SVD (B's fp16 rounding aside)
+    assert err["res"] < 1e-3 * err["base"]  # an 8-bit residual leaves only its rounding
+
+
+def test_a_budget_counts_the_residual_and_the_rank_takes_the_rest(src: Path, tmp_path: Path) -> None:
+    """The rank is the largest multiple of 8 whose dense fp16 factors fit the budget beside ``bits`` per value of
+    residual in every layer (found here by brute force); the bundle stays within the budget."""
+    budget = int(0.3 * L * V * H * 2)
+    for bits in (0.5, 1.0, 2.0):
+        want = max(r for r in range(8, L * H + 1, 8) if r * (V + L * H) * 2 + L * int(bits * V * H) // 8 <= budget)
+        spec = f"svd(budget={budget},cross_layer=true,residual=mixed(bits={bits}))"
+        res = compress(src, tmp_path / f"b{bits}.safetensors", CompressOptions(codec=spec))
+        assert res.ranks[0] == want
+        assert res.stored_bytes <= budget
+        assert stack_bytes(parse_spec(spec), want, V, H, L) <= budget < stack_bytes(parse_spec(spec), want + 8, V, H, L)
+    per_layer = compress(
+        src, tmp_path / "pl.safetensors", CompressOptions(codec=f"svd(budget={2 * budget},residual=mixed(bits=1))")
+    )
+    assert per_layer.stored_bytes <= 2 * budget
+    assert all(e["params"]["residual"]["params"]["target_bits"] == 1.0 for e in per_layer.manifest["layers"])
+
+
+def test_containers_sharding_pack_drop_and_verify_read_the_same(src: Path, tmp_path: Path) -> None:
+    x = tmp_path / "x.safetensors"
+    compress(src, x, CompressOptions(codec="svd(rank=8,cross_layer=true,a=int8,residual=mixed(bits=1))"))
+    ref = decoded(x)
+    pack(x, tmp_path / "x.zst")
+    unpack(tmp_path / "x.zst", tmp_path / "back.safetensors")
+    assert (tmp_path / "back.safetensors").read_bytes() == x.read_bytes()
+    for out, kw in ((tmp_path / "x.h5", {}), (tmp_path / "sharded", {"max_shard_size": 3000})):
+        convert_bundle(x, out, **kw)
+        with open_bundle(out) as b:
+            b.verify()
+            assert all(torch.equal(b.dense_layer(i), ref[i]) for i in range(L))
+    _, m = drop_layers(x, tmp_path / "d.safetensors", keep_layers="2")
+    assert {n for n in m["tensors"] if ".R." in n} == {n for n in m["tensors"] if n.startswith("layers.2.R.")} != set()
+    assert torch.equal(decoded(tmp_path / "d.safetensors")[2], ref[2])
+
+
+def test_compress_is_deterministic_and_resumes_to_the_same_bytes(src: Path, tmp_path: Path, monkeypatch) -> None:
+    from tolcli.bundle.writer import Staging
+
+    for spec in ("svd(budget=0.6,residual=mixed(bits=1))", "svd(rank=8,cross_layer=true,residual=mixed(bits=1))"):
+        opts = CompressOptions(codec=spec)
+        whole, again = tmp_path / "whole.safetensors", tmp_path / "again.safetensors"
+        compress(src, whole, opts, batch_rows=50, force=True)  # the residual's fit streams in row batches
+        compress(src, again, opts, batch_rows=50, force=True)
+        assert again.read_bytes() == whole.read_bytes()
+        commit, calls = Staging.commit_layer, []
+
+        def crash_after_two(self, index, entry, commit=commit, calls=calls):
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            calls.append(index)
+            commit(self, index, entry)
+
+        monkeypatch.setattr(Staging, "commit_layer", crash_after_two)
+        out = tmp_path / "x.safetensors"
+        out.unlink(missing_ok=True)
+        with pytest.raises(KeyboardInterrupt):
+            compress(src, out, opts, batch_rows=50)
+        monkeypatch.undo()
+        compress(src, out, opts, resume=True, batch_rows=50)
+        assert out.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("svd(rank=4,residual=svd(rank=2))", "residual cannot be an svd"),
+        ("svd(rank=4,residual=mixed(bits=0.01))", "below its side information"),
+    ],
+)
+def test_bad_residual_options(src: Path, tmp_path: Path, spec: str, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        compress(src, tmp_path / "x.safetensors", CompressOptions(codec=spec))
+
+
+def _lie(good: Path, out: Path, edit) -> Path:
+    """``good`` rewritten with an edited manifest, every hash and byte count consistent with the tensors."""
+    with open_bundle(good) as b:
+        arrays = {n: (t["dtype"], np.concatenate(list(b.entry(n).blocks()))) for n, t in b.manifest["tensors"].items()}
+        m = json.loads(json.dumps(b.manifest))
+    edit(m)
+    return write_raw(out, arrays, m)
+
+
+def _nest_an_svd(m) -> None:
+    m["layers"][0]["params"]["residual"] = {"codec": "svd", "params": {**m["layers"][1]["params"]}}
+
+
+def _drop_the_residual(m) -> None:  # its tensors are still listed: roles the codec does not store
+    del m["layers"][0]["params"]["residual"]
+
+
+def _move_a_class_row(m) -> None:  # the classes then hold the layer's rows in other shapes than stored
+    classes = m["layers"][0]["params"]["residual"]["params"]["classes"]
+    classes[0][2] += 1
+    classes[-1][2] -= 1
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_nest_an_svd, "residual cannot be an svd"),
+        (_drop_the_residual, "R.index"),
+        (_move_a_class_row, r"R.class2.codes' is U8\[32, 8\].*expects U8\[31, 8\]"),
+    ],
+)
+def test_manifest_lies_about_the_residual_are_refused(src: Path, tmp_path: Path, edit, match: str) -> None:
+    good = tmp_path / "g.safetensors"
+    compress(src, good, CompressOptions(codec="svd(rank=4,residual=mixed(bits=1))"))
+    with pytest.raises(InputError, match=match):
+        open_bundle(_lie(good, tmp_path / "lie.safetensors", edit))
