@@ -206,3 +206,48 @@ def test_manifest_lies_about_the_residual_are_refused(src: Path, tmp_path: Path,
     compress(src, good, CompressOptions(codec="svd(rank=4,residual=mixed(bits=1))"))
     with pytest.raises(InputError, match=match):
         open_bundle(_lie(good, tmp_path / "lie.safetensors", edit))
+
+
+def _junk_in_the_residual(m) -> None:
+    m["layers"][0]["params"]["residual"]["params"]["junk"] = [1, 2, 3]
+
+
+def _integer_target_bits(m) -> None:
+    m["layers"][0]["params"]["residual"]["params"]["target_bits"] = 1  # written as 1.0: one bundle, one manifest
+
+
+@pytest.mark.parametrize("edit", [_junk_in_the_residual, _integer_target_bits])
+def test_nested_parameters_must_be_in_their_canonical_form(src: Path, tmp_path: Path, edit) -> None:
+    good = tmp_path / "g.safetensors"
+    compress(src, good, CompressOptions(codec="svd(rank=4,residual=mixed(bits=1))"))
+    with pytest.raises(InputError, match=r"codec mixed parameters .* are not in their canonical form"):
+        open_bundle(_lie(good, tmp_path / "lie.safetensors", edit))
+
+
+def test_a_ratio_or_budget_too_small_for_the_residual_is_refused(src: Path, tmp_path: Path) -> None:
+    """Rank 8's fp16 factors (8 x (256 + 32) x 2 = 4,608 bytes a layer) and a 1-bit residual (1,024) need 5,632 bytes
+    of a layer's 16,384: a ratio of 0.35 holds them; 0.3 (4,915) does not hold a 4-bit residual (4,096) and rank 8."""
+    ok = compress(src, tmp_path / "ok.safetensors", CompressOptions(codec="svd(ratio=0.35,residual=mixed(bits=1))"))
+    assert ok.ranks[0] == 8 and ok.stored_bytes <= 0.35 * L * V * H * 2
+    for codec, fixed in (("ratio=0.3", "4,096 bytes"), ("budget=0.3", "12,288 bytes")):  # a layer; all 3 layers
+        with pytest.raises(UsageError, match=f"cannot hold the {fixed} stored whatever the rank"):
+            compress(src, tmp_path / "x.safetensors", CompressOptions(codec=f"svd({codec},residual=mixed(bits=4))"))
+
+
+def test_auto_takes_an_svd_with_a_mixed_residual_as_a_candidate() -> None:
+    from tolcli.autoplan import candidate_specs
+
+    got = candidate_specs(["int4", "svd(rank=8,residual=mixed(bits=1))", "svd(rank=8,residual=int4)"], 128)
+    assert [s.name for s in got] == ["int4", "svd", "svd"]
+
+
+def test_a_bundles_nested_codecs_see_one_access_per_prefix(src: Path, tmp_path: Path) -> None:
+    """Lookups hand a nested codec the same access object each time, so its per-access caches (a mixed codec's
+    checked views) hold from one lookup to the next."""
+    out = tmp_path / "r.safetensors"
+    compress(src, out, CompressOptions(codec="svd(rank=32,cross_layer=true,a=mixed(bits=4),residual=mixed(bits=1))"))
+    with open_bundle(out) as b:
+        codec, access = b.layers[1].codec, b._accesses[1]
+        first = {p: codec.sub_access(access, p) for p in ("A.", "R.")}
+        b.lookup_layers(torch.tensor([1, 2]))
+        assert all(codec.sub_access(access, p) is v and v.stable_views for p, v in first.items())

@@ -221,6 +221,6 @@ def test_the_cross_svd_family_is_one_cross_layer_bundle_per_bits_entry() -> None
     ]
     spec = grid[0][2].codec_spec()
     assert spec.cross_layer and spec.budget == "0.1" and str(spec.b) == "int8" and spec.a.bits == 4.4
-    assert spec.residual is None  # below 2 bits per value the base needs every byte
+    assert str(spec.residual) == "mixed(bits=0.5)"
     at_2_5 = grid[1][2].codec_spec()
     assert at_2_5.budget == "0.15625" and str(at_2_5.residual) == "mixed(bits=1.5)"

@@ -160,8 +160,9 @@ def candidate_specs(texts: Sequence[str], width: int) -> list[CodecSpec]:
             continue
         try:
             codec = spec.build(width)
-            if codec.name != "mixed":  # (mixed knows its tensors once fitted; its width multiple was checked)
-                codec.tensor_specs(1 << 10, width)  # a group or rank that does not fit refuses here
+            # a group or rank that does not fit refuses here (the bytes, not the tensors: a mixed codec, or an svd's
+            # mixed residual, knows its tensors once fitted)
+            codec.stored_bytes(1 << 10, width)
         except UsageError:
             rejected.append(text)  # also an SVD without a fixed rank (budget=, energy=): auto sets the budget
             continue

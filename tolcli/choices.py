@@ -33,10 +33,10 @@ SWEEP_BITS = (1.6, 2.0, 2.5, 3.0, 4.0)
 # the cross-svd family: a cross-layer SVD whose mixed A at these bits per value chooses the rank (then takes every
 # byte left), B in int8; 4.4 chose the rank of least KL on the demo's calibration text at 10% and 12.5% of fp16
 CROSS_SVD_SPEC = "svd(budget={budget!r},cross_layer=true,normalize=false,a=mixed(bits=4.4),b=int8{residual})"
-# ... and its per-layer mixed residual: (from bits per value, the residual's bits), the first that applies; none below
-# 2 bits per value. The residual bits of least KL on the demo's calibration text (0.6/0.9/1.2/1.5/2.0 tried at 2.5
-# bits, 0.6/0.9 at 2, 0.9/1.5 at 3; at 1.6, 0.5 and 0.9 were worse than none)
-CROSS_SVD_RESIDUAL = ((2.5, 1.5), (2.0, 0.9))
+# ... and its per-layer mixed residual: (from bits per value, the residual's bits), the first that applies. The
+# residual bits of least KL on the demo's calibration text: 0.5 and 0.9 tried at 1.6 bits per value, 0.6 and 0.9 at 2,
+# 0.6/0.9/1.2/1.5/2.0 at 2.5, 0.9 and 1.5 at 3 (docs/compression.md, "A residual")
+CROSS_SVD_RESIDUAL = ((2.5, 1.5), (2.0, 0.9), (0.0, 0.5))
 
 
 def cross_svd_spec(bits: float) -> str:

@@ -564,6 +564,8 @@ def plan_ranks(
     fixed, per_rank = rank_bytes(spec, V, h)
     dense16 = V * h * 2
     if not spec.adaptive:
+        if spec.ratio is not None:
+            _check_fixed_bytes(spec, spec.ratio * dense16, fixed, per_rank * min_rank, "of each layer")
         rank = spec.rank if spec.ratio is None else _round_to((spec.ratio * dense16 - fixed) / per_rank, step)
         if not 1 <= rank <= top:
             raise UsageError(f"rank {rank} is outside 1..{top}")
@@ -578,8 +580,22 @@ def plan_ranks(
     kw = {"multiple": step, "min_rank": min_rank, "max_rank": max_rank}
     if spec.energy is not None:
         return energy_ranks(spectra, spec.energy, **kw)
-    budget = parse_budget(str(spec.budget), dense16 * len(layers)) - fixed * len(layers)
-    return allocate_ranks(spectra, per_rank, budget, **kw)
+    total = parse_budget(str(spec.budget), dense16 * len(layers))
+    _check_fixed_bytes(spec, total, fixed * len(layers), per_rank * min_rank * len(layers), "")
+    return allocate_ranks(spectra, per_rank, int(total - fixed * len(layers)), **kw)
+
+
+def _check_fixed_bytes(spec: RankedSpec, allowed: float, fixed: float, smallest: float, whose: str) -> None:
+    """Refuse a ratio or budget (``allowed`` bytes) that cannot hold what is stored whatever the rank (``fixed``: an
+    svd's residual, per-row scales) plus the smallest rank's bytes (``smallest``), naming both."""
+    if fixed <= 0 or fixed + smallest <= allowed:  # without fixed bytes the rank's own checks say it best
+        return
+    what = f"ratio {spec.ratio:g}" if spec.ratio is not None else f"budget {spec.budget}"
+    raise UsageError(
+        f"{spec}: the {what} ({int(allowed):,} bytes{' ' + whose if whose else ''}) cannot hold the {int(fixed):,} "
+        f"bytes stored whatever the rank (the residual, scales) and the smallest rank's {int(smallest):,}",
+        hint="raise the budget, or give the residual fewer bits",
+    )
 
 
 def rank_bytes(spec: RankedSpec, rows: int, width: int) -> tuple[float, float]:

@@ -398,13 +398,21 @@ def _codec(e: dict[str, Any], where: str) -> Any:
         codec = codecs.codec_from_manifest(name, params)
     except TolcliError as err:
         raise InputError(f"layer {e['index']}: {cut(err.message)}", path=where) from None
-    if name not in CODEC_PARAMS_SCHEMAS and canonical_json(codec.params()) != canonical_json(params):
+    _check_canonical(codec, params, e["index"], where)
+    return codec
+
+
+def _check_canonical(codec: Any, params: dict[str, Any], index: int, where: str) -> None:
+    """Parameters of a codec without a schema (``mixed``, or any codec a plugin registers), nested ones included (an
+    svd's ``a``, ``b`` and ``residual``), must be exactly what the codec built from them writes."""
+    if codec.name not in CODEC_PARAMS_SCHEMAS and canonical_json(codec.params()) != canonical_json(params):
         raise InputError(
-            f"layer {e['index']}: codec {name} parameters {short(params)} are not in their canonical form "
+            f"layer {index}: codec {codec.name} parameters {short(params)} are not in their canonical form "
             f"{short(codec.params())}",
             path=where,
         )
-    return codec
+    for key, inner in codec.nested().items():
+        _check_canonical(inner, params[key]["params"], index, where)
 
 
 def check_manifest(manifest: dict[str, Any], *, where: str) -> None:

@@ -128,6 +128,11 @@ class Codec(ABC):
         several layers share (:meth:`shared_key`), ``shared.{group}.{role}``."""
         return layer_tensor(layer, role)
 
+    def nested(self) -> dict[str, Codec]:
+        """The codecs this one holds, by the key of their ``{"codec", "params"}`` in :meth:`params` (an svd's ``a``,
+        ``b``, ``residual``); empty for codecs that hold none."""
+        return {}
+
     def shared_key(self) -> str | None:
         """For a codec whose layers share tensors: what every layer reading them must agree on (canonical JSON of
         the parameters that shape the shared tensors), checked when a bundle is read; None for codecs that share
@@ -296,6 +301,8 @@ class PrefixedAccess:
 
     def __init__(self, inner: TensorAccess, prefix: str):
         self.inner, self.prefix = inner, prefix
+        # a bundle's views are its memory map's: codecs may cache what they derive from them (per access object)
+        self.stable_views = bool(getattr(inner, "stable_views", False))
 
     def rows(self, role: str, ids: Tensor) -> Tensor:
         return self.inner.rows(self.prefix + role, ids)

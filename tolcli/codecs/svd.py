@@ -321,6 +321,7 @@ class SVDCodec(Codec):
         self.residual = residual  # None: decode A @ B; else A @ B plus the residual's rows, roles ``R.*``
         self._b_memo: tuple[Any, Tensor] | None = None  # (weak ref to a bundle's access, its decoded B)
         self._key_memo: tuple[Codec, str] | None = None  # (the A codec, its shared_key)
+        self._sub_memo: dict[str, tuple[Any, PrefixedAccess]] = {}  # prefix -> (weak ref to an access, its view)
         self.method, self.oversample, self.power_iters, self.seed = method, oversample, power_iters, seed
         self.weights = weights
         self.normalize = normalize and not isinstance(self.a_codec, DenseCodec)  # a dense A needs no scaling
@@ -365,6 +366,10 @@ class SVDCodec(Codec):
             shared=None if params.get("shared") is None else int(params["shared"]),
             residual=None if res is None else codec_from_manifest(res["codec"], res["params"]),
         )
+
+    def nested(self) -> dict[str, Codec]:
+        held = {"a": self.a_codec, "b": self.b_codec, "residual": self.residual}
+        return {k: c for k, c in held.items() if c is not None}
 
     def tensor_name(self, layer: int, role: str) -> str:
         if self.shared is not None and role.startswith("A."):
@@ -419,7 +424,7 @@ class SVDCodec(Codec):
         memo = self._b_memo
         if memo is not None and memo[0]() is access:
             return memo[1]
-        out = self.b_codec.decode_rows(PrefixedAccess(access, "B."), torch.arange(self.rank))
+        out = self.b_codec.decode_rows(self.sub_access(access, "B."), torch.arange(self.rank))
         if getattr(access, "stable_views", False):
             self._b_memo = (weakref.ref(access), out)
         return out
@@ -483,20 +488,32 @@ class SVDCodec(Codec):
 
         return encode_rows, {f"R.{role}": t for role, t in enc.fixed.items()}
 
+    def sub_access(self, access: TensorAccess, prefix: str) -> PrefixedAccess:
+        """The roles of a nested codec (``A.``, ``B.``, ``R.``) as that codec's access: for a bundle's access the same
+        object on every lookup, so the nested codec's per-access caches (a ``mixed`` codec's checked views) hold."""
+        if not getattr(access, "stable_views", False):
+            return PrefixedAccess(access, prefix)
+        hit = self._sub_memo.get(prefix)
+        if hit is not None and hit[0]() is access:
+            return hit[1]
+        view = PrefixedAccess(access, prefix)
+        self._sub_memo[prefix] = (weakref.ref(access), view)
+        return view
+
     def add_residual(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         """``out += R[ids]`` when there is a residual: the last step of every decode, so all give the same values."""
         if self.residual is not None:
-            out.add_(self.residual.decode_rows(PrefixedAccess(access, "R."), ids))
+            out.add_(self.residual.decode_rows(self.sub_access(access, "R."), ids))
 
     def decode_rows(self, access: TensorAccess, ids: Tensor) -> Tensor:
-        a = self.a_codec.decode_rows(PrefixedAccess(access, "A."), ids)  # (n, r)
+        a = self.a_codec.decode_rows(self.sub_access(access, "A."), ids)  # (n, r)
         out = a @ self.b_f32(access)  # (n, h)
         self.add_residual(access, ids, out)
         return out
 
     def decode_into(self, access: TensorAccess, ids: Tensor, out: Tensor) -> None:
         a = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
-        self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
+        self.a_codec.decode_into(self.sub_access(access, "A."), ids, a)
         torch.mm(a, self.b_f32(access), out=out)
         self.add_residual(access, ids, out)
 
@@ -512,7 +529,7 @@ class SVDCodec(Codec):
         a = cache.get(key)
         if a is None:
             a = cache[key] = torch.empty(ids.numel(), self.rank, dtype=torch.float32)
-            self.a_codec.decode_into(PrefixedAccess(access, "A."), ids, a)
+            self.a_codec.decode_into(self.sub_access(access, "A."), ids, a)
         torch.mm(a, self.b_f32(access), out=out)
         self.add_residual(access, ids, out)
 
