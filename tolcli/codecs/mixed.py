@@ -439,37 +439,33 @@ class MixedCodec(Codec):
         memo = self._kernel_memo
         if memo is not None and memo[0]() is access and memo[1] == C:
             return memo[2]
-        classes = self._fitted()
-        arrays = {"index": array_view(access, "index"), "mean": array_view(access, "mean")}
-        for k, c in enumerate(classes):
-            if c.bits:
-                for role in ("codes", "scales", "offsets"):
-                    arrays[f"class{k}.{role}"] = array_view(access, f"class{k}.{role}")
-        if any(a is None for a in arrays.values()):
-            return None
-        index, mean = arrays["index"], arrays["mean"]
+        # one pass over the roles, each checked where it is read: an access without stable views (in-memory
+        # tensors) builds this at every call, where a dict of roles and a second pass cost as much as the views
+        index, mean = array_view(access, "index"), array_view(access, "mean")
+        if index is None or mean is None:
+            return None  # the checks below return None as soon as a role is missing or unusual
         ok = index.dtype == np.uint8 and index.ndim == 2 and 1 <= index.shape[1] <= 7
         ok = ok and mean.dtype == np.float32 and mean.shape == (1, C) and C % WIDTH_MULTIPLE == 0
-        for k, c in enumerate(classes):
-            if c.bits:
-                ok = ok and C % c.group == 0 and 1 <= c.bits <= 8
-                ok = ok and arrays[f"class{k}.codes"].dtype == np.uint8
-                ok = ok and arrays[f"class{k}.codes"].shape == (c.rows, C * c.bits // 8)
-                for role in ("scales", "offsets"):
-                    a = arrays[f"class{k}.{role}"]
-                    ok = ok and a.dtype == np.float16 and a.shape == (c.rows, C // c.group)
         # numba assumes natural alignment whatever numpy says (a crafted file may misalign its tensors)
-        ok = ok and all(a.flags.c_contiguous and a.flags.aligned for a in arrays.values())  # type: ignore[union-attr]
-        if not ok:
+        if not (ok and all(a.flags.c_contiguous and a.flags.aligned for a in (index, mean))):
             return None
-        spec = []
-        for k, (c, start) in enumerate(zip(classes, self._starts(), strict=True)):
+        spec: list[tuple[Any, ...]] = []
+        for k, (c, start) in enumerate(zip(self._fitted(), self._starts(), strict=True)):
             if c.bits == 0:
                 spec.append((0, 0, c.rows, start, None, None, None))
                 continue
-            parts = (arrays[f"class{k}.{r}"] for r in ("codes", "scales", "offsets"))
-            codes, scales, offsets = (a if a.dtype == np.uint8 else a.view(np.uint16) for a in parts)  # type: ignore[union-attr]
-            spec.append((c.bits, c.group, c.rows, start, codes, scales, offsets))
+            codes = array_view(access, f"class{k}.codes")
+            scales = array_view(access, f"class{k}.scales")
+            offsets = array_view(access, f"class{k}.offsets")
+            if codes is None or scales is None or offsets is None:
+                return None
+            ok = C % c.group == 0 and 1 <= c.bits <= 8
+            ok = ok and codes.dtype == np.uint8 and codes.shape == (c.rows, C * c.bits // 8)
+            ok = ok and scales.dtype == np.float16 and offsets.dtype == np.float16
+            ok = ok and scales.shape == offsets.shape == (c.rows, C // c.group)
+            if not (ok and all(a.flags.c_contiguous and a.flags.aligned for a in (codes, scales, offsets))):
+                return None
+            spec.append((c.bits, c.group, c.rows, start, codes, scales.view(np.uint16), offsets.view(np.uint16)))
         got = mixed_kernel.Layer(index, mean, spec)  # type: ignore[arg-type]
         if getattr(access, "stable_views", False):
             self._kernel_memo = (weakref.ref(access), C, got)
