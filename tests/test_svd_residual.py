@@ -251,3 +251,17 @@ def test_a_bundles_nested_codecs_see_one_access_per_prefix(src: Path, tmp_path: 
         first = {p: codec.sub_access(access, p) for p in ("A.", "R.")}
         b.lookup_layers(torch.tensor([1, 2]))
         assert all(codec.sub_access(access, p) is v and v.stable_views for p, v in first.items())
+
+
+def test_inspect_shows_nested_codecs_in_short(src: Path, tmp_path: Path) -> None:
+    from tolcli.cli.bundles import _layer_params
+
+    out = tmp_path / "r.safetensors"
+    compress(src, out, CompressOptions(codec="svd(rank=8,residual=mixed(bits=1))"))
+    with open_bundle(out) as b:
+        e = b.manifest["layers"][0]
+    n = len(e["params"]["residual"]["params"]["classes"])
+    assert _layer_params(e) == (
+        "a=dense(dtype=F16), b_dtype=F16, method=exact, rank=8, "
+        f"residual=mixed(classes=[{n} classes], target_bits=1.0), weighted=False"
+    )

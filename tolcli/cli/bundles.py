@@ -40,7 +40,20 @@ plots = lazy_import("tolcli.plots")
 
 
 def _layer_params(e: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(e.get("params", {}).items()))
+    """A layer's params for the table: ``key=value``, a nested codec (an svd's ``a``, ``b``, ``residual``) as
+    ``codec(key=value, ...)`` and a mixed codec's class list by its length (``--json`` has them all)."""
+    return _params_text(e.get("params", {}))
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    parts = []
+    for k, v in sorted(params.items()):
+        if isinstance(v, dict) and set(v) == {"codec", "params"} and isinstance(v["params"], dict):
+            v = f"{v['codec']}({_params_text(v['params'])})"
+        elif k == "classes" and isinstance(v, list):
+            v = f"[{len(v)} classes]"
+        parts.append(f"{k}={v}")
+    return ", ".join(parts)
 
 
 def inspect_cmd(

@@ -245,7 +245,7 @@ def compress_cmd(
 
         tolcli compress dense.h5 -o a.h5 -s auto --budget 0.2 --sensitivity demo --calibration c.txt --validate c.txt
 
-        tolcli compress dense.h5 -o x.h5 --codec 'svd(budget=0.15625,cross_layer=true,a=mixed(bits=4.4),b=int8,residual=mixed(bits=1.5))' --sensitivity demo --calibration c.txt
+        tolcli compress dense.h5 -o x.h5 --codec 'svd(budget=0.15625,cross_layer=true,residual=mixed(bits=1.5))'
     """
     apply_threads(threads)
     out = Output(
