@@ -282,14 +282,16 @@ def test_misaligned_views_and_missing_unused_classes_decode_on_both_paths(decode
     codec = codec_from_manifest("mixed", params)
     ids = torch.tensor([0, 5, 299, 5])
     expected = torch.from_numpy(np.stack([reference_decode(params, tensors, int(t)) for t in ids]))
-    arrays = {r: t.numpy() for r, t in tensors.items()}
-    arrays["mean"] = _misaligned(arrays["mean"])
-    assert not arrays["mean"].flags.aligned
-    out = torch.empty(len(ids), 128)
-    codec.decode_into(_ArrayAccess(arrays), ids, out)
-    assert torch.equal(out, expected)
+    coded = next(k for k, c in enumerate(params["classes"]) if c[0])
     _, answered = decoder
-    assert answered == []  # the kernels never read a misaligned view
+    out = torch.empty(len(ids), 128)
+    for role in ("mean", f"class{coded}.scales"):  # the layer's arrays, and a class's
+        arrays = {r: t.numpy() for r, t in tensors.items()}
+        arrays[role] = _misaligned(arrays[role])
+        assert not arrays[role].flags.aligned
+        codec.decode_into(_ArrayAccess(arrays), ids, out)
+        assert torch.equal(out, expected)
+        assert answered == []  # the kernels never read a misaligned view
     raw = tensors["index"].long()
     pos = sum(raw[:, j] << (8 * j) for j in range(raw.shape[1]))
     used = {int(p) for p in pos[ids]}
