@@ -265,3 +265,56 @@ def test_inspect_shows_nested_codecs_in_short(src: Path, tmp_path: Path) -> None
         "a=dense(dtype=F16), b_dtype=F16, method=exact, rank=8, "
         f"residual=mixed(classes=[{n} classes], target_bits=1.0), weighted=False"
     )
+
+
+def _leaves(doc, path=()):
+    """Every (path, value) under ``doc`` (JSON): what the manifest fuzz below may replace."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _leaves(v, (*path, i))
+    yield path, doc
+
+
+def _has(node, key) -> bool:
+    return key in node if isinstance(node, dict) else isinstance(key, int) and 0 <= key < len(node)
+
+
+HOSTILE = [-1, 0, 1, 3, 2**31, 2**62, 1e308, -0.5, "x", "svd", "mixed", None, [], {}, True, [[0, 0, 1]]]
+
+
+def test_fuzzed_residual_manifests_end_in_tolcli_errors(src: Path, tmp_path: Path) -> None:
+    """Any value of a cross-layer svd's params or tensor map (a mixed A, an int8 B, a mixed residual) replaced by a
+    hostile one, hashes consistent: reading, verifying and looking rows up end well or in tolcli's own error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.fuzz.harness import read_everything
+
+    good = tmp_path / "g.safetensors"
+    codec = "svd(rank=32,cross_layer=true,normalize=false,a=mixed(bits=4),b=int8,residual=mixed(bits=1))"
+    compress(src, good, CompressOptions(codec=codec))
+    with open_bundle(good) as b:
+        arrays = {n: (t["dtype"], np.concatenate(list(b.entry(n).blocks()))) for n, t in b.manifest["tensors"].items()}
+        manifest = json.loads(json.dumps(b.manifest))
+    spots = [path for path, _ in _leaves(manifest["layers"]) if len(path) >= 2 and path[1] in ("params", "tensors")]
+    target, outcomes = tmp_path / "f.safetensors", {}
+
+    @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.sampled_from(spots), st.sampled_from(HOSTILE)), min_size=1, max_size=2))
+    def check(edits) -> None:
+        m = json.loads(json.dumps(manifest))
+        for path, value in edits:
+            node = m["layers"]
+            for key in path[:-1]:  # an earlier edit may have replaced a container on the way: then no edit
+                node = node[key] if isinstance(node, (dict, list)) and _has(node, key) else None
+            if isinstance(node, (dict, list)) and _has(node, path[-1]):
+                node[path[-1]] = value
+        write_raw(target, arrays, m)
+        result = read_everything(target)  # raises on anything but success or a TolcliError
+        outcomes[result] = outcomes.get(result, 0) + 1
+
+    check()
+    assert outcomes.get("InputError", 0) >= 100, outcomes  # most lies are caught
