@@ -29,11 +29,20 @@ from tolcli.transport import pack, unpack
 V, H, L = 300, 16, 3
 
 
+def embedding_tables(
+    v: int, h: int, layers: int, *, dims: int, decay: float, scale: float, noise: float, seed: int = 0
+) -> list[torch.Tensor]:
+    """Layers that are functions of one embedding, ``scale * E M_l`` (E [v, dims], its columns' norms falling to
+    ``10**-decay``), plus noise of their own (``noise`` per value) that no shared rank holds."""
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(v, dims, generator=g) * torch.logspace(0, -decay, dims)
+    own = [(torch.randn(dims, h, generator=g), torch.randn(v, h, generator=g)) for _ in range(layers)]
+    return [e @ m * scale + noise * n for m, n in own]
+
+
 def shared_tables(seed: int = 0) -> list[torch.Tensor]:
     """Layers that are functions of one embedding: ``E M_l`` (E [V, 12]) plus a little noise of their own."""
-    g = torch.Generator().manual_seed(seed)
-    e = torch.randn(V, 12, generator=g) * torch.logspace(0, -1.5, 12)
-    return [e @ torch.randn(12, H, generator=g) * 3 + 0.01 * torch.randn(V, H, generator=g) for _ in range(L)]
+    return embedding_tables(V, H, L, dims=12, decay=1.5, scale=3, noise=0.01, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -109,21 +118,27 @@ def test_drop_keeps_a_while_a_layer_reads_it_and_moves_its_bytes(src: Path, tmp_
     assert torch.equal(decoded(tmp_path / "d2.h5")[2], before[2])
 
 
-def test_every_container_sharding_and_pack_read_the_same(src: Path, tmp_path: Path) -> None:
-    x = tmp_path / "x.safetensors"
-    compress(src, x, CompressOptions(codec="svd(rank=32,cross_layer=true,a=int4(group=32))"))
+def check_round_trips(x: Path, tmp_path: Path, shard_size: int) -> None:
+    """``x`` packed and unpacked to the same bytes, and converted to HDF5 and to shards of ``shard_size`` bytes, each
+    verifying and decoding (whole layers, and ids of every present layer at once) to the same values."""
     ref = decoded(x)
     pack(x, tmp_path / "x.zst")
     unpack(tmp_path / "x.zst", tmp_path / "back.safetensors")
     assert (tmp_path / "back.safetensors").read_bytes() == x.read_bytes()
-    for out, kw in ((tmp_path / "x.h5", {}), (tmp_path / "sharded", {"max_shard_size": 2000})):
+    for out, kw in ((tmp_path / "x.h5", {}), (tmp_path / "sharded", {"max_shard_size": shard_size})):
         convert_bundle(x, out, **kw)
         with open_bundle(out) as b:
             b.verify()
-            assert all(torch.equal(b.dense_layer(i).double(), ref[i]) for i in range(L))
-            ids = torch.tensor([5, 0, 299, 5])
+            assert all(torch.equal(b.dense_layer(i).double(), ref[i]) for i in b.present_layers)
+            ids = torch.tensor([5, 0, b.vocab_size - 1, 5])
             got = b.lookup_layers(ids)  # every present layer at once
             assert all(torch.equal(got[k].double(), ref[i][ids]) for k, i in enumerate(b.present_layers))
+
+
+def test_every_container_sharding_and_pack_read_the_same(src: Path, tmp_path: Path) -> None:
+    x = tmp_path / "x.safetensors"
+    compress(src, x, CompressOptions(codec="svd(rank=32,cross_layer=true,a=int4(group=32))"))
+    check_round_trips(x, tmp_path, 2000)
 
 
 def test_compress_is_deterministic(src: Path, tmp_path: Path) -> None:
@@ -257,11 +272,16 @@ def test_exact_refuses_a_stack_too_wide_for_its_gram(src: Path, tmp_path: Path, 
     assert stack_rank(SVD(ratio=0.25, cross_layer=True), V, H, L) == 8  # 8 * (300 + 48) * 2 <= 0.25 * 28,800 bytes
 
 
+def bundle_arrays(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
+    """A bundle's tensors (name -> (dtype, stored array)) and a copy of its manifest: what ``write_raw`` rewrites."""
+    with open_bundle(path) as b:
+        arrays = {n: (t["dtype"], np.concatenate(list(b.entry(n).blocks()))) for n, t in b.manifest["tensors"].items()}
+        return arrays, json.loads(json.dumps(b.manifest))
+
+
 def _lie(good: Path, out: Path, edit) -> Path:
     """``good`` rewritten with an edited manifest, every hash and byte count consistent with the tensors."""
-    with open_bundle(good) as b:
-        arrays = {n: (t["dtype"], np.concatenate(list(b.entry(n).blocks()))) for n, t in b.manifest["tensors"].items()}
-        m = json.loads(json.dumps(b.manifest))
+    arrays, m = bundle_arrays(good)
     if edit is _two_a_factors_in_one_group:
         arrays["shared.0.A.table"] = ("F16", np.zeros((V, 32), np.float16))
     edit(m)
@@ -319,10 +339,8 @@ def test_auto_refuses_a_cross_layer_candidate(src: Path, tmp_path: Path) -> None
         compress(src, tmp_path / "x.safetensors", opts)
 
 
-def test_an_interrupted_run_resumes_to_the_same_bytes(src: Path, tmp_path: Path, monkeypatch) -> None:
-    opts = CompressOptions(codec="svd(rank=32,cross_layer=true,a=int4(group=32))")
-    whole = tmp_path / "whole.safetensors"
-    compress(src, whole, opts)
+def interrupted_then_resumed(src: Path, out: Path, opts: CompressOptions, monkeypatch, **kw) -> bytes:
+    """``compress`` interrupted (Ctrl-C) after committing two layers, then resumed: the bytes written."""
     from tolcli.bundle.writer import Staging
 
     commit, calls = Staging.commit_layer, []
@@ -334,12 +352,19 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(src: Path, tmp_path: Path,
         commit(self, index, entry)
 
     monkeypatch.setattr(Staging, "commit_layer", crash_after_two)
-    out = tmp_path / "x.safetensors"
+    out.unlink(missing_ok=True)
     with pytest.raises(KeyboardInterrupt):
-        compress(src, out, opts)
+        compress(src, out, opts, **kw)
     monkeypatch.undo()
-    compress(src, out, opts, resume=True)
-    assert out.read_bytes() == whole.read_bytes()
+    compress(src, out, opts, resume=True, **kw)
+    return out.read_bytes()
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes(src: Path, tmp_path: Path, monkeypatch) -> None:
+    opts = CompressOptions(codec="svd(rank=32,cross_layer=true,a=int4(group=32))")
+    whole = tmp_path / "whole.safetensors"
+    compress(src, whole, opts)
+    assert interrupted_then_resumed(src, tmp_path / "x.safetensors", opts, monkeypatch) == whole.read_bytes()
 
 
 def test_a_b_codec_stores_b_quantised_and_decodes_from_it(src: Path, tmp_path: Path) -> None:

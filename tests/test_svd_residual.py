@@ -9,27 +9,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from tests.adversarial import write_raw
 from tests.test_compress import synthetic_bundle
+from tests.test_crosslayer import bundle_arrays, check_round_trips, embedding_tables, interrupted_then_resumed
+from tests.test_crosslayer import decoded as decoded_double
 from tests.test_mixed_codec import reference_decode
-from tolcli import CompressOptions, compress, convert_bundle, drop_layers, open_bundle
+from tolcli import CompressOptions, compress, drop_layers, open_bundle
 from tolcli.codecs import parse_spec
 from tolcli.crosslayer import stack_bytes
 from tolcli.errors import InputError, UsageError
-from tolcli.transport import pack, unpack
 
 V, H, L = 256, 32, 3
 
 
-def tables(seed: int = 0) -> list[torch.Tensor]:
+def tables() -> list[torch.Tensor]:
     """Layers that are functions of one embedding plus a part of their own that no shared rank holds."""
-    g = torch.Generator().manual_seed(seed)
-    e = torch.randn(V, 10, generator=g) * torch.logspace(0, -1, 10)
-    return [e @ torch.randn(10, H, generator=g) * 2 + 0.3 * torch.randn(V, H, generator=g) for _ in range(L)]
+    return embedding_tables(V, H, L, dims=10, decay=1, scale=2, noise=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +36,7 @@ def src(tmp_path_factory) -> Path:
 
 
 def decoded(path: Path) -> dict[int, torch.Tensor]:
-    with open_bundle(path) as b:
-        return {i: b.dense_layer(i) for i in b.present_layers}
+    return {i: t.float() for i, t in decoded_double(path).items()}
 
 
 def factors(b, i: int) -> torch.Tensor:
@@ -117,22 +114,14 @@ def test_a_budget_counts_the_residual_and_the_rank_takes_the_rest(src: Path, tmp
 def test_containers_sharding_pack_drop_and_verify_read_the_same(src: Path, tmp_path: Path) -> None:
     x = tmp_path / "x.safetensors"
     compress(src, x, CompressOptions(codec="svd(rank=8,cross_layer=true,a=int8,residual=mixed(bits=1))"))
+    check_round_trips(x, tmp_path, 3000)
     ref = decoded(x)
-    pack(x, tmp_path / "x.zst")
-    unpack(tmp_path / "x.zst", tmp_path / "back.safetensors")
-    assert (tmp_path / "back.safetensors").read_bytes() == x.read_bytes()
-    for out, kw in ((tmp_path / "x.h5", {}), (tmp_path / "sharded", {"max_shard_size": 3000})):
-        convert_bundle(x, out, **kw)
-        with open_bundle(out) as b:
-            b.verify()
-            assert all(torch.equal(b.dense_layer(i), ref[i]) for i in range(L))
     _, m = drop_layers(x, tmp_path / "d.safetensors", keep_layers="2")
     assert {n for n in m["tensors"] if ".R." in n} == {n for n in m["tensors"] if n.startswith("layers.2.R.")} != set()
     assert torch.equal(decoded(tmp_path / "d.safetensors")[2], ref[2])
 
 
 def test_compress_is_deterministic_and_resumes_to_the_same_bytes(src: Path, tmp_path: Path, monkeypatch) -> None:
-    from tolcli.bundle.writer import Staging
 
     for spec in ("svd(budget=0.6,residual=mixed(bits=1))", "svd(rank=8,cross_layer=true,residual=mixed(bits=1))"):
         opts = CompressOptions(codec=spec)
@@ -140,22 +129,8 @@ def test_compress_is_deterministic_and_resumes_to_the_same_bytes(src: Path, tmp_
         compress(src, whole, opts, batch_rows=50, force=True)  # the residual's fit streams in row batches
         compress(src, again, opts, batch_rows=50, force=True)
         assert again.read_bytes() == whole.read_bytes()
-        commit, calls = Staging.commit_layer, []
-
-        def crash_after_two(self, index, entry, commit=commit, calls=calls):
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            calls.append(index)
-            commit(self, index, entry)
-
-        monkeypatch.setattr(Staging, "commit_layer", crash_after_two)
-        out = tmp_path / "x.safetensors"
-        out.unlink(missing_ok=True)
-        with pytest.raises(KeyboardInterrupt):
-            compress(src, out, opts, batch_rows=50)
-        monkeypatch.undo()
-        compress(src, out, opts, resume=True, batch_rows=50)
-        assert out.read_bytes() == whole.read_bytes()
+        resumed = interrupted_then_resumed(src, tmp_path / "x.safetensors", opts, monkeypatch, batch_rows=50)
+        assert resumed == whole.read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -172,9 +147,7 @@ def test_bad_residual_options(src: Path, tmp_path: Path, spec: str, match: str) 
 
 def _lie(good: Path, out: Path, edit) -> Path:
     """``good`` rewritten with an edited manifest, every hash and byte count consistent with the tensors."""
-    with open_bundle(good) as b:
-        arrays = {n: (t["dtype"], np.concatenate(list(b.entry(n).blocks()))) for n, t in b.manifest["tensors"].items()}
-        m = json.loads(json.dumps(b.manifest))
+    arrays, m = bundle_arrays(good)
     edit(m)
     return write_raw(out, arrays, m)
 
@@ -296,9 +269,7 @@ def test_fuzzed_residual_manifests_end_in_tolcli_errors(src: Path, tmp_path: Pat
     good = tmp_path / "g.safetensors"
     codec = "svd(rank=32,cross_layer=true,normalize=false,a=mixed(bits=4),b=int8,residual=mixed(bits=1))"
     compress(src, good, CompressOptions(codec=codec))
-    with open_bundle(good) as b:
-        arrays = {n: (t["dtype"], np.concatenate(list(b.entry(n).blocks()))) for n, t in b.manifest["tensors"].items()}
-        manifest = json.loads(json.dumps(b.manifest))
+    arrays, manifest = bundle_arrays(good)
     spots = [path for path, _ in _leaves(manifest["layers"]) if len(path) >= 2 and path[1] in ("params", "tensors")]
     target, outcomes = tmp_path / "f.safetensors", {}
 
