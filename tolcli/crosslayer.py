@@ -41,7 +41,7 @@ from tolcli.codecs.svd import (
     streamed_randomized_basis,
 )
 from tolcli.compress import ErrorStats, LayerRows, _entry, parse_budget, stage_rows
-from tolcli.dtypes import tensor_to_numpy
+from tolcli.dtypes import DTYPES, tensor_to_numpy
 from tolcli.errors import UsageError
 from tolcli.progress import Progress
 
@@ -248,7 +248,9 @@ def stage_stack(
     b_enc = {i: first.encode_b(b_all[:, k * h : (k + 1) * h] / float(scales[k])) for k, i in enumerate(layers)}
     b_f32 = {i: first.b_f32(DictAccess(t)) for i, t in b_enc.items()}
     stats = {i: ErrorStats(V) for i in layers}
-    kept: list[dict[str, Tensor]] = []  # A's encoded rows, for the residuals (A's stored bytes)
+    a_specs = {f"A.{r}": t for r, t in a_codec.tensor_specs(V, rank).items()}  # known once fitted (mixed)
+    # A's encoded rows, kept for the residuals: its per-row roles filled batch by batch (A's stored bytes)
+    kept: dict[str, Tensor] = {}
 
     def encoded() -> Iterator[tuple[int, dict[str, Tensor]]]:
         for s, parts in source.parts():
@@ -257,17 +259,18 @@ def stage_stack(
             a_dec = a_codec.decode_rows(DictAccess({**roles, **enc.fixed}), torch.arange(n))
             for k, i in enumerate(layers):
                 stats[i].add(s, parts[k], a_dec @ b_f32[i])
-            if residual:
-                kept.append(roles)
+            for r, t in roles.items() if residual else ():
+                if r not in kept:
+                    shape, dtype = a_specs[f"A.{r}"]
+                    kept[r] = torch.empty(shape, dtype=DTYPES[dtype].torch)
+                kept[r][s : s + n] = t
             yield s, {f"A.{r}": t for r, t in roles.items()}
 
-    a_specs = {f"A.{r}": t for r, t in a_codec.tensor_specs(V, rank).items()}  # known once fitted (mixed)
     shared_name = lambda r: first.tensor_name(layers[0], r)  # noqa: E731
     a_roles = stage_rows(staging, encoded(), a_specs, shared_name)
     for r, t in enc.fixed.items():
         staging.stage(shared_name(f"A.{r}"), a_specs[f"A.{r}"][1], a_specs[f"A.{r}"][0], [tensor_to_numpy(t)])
-    a_all = DictAccess({**{r: torch.cat([k[r] for k in kept]) for r in (kept[0] if kept else {})}, **enc.fixed})
-    kept.clear()
+    a_all = DictAccess({**kept, **enc.fixed})
     progress.advance(1)
     for i in layers:
         w = None if weights is None else weights[i]
