@@ -30,7 +30,6 @@ from torch import Tensor
 from tolcli.bundle.reader import Bundle
 from tolcli.bundle.writer import Staging
 from tolcli.codecs import SVD, DictAccess, Mixed
-from tolcli.codecs.base import PrefixedAccess
 from tolcli.codecs.svd import (
     GRAM_DTYPES,
     ResidualRows,
@@ -256,9 +255,10 @@ def stage_stack(
         for s, parts in source.parts():
             roles = enc.encode_rows(source.stack(parts) @ basis)
             n = parts[0].shape[0]
-            a_dec = a_codec.decode_rows(DictAccess({**roles, **enc.fixed}), torch.arange(n))
-            for k, i in enumerate(layers):
-                stats[i].add(s, parts[k], a_dec @ b_f32[i])
+            if not residual:  # (with residuals, each layer's error is measured with its residual)
+                a_dec = a_codec.decode_rows(DictAccess({**roles, **enc.fixed}), torch.arange(n))
+                for k, i in enumerate(layers):
+                    stats[i].add(s, parts[k], a_dec @ b_f32[i])
             for r, t in roles.items() if residual else ():
                 if r not in kept:
                     shape, dtype = a_specs[f"A.{r}"]
@@ -302,16 +302,13 @@ def stage_residual(
     source = LayerRows(b, layer, batch_rows)
     encode, fixed = codec.encode_residual(ResidualRows(source, base))
     stats = ErrorStats(V)
-    assert codec.residual is not None
-    res_codec = codec.residual
 
     def encoded() -> Iterator[tuple[int, dict[str, Tensor]]]:
         for s, rows in source.batches():
             approx = base(s, rows)
             roles = encode(rows - approx)
-            n = rows.shape[0]
-            access = PrefixedAccess(DictAccess({**roles, **fixed}), "R.")
-            stats.add(s, rows, approx.add_(res_codec.decode_rows(access, torch.arange(n))))
+            codec.add_residual(DictAccess({**roles, **fixed}), torch.arange(rows.shape[0]), approx)  # as decoding does
+            stats.add(s, rows, approx)
             yield s, roles
 
     specs = codec.tensor_specs(V, h)

@@ -461,16 +461,14 @@ class SVDCodec(Codec):
             return BatchEncoder(encode_a, fixed)
         b_dec = self.b_f32(DictAccess(fixed))
 
-        def base(s: int, rows: Tensor) -> Tensor:  # what A @ B decodes these rows to
-            a = a_codec.decode_rows(PrefixedAccess(DictAccess(encode_a(rows)), "A."), torch.arange(rows.shape[0]))
-            return a @ b_dec
+        def factors(roles: dict[str, Tensor], n: int) -> Tensor:  # what A @ B decodes n encoded rows to
+            return a_codec.decode_rows(PrefixedAccess(DictAccess(roles), "A."), torch.arange(n)) @ b_dec
 
-        residual, r_enc = self.encode_residual(ResidualRows(source, base))
+        residual, r_enc = self.encode_residual(ResidualRows(source, lambda s, rows: factors(encode_a(rows), len(rows))))
 
         def encode_rows(rows: Tensor) -> dict[str, Tensor]:
             roles = encode_a(rows)
-            a = a_codec.decode_rows(PrefixedAccess(DictAccess(roles), "A."), torch.arange(rows.shape[0]))
-            return {**roles, **residual(rows - a @ b_dec)}
+            return {**roles, **residual(rows - factors(roles, len(rows)))}
 
         return BatchEncoder(encode_rows, {**fixed, **r_enc})
 
@@ -604,7 +602,7 @@ class SVD(RankedSpec):
             _check_row_wise(self.a.codec)
         if self.b is not None:
             _check_row_wise(self.b.codec, "B")
-        if self.residual is not None and isinstance(self.residual, SVD):
+        if isinstance(self.residual, SVD):
             raise UsageError("an svd's residual cannot be an svd itself")
         if self.oversample < 0 or self.power_iters < 0:
             raise UsageError(f"svd oversample and power_iters must be >= 0, got {self.oversample}, {self.power_iters}")
