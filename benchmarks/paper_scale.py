@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks._util import row
+from tolcli.choices import cross_svd_spec
 
 REPO = Path(__file__).resolve().parents[1]
 QUANT = ("int4", "nf4", "int8")
@@ -148,11 +149,15 @@ def step_precompute_bound(s: Shape, d: Path, **_: Any) -> dict[str, Any]:
     return {"seconds": t * s.layers * s.vocab / rows, "rows_sampled": rows}
 
 
-def step_compress(s: Shape, d: Path, *, label: str, scheme: str, rank: int | None = None) -> dict[str, Any]:
+def step_compress(
+    s: Shape, d: Path, *, label: str, scheme: str | None = None, rank: int | None = None, codec: str | None = None
+) -> dict[str, Any]:
+    """``compress`` of the dense fp32 bundle with a ``scheme`` (and ``rank``) or a ``codec`` spec."""
     from tolcli import CompressOptions, compress
 
     out = d / f"{label}.safetensors"
-    t = _timed(lambda: compress(d / "dense.safetensors", out, CompressOptions(scheme, rank=rank)))
+    opts = CompressOptions(codec=codec) if codec is not None else CompressOptions(scheme, rank=rank)
+    t = _timed(lambda: compress(d / "dense.safetensors", out, opts))
     return {"seconds": t, "bytes": out.stat().st_size}
 
 
@@ -330,6 +335,21 @@ def _compress_lines(run: Runner) -> list[str]:
     return out
 
 
+# Issue 16's codecs at the bits per value of its goals: (label, spec). The cross-layer spec is the sweep's.
+CODECS = (("mixed-3b", "mixed(bits=3.0)"), ("cross-svd-2.5b", cross_svd_spec(2.5)))
+
+
+def _codec_lines(run: Runner) -> list[str]:
+    """Issue 16's codecs: time, stored bytes, and memory (goal: bounded by row batches, not by the vocabulary)."""
+    out = []
+    dense16 = run.shape.layers * run.shape.table_bytes / 2
+    for label, spec in CODECS:
+        if res := run("compress", label=label, codec=spec):
+            goal = f"{res['bytes'] / dense16:.3f} of fp16 (file); {_mem(run, res)}"
+            out.append(row(f"compress {label}", _secs(res["seconds"]), None, goal))
+    return out
+
+
 # The issue's goals, as bound time / lookup time.
 LOOKUP_GOALS = {("fp16", 1): ">= 0.33x", ("fp16", 4096): ">= 0.5x", ("int4", 4096): ">= 0.3x"}
 
@@ -369,8 +389,20 @@ def _eval_lines(run: Runner) -> list[str]:
     return out
 
 
-def run(shape: Shape | None = None) -> list[str]:
-    """The whole benchmark (what ``python -m benchmarks paper_scale`` prints)."""
+# What a run measures, in order; every part after the first reads the dense bundle precompute writes.
+PARTS: dict[str, Callable[[Runner], list[str]]] = {
+    "precompute": _precompute_lines,
+    "compress": _compress_lines,
+    "codecs": _codec_lines,
+    "lookup": _lookup_lines,
+    "eval": _eval_lines,
+}
+
+
+def run(shape: Shape | None = None, parts: set[str] | None = None) -> list[str]:
+    """The whole benchmark (what ``python -m benchmarks paper_scale`` prints), or only ``parts`` of it (precompute
+    always runs: the others read its bundle; ``eval`` of the bundles needs ``lookup``'s)."""
+    parts = None if parts is None else parts | {"precompute"}
     s = shape or shape_from(os.environ)
     mode = {PAPER: "paper shapes", QUICK: "QUICK MODE (not the paper shapes)"}.get(s, "CUSTOM SHAPES (not the paper's)")
     lines = [
@@ -388,8 +420,9 @@ def run(shape: Shape | None = None) -> list[str]:
         )
         if ckpt := runner("checkpoint"):
             lines.append(row("synthetic checkpoint (setup)", _secs(ckpt["seconds"]), None, _mem(runner, ckpt)))
-            for part in (_precompute_lines, _compress_lines, _lookup_lines, _eval_lines):
-                lines += part(runner)
+            for name, part in PARTS.items():
+                if parts is None or name in parts:
+                    lines += part(runner)
     return lines + runner.failures
 
 
@@ -398,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="vocab 32,000, hidden 512, FFN 1,366 (a few minutes)")
     for name in ("vocab", "hidden", "ffn", "layers", "rank"):
         ap.add_argument(f"--{name}", type=int, default=None)
+    ap.add_argument("--parts", default=None, help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
     ap.add_argument("--step", nargs=4, metavar=("NAME", "SHAPE", "DIR", "KWARGS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.step:
@@ -405,8 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = {**os.environ, **({"TOLCLI_BENCH_QUICK": "1"} if a.quick else {})}
     shape = shape_from(env, {k: getattr(a, k) for k in ("vocab", "hidden", "ffn", "layers", "rank")})
+    parts = None if a.parts is None else {p.strip() for p in a.parts.split(",")}
+    if parts is not None and not parts <= set(PARTS):
+        raise SystemExit(f"paper_scale: unknown parts {sorted(parts - set(PARTS))} (known: {', '.join(PARTS)})")
     t0 = time.perf_counter()
-    for line in run(shape):
+    for line in run(shape, parts):
         print(line, flush=True)
     print(f"  ({time.perf_counter() - t0:.1f}s)")
     return 0
