@@ -1,7 +1,8 @@
 """Paper shapes (vocab 128,256, hidden 2,048, FFN 5,464, 2 layers): each step vs its bound, and its peak RSS.
 
 ``python -m benchmarks paper_scale`` (about 15-25 minutes on 2 cores) or ``python -m benchmarks.paper_scale
-[--quick] [--vocab V] [--hidden H] [--ffn F] [--layers L] [--rank R]``. Through ``python -m benchmarks``, the
+[--quick] [--vocab V] [--hidden H] [--ffn F] [--layers L] [--rank R] [--parts P,...]`` (parts: precompute, compress,
+codecs, lookup, eval; precompute always runs, the others read its bundle). Through ``python -m benchmarks``, the
 environment sets the shapes: ``TOLCLI_BENCH_QUICK=1`` (vocab 32,000, hidden 512, FFN 1,366: a few minutes),
 ``TOLCLI_BENCH_VOCAB``, ``_HIDDEN``, ``_FFN``, ``_LAYERS``, ``_RANK``.
 
@@ -13,6 +14,8 @@ at the bound, higher is better; a bound is measured in the same run on the same 
   scaled to the whole vocabulary: matmul time is linear in rows);
 - compress svd: one ``torch.mm`` of the same Gram ``T^T T`` (fp32) plus one ``h x h`` ``eigh`` (fp64), per layer;
 - compress int4/nf4/int8: no time bound; memory: a small multiple of one row batch (issue 15's goal);
+- compress with issue 16's codecs (``mixed`` at 3 bits, the sweep's cross-layer SVD at 2.5 bits): no time bound;
+  memory: bounded by row batches, not by the vocabulary;
 - lookups (``Bundle.lookup_layers(ids, out=buf)`` into a reused buffer, as a decoder calls it): ``numpy.take`` of
   the same stored rows from memory (1 id), a memcpy of the bytes the call returns into preallocated memory (4,096
   ids);
