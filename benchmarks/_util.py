@@ -7,14 +7,8 @@ from collections.abc import Callable
 
 
 def best_of(fn: Callable[[], object], repeat: int = 3, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """The best wall time of ``repeat`` calls of ``fn`` after ``warmup`` untimed ones."""
+    return best_and_median(fn, repeat, warmup)[0]
 
 
 def best_and_median(fn: Callable[[], object], repeat: int, warmup: int = 1) -> tuple[float, float]:

@@ -6,14 +6,14 @@ take any class of the ``mixed`` menu or a VQ class: its values 8 at a time again
 stages (1 to 3 bits per value), scaled by the row's RMS (fp16). The codebooks (fp16) are fitted once by weighted
 k-means on every layer's normalised residual and charged to the layers in equal shares. Rows are allocated as
 ``mixed`` allocates them (the same weights, the same bisection of lambda) within the bytes the shipped residual
-stores. ``--compact-index`` also charges the side information of a 5-bit class id per row plus per-64-row class
-counts instead of ``mixed``'s 2-byte positions. The decoded tables are written as dense fp32 bundles and compared
+stores, twice: with ``mixed``'s side information (2-byte positions), and with a compact index in its place (a 5-bit
+class id per row plus per-64-row class counts). The decoded tables are written as dense fp32 bundles and compared
 with the shipped bundle by ``eval-ppl`` on the held-out and the calibration text.
 
     python scripts/demo_corpus.py --calibration calib.txt
     python scripts/experiments/vq_residual.py --calibration calib.txt --work /tmp/vq
 
-About 5-8 minutes on 2 cores. Prints each variant's perplexity change and mean KL on both texts.
+About a minute on 2 cores. Prints each variant's perplexity change and mean KL on both texts.
 """
 
 from __future__ import annotations
@@ -93,8 +93,10 @@ def write_dense(template: Path, path: Path, tables: list[torch.Tensor]) -> Path:
     return write_bundle(path, entries, manifest)
 
 
-def recode(shipped: Path, dense: Path, weights: dict[int, torch.Tensor], compact: bool) -> list[torch.Tensor]:
-    """Every layer decoded: ``A B_l`` as shipped plus the residual re-coded with the VQ classes in the menu."""
+def recode(shipped: Path, dense: Path, weights: dict[int, torch.Tensor]) -> dict[bool, list[torch.Tensor]]:
+    """Every layer decoded: ``A B_l`` as shipped plus the residual re-coded with the VQ classes in the menu, by
+    whether the compact index's side information is charged instead of ``mixed``'s (the errors of every class,
+    and the codebooks, computed once for both)."""
     with open_bundle(shipped) as b, open_bundle(dense) as d:
         layers, V, h = sorted(b.layers), b.vocab_size, b.hidden_size
         base, resid, budgets = [], [], []
@@ -116,11 +118,14 @@ def recode(shipped: Path, dense: Path, weights: dict[int, torch.Tensor], compact
         left = left - c[a]
     book_bytes = STAGES * CODEWORDS * DIM * 2 // len(layers)
     menu = class_menu(h)
-    nbytes = torch.tensor([row_bytes(bits, g, h) for bits, g in menu] + [s * h // DIM + 2 for s in (1, 2, 3)])
-    side = V * 2 + 4 * h  # mixed's positions (2 bytes a row here) and fp32 mean row
-    if compact:
-        side = math.ceil(V * 5 / 8) + 2 * (len(menu) + STAGES) * math.ceil(V / 64) + 4 * h
-    out = []
+    nbytes = torch.tensor(
+        [row_bytes(bits, g, h) for bits, g in menu] + [s * h // DIM + 2 for s in range(1, STAGES + 1)]
+    )
+    sides = {  # what the index and the fp32 mean row cost: mixed's positions (2 bytes a row here), or compact
+        False: V * 2 + 4 * h,
+        True: math.ceil(V * 5 / 8) + 2 * (len(menu) + STAGES) * math.ceil(V / 64) + 4 * h,
+    }
+    out: dict[bool, list[torch.Tensor]] = {compact: [] for compact in sides}
     for k, i in enumerate(layers):
         x, (z, s) = resid[k] - means[k], vecs[k]
         rec, vq_rows, vq_err = torch.zeros_like(z), [], []
@@ -129,19 +134,21 @@ def recode(shipped: Path, dense: Path, weights: dict[int, torch.Tensor], compact
             vq_rows.append(rec.reshape(V, h) * s)
             vq_err.append((x - vq_rows[-1]).double().pow(2).sum(1))
         err = torch.cat([_class_errors(TableRows(resid[k]), means[k], menu), torch.stack(vq_err, 1)], 1)
-        choice = allocate(err, w[i], nbytes, budgets[k] - side - book_bytes)
-        dec = means[k].repeat(V, 1)
-        for j, (bits, g) in enumerate(menu):
-            sel = (choice == j).nonzero().squeeze(1)
-            if bits and sel.numel():
-                dec[sel] = dequantize_class(*quantize_class(x[sel], bits, g), bits, g) + means[k]
-        for j, rows in enumerate(vq_rows):
-            sel = (choice == len(menu) + j).nonzero().squeeze(1)
-            dec[sel] = rows[sel] + means[k]
-        vq, used = int((choice >= len(menu)).sum()), int(nbytes[choice].sum()) + side + book_bytes
-        assert used <= budgets[k], (used, budgets[k])  # the same bytes as the shipped residual, or fewer
-        print(f"layer {i}: {vq:,} of {V:,} rows in VQ classes; {used:,} of {budgets[k]:,} bytes", file=sys.stderr)
-        out.append(base[k] + dec)
+        for compact, side in sides.items():
+            choice = allocate(err, w[i], nbytes, budgets[k] - side - book_bytes)
+            dec = means[k].repeat(V, 1)
+            for j, (bits, g) in enumerate(menu):
+                sel = (choice == j).nonzero().squeeze(1)
+                if bits and sel.numel():
+                    dec[sel] = dequantize_class(*quantize_class(x[sel], bits, g), bits, g) + means[k]
+            for j, rows in enumerate(vq_rows):
+                sel = (choice == len(menu) + j).nonzero().squeeze(1)
+                dec[sel] = rows[sel] + means[k]
+            vq, used = int((choice >= len(menu)).sum()), int(nbytes[choice].sum()) + side + book_bytes
+            assert used <= budgets[k], (used, budgets[k])  # the same bytes as the shipped residual, or fewer
+            what = "compact index" if compact else "positions"
+            print(f"layer {i} ({what}): {vq:,} of {V:,} rows in VQ classes; {used:,} of {budgets[k]:,} bytes")
+            out[compact].append(base[k] + dec)
     return out
 
 
@@ -161,9 +168,8 @@ def main() -> int:
         weights, _ = load_weights(opts.weighting(), b, NullProgress())
     assert weights is not None
     tols = [shipped]
-    for compact in (False, True):
-        path = a.work / f"vq{'-compact-index' if compact else ''}.safetensors"
-        tols.append(write_dense(dense, path, recode(shipped, dense, weights, compact)))
+    for compact, tables in recode(shipped, dense, weights).items():
+        tols.append(write_dense(dense, a.work / f"vq{'-compact-index' if compact else ''}.safetensors", tables))
     for text in (HELDOUT, Path(a.calibration)):
         report = eval_ppl(demo_checkpoint_path(), [text], tols=tols, ctx=128, stride=64)
         print(f"{text.name}:")
