@@ -19,6 +19,7 @@ NAMES = (
     "eval_speed",
     "deploy",
     "mixed_decode",
+    "fit_chunks",
     "paper_scale",
 )
 SLOW = ("paper_scale",)  # 15-25 minutes on 2 cores: run only when named

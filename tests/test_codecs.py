@@ -500,3 +500,51 @@ def test_svd_int4_normalised_columns_cut_the_error_and_decode_as_a_times_b() -> 
     assert codec.params()["normalize"] is True
     assert "normalize" not in SVDCodec(32, Int4Codec(32)).params()  # bundles written before it read as before
     assert "normalize" not in SVDCodec(32, DenseCodec("F16"), normalize=True).params()  # a dense A is not scaled
+
+
+# ---- scale searches in blocks ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("rows", "width", "chunk"), [(10, 4, 12), (9, 4, 12), (3, 8, 4), (0, 8, 16), (5, 2, 100)])
+def test_fit_chunks_cover_every_row_once_in_order(monkeypatch, rows: int, width: int, chunk: int) -> None:
+    import tolcli.codecs.base as base
+
+    monkeypatch.setattr(base, "FIT_CHUNK_VALUES", chunk)
+    blocks = list(base.fit_chunks(rows, width))
+    step = max(1, chunk // width)  # rows per block: the most whose values fit in `chunk`, at least one
+    assert [list(range(rows))[b] for b in blocks] == [
+        list(range(s, min(s + step, rows))) for s in range(0, max(rows, 1), step)
+    ]  # no rows: one empty block
+
+
+def _bitwise(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous().view(torch.uint8)
+
+
+def test_blocked_scale_searches_equal_one_block(monkeypatch) -> None:
+    """Every group is fitted alone, so fitting 7 rows at a time must give the whole batch's result bit for bit (a
+    misordered or dropped block changes it)."""
+    import tolcli.codecs.base as base
+    from tolcli.codecs.mixed import fit_group_codes
+    from tolcli.codecs.quant import quantize_int4, quantize_int8, quantize_lowbit, quantize_nf4
+
+    x = table(45, 128, seed=11) ** 3  # heavy tails: the clipping search moves
+    x[3] = 0.0  # a constant group: its scale kept, not refitted
+    fits = {
+        "mixed 2 bits": lambda: fit_group_codes(x.reshape(45, 4, 32), 2),
+        "mixed 5 bits": lambda: fit_group_codes(x.reshape(45, 2, 64), 5),
+        "int4": lambda: quantize_int4(x, 64, False, "mse"),
+        "int4 symmetric": lambda: quantize_int4(x, 32, True, "mse"),
+        "nf4": lambda: quantize_nf4(x, 64, "mse"),
+        "int8": lambda: quantize_int8(x, 128, "mse"),
+        "int3": lambda: quantize_lowbit(x, 64, 3, "mse"),
+    }
+    for name, fit in fits.items():
+        monkeypatch.setattr(base, "FIT_CHUNK_VALUES", 1 << 40)
+        whole = fit()
+        monkeypatch.setattr(base, "FIT_CHUNK_VALUES", 7 * 128)  # 7 rows a block: 7 blocks, the last of 3 rows
+        blocked = fit()
+        assert len(whole) == len(blocked), name
+        for a, b in zip(whole, blocked, strict=True):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert a.shape == b.shape and a.dtype == b.dtype, name
+                assert torch.equal(_bitwise(a), _bitwise(b)), name

@@ -283,6 +283,24 @@ def row_blocks(rows: int, width: int) -> Iterator[slice]:
         yield slice(s, min(s + step, rows))
 
 
+FIT_CHUNK_VALUES = 1 << 18  # values a scale search fits at once: its temporaries stay in a core's L2 cache
+
+
+def fit_chunks(rows: int, width: int) -> Iterator[slice]:
+    """Slices covering ``range(rows)`` in blocks of about :data:`FIT_CHUNK_VALUES` values of a [rows, width] table.
+
+    The clipping searches (:func:`tolcli.codecs.quant.fit_mse`, :func:`tolcli.codecs.mixed.fit_group_codes`) make
+    dozens of passes over their input; on blocks that fit in L2 they run about 8x faster at h = 2,048 than on a
+    whole 4,096-row batch (``benchmarks/fit_chunks.py``), with identical results: every group is fitted alone.
+    No rows give one empty slice, so a caller always has a block to take its result's shape from."""
+    if rows == 0:
+        yield slice(0, 0)
+        return
+    step = max(1, FIT_CHUNK_VALUES // max(1, width))
+    for s in range(0, rows, step):
+        yield slice(s, min(s + step, rows))
+
+
 def array_view(access: TensorAccess, role: str) -> np.ndarray | None:
     """A role's whole stored tensor as a read-only-by-contract numpy array without a copy (a bundle's memory map,
     an in-memory tensor), or None where the access has none: what compiled decoders read rows from."""

@@ -37,6 +37,7 @@ from tolcli.codecs.base import (
     TableRows,
     TensorAccess,
     array_view,
+    fit_chunks,
     full_f32,
 )
 from tolcli.codecs.quant import dequantize_lowbit, pack_bits
@@ -152,7 +153,15 @@ def fit_group_codes(xg: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, Tens
     clipping ratio of :func:`clip_ratios`, :data:`LS_ROUNDS` rounds of nearest codes and least squares, the scale
     and offset rounded to fp16 and the codes recomputed for them; per group the candidate with the smallest squared
     error is kept. Returns (codes fp32 [n, G, g], scales fp16 [n, G], offsets fp16 [n, G], squared error fp32
-    [n, G])."""
+    [n, G]). Rows are fitted in blocks (:func:`fit_chunks`)."""
+    parts = [_fit_block(xg[c], bits) for c in fit_chunks(xg.shape[0], xg.shape[1] * xg.shape[2])]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+
+def _fit_block(xg: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`fit_group_codes` on one block of rows."""
     top = (1 << bits) - 1
     lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
     centre, width = (lo + hi) / 2, hi - lo

@@ -24,7 +24,17 @@ import torch
 from torch import Tensor
 
 from tolcli.choices import FITS
-from tolcli.codecs.base import BatchEncoder, Codec, CodecSpec, RowSource, TableRows, TensorAccess, full_f32, row_blocks
+from tolcli.codecs.base import (
+    BatchEncoder,
+    Codec,
+    CodecSpec,
+    RowSource,
+    TableRows,
+    TensorAccess,
+    fit_chunks,
+    full_f32,
+    row_blocks,
+)
 from tolcli.errors import InputError, UsageError
 
 GROUP_SIZES_4BIT = (32, 64, 128)
@@ -349,7 +359,21 @@ def fit_mse(
     (level indices uint8 [R, G, g], scales F16 [R, G], offsets F16 [R, G] | None).
 
     The search carries level values, not indices (for uniform codes ``value = lowest level + index``), and turns
-    the winners into indices once at the end."""
+    the winners into indices once at the end. Rows are fitted in blocks (:func:`fit_chunks`)."""
+    parts = [
+        _fit_mse_block(xg[c], levels, scale0[c], None if offset0 is None else offset0[c], what)
+        for c in fit_chunks(xg.shape[0], xg.shape[1] * xg.shape[2])
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    offsets = None if offset0 is None else torch.cat([p[2] for p in parts])  # type: ignore[misc]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), offsets
+
+
+def _fit_mse_block(
+    xg: Tensor, levels: Tensor, scale0: Tensor, offset0: Tensor | None, what: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`fit_mse` on one block of rows."""
     s0 = scale0.float().unsqueeze(-1)
     o0 = None if offset0 is None else offset0.float().unsqueeze(-1)
     best_s, best_o = s0, o0
