@@ -548,3 +548,27 @@ def test_blocked_scale_searches_equal_one_block(monkeypatch) -> None:
             if a is not None:
                 assert a.shape == b.shape and a.dtype == b.dtype, name
                 assert torch.equal(_bitwise(a), _bitwise(b)), name
+
+
+@pytest.mark.parametrize("name", sorted(FIT_CODECS))
+def test_zero_and_constant_groups_get_the_level_nearest_zero_and_decode_exactly(name: str) -> None:
+    """A group with nothing to spread has scale 0 (asymmetric codes: the offset holds the value) and, by
+    docs/bundle-format.md, the code of the level nearest 0 (a tie: the lower). 0.375 is exact in fp16."""
+    x = torch.zeros(2, 128)
+    x[1] = 0.375
+    codec = FIT_CODECS[name]("mse")
+    enc = codec.encode(x)
+    dec = _decode(codec, enc, 2)
+    assert (dec[0] == 0).all()
+    levels = _levels(codec)
+    zero_level = int(levels.abs().argmin())  # argmin takes the first (lower) of equal magnitudes
+    codes = enc["codes"][0]
+    if isinstance(codec, Int8Codec):
+        assert (codes == 0).all()  # int8 stores the level itself
+    elif isinstance(codec, (Int4Codec, NF4Codec)):
+        assert (codes == zero_level | zero_level << 4).all()  # two 4-bit codes a byte
+    else:
+        assert zero_level == 0 and (codes == 0).all()
+    if "offsets" in enc:  # asymmetric: the constant row too has scale 0, code 0, its value in the offset
+        assert (enc["scales"][1] == 0).all() and (enc["codes"][1] == 0).all()
+        assert (enc["offsets"][1].float() == 0.375).all() and (dec[1] == 0.375).all()

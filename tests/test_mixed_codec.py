@@ -485,3 +485,18 @@ def test_round_trips_through_containers_sharding_convert_drop_and_verify(
                 assert out.shape[0] >= 1
     with open_bundle(Path(dropped)) as b:
         assert sorted(b.layers) == [0, 1]
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_constant_groups_fit_with_scale_zero_code_zero_and_no_error(bits: int) -> None:
+    # A constant group: no spread to scale, so scale 0, every code 0 (bundle-format.md: a zero scale decodes to
+    # the offset), the offset the value itself (exact in fp16 here) and no error; a spread group beside it is fitted.
+    x = torch.full((2, 2, 32), 0.375)
+    x[1, 1] = torch.linspace(-1.0, 1.0, 32)
+    q, scale, offset, err = fit_group_codes(x, bits)
+    assert q is not None
+    assert (q[0] == 0).all() and (q[1, 0] == 0).all()
+    assert (scale[0] == 0).all() and scale[1, 0] == 0 and scale[1, 1] != 0
+    assert (offset[0].float() == 0.375).all() and offset[1, 0].float() == 0.375
+    assert (err[0] == 0).all() and err[1, 0] == 0
+    assert fit_group_codes(x, bits, codes=False)[0] is None

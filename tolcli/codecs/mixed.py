@@ -135,54 +135,59 @@ LS_ROUNDS = 2  # alternations of (nearest codes, least-squares scale and offset)
 
 def _codes(xg: Tensor, s: Tensor, o: Tensor, top: int) -> Tensor:
     """Nearest codes ``0 .. top`` of ``xg`` [n, G, g] on the grid ``q * s + o`` (``s`` 0: code 0)."""
-    return torch.where(s != 0, torch.round((xg - o) / torch.where(s != 0, s, 1.0)), 0.0).clamp_(0, top)
+    zero = s == 0
+    if not bool(zero.any()):  # the usual case: no group-sized select over the whole block
+        return torch.round_((xg - o).div_(s)).clamp_(0, top)
+    return torch.where(zero, 0.0, torch.round((xg - o) / torch.where(zero, 1.0, s))).clamp_(0, top)
 
 
-def _lsq(xg: Tensor, q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    """The scale and offset minimising ``sum (x - q * s - o)^2`` per group; groups whose codes are all equal keep
-    ``s`` and get the best offset for it."""
-    mq, mx = q.mean(-1, keepdim=True), xg.mean(-1, keepdim=True)
+def _lsq(xg: Tensor, q: Tensor, s: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+    """The scale and offset minimising ``sum (x - q * s - o)^2`` per group (``mx``: the groups' means of ``xg``);
+    groups whose codes are all equal keep ``s`` and get the best offset for it."""
+    mq = q.mean(-1, keepdim=True)
     var = (q * q).mean(-1, keepdim=True) - mq * mq
     cov = (q * xg).mean(-1, keepdim=True) - mq * mx
     s = torch.where(var > 1e-6, cov / var.clamp_min(1e-6), s)
     return s, mx - s * mq
 
 
-def fit_group_codes(xg: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fit_group_codes(xg: Tensor, bits: int, *, codes: bool = True) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """Asymmetric ``bits``-bit codes per group of ``xg`` [n, G, g] (decoded ``q * scale + offset``): from each
     clipping ratio of :func:`clip_ratios`, :data:`LS_ROUNDS` rounds of nearest codes and least squares, the scale
     and offset rounded to fp16 and the codes recomputed for them; per group the candidate with the smallest squared
-    error is kept. Returns (codes fp32 [n, G, g], scales fp16 [n, G], offsets fp16 [n, G], squared error fp32
-    [n, G]). Rows are fitted in blocks (:func:`fit_chunks`)."""
-    parts = [_fit_block(xg[c], bits) for c in fit_chunks(xg.shape[0], xg.shape[1] * xg.shape[2])]
+    error is kept. Returns (codes fp32 [n, G, g], or None unless ``codes``; scales fp16 [n, G], offsets fp16
+    [n, G], squared error fp32 [n, G]). Rows are fitted in blocks (:func:`fit_chunks`)."""
+    parts = [_fit_block(xg[c], bits, codes) for c in fit_chunks(xg.shape[0], xg.shape[1] * xg.shape[2])]
     if len(parts) == 1:
         return parts[0]
-    return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
 
-def _fit_block(xg: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`fit_group_codes` on one block of rows."""
+def _fit_block(xg: Tensor, bits: int, codes: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """:func:`fit_group_codes` on one block of rows. The candidates keep only their scales, offsets and errors; the
+    winners' codes are recomputed once from the winning scales and offsets (the same codes, by construction)."""
     top = (1 << bits) - 1
     lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
-    centre, width = (lo + hi) / 2, hi - lo
-    best: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    centre, width, mx = (lo + hi) / 2, hi - lo, xg.mean(-1, keepdim=True)
+    best: tuple[Tensor, Tensor, Tensor] | None = None
     for c in clip_ratios(bits):
         s = width * (c / top)
         o = centre - s * (top / 2)
         for _ in range(LS_ROUNDS):
-            s, o = _lsq(xg, _codes(xg, s, o, top), s)
+            s, o = _lsq(xg, _codes(xg, s, o, top), s, mx)
         s, o = s.half().float(), o.half().float()
         if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(o).all())):
             raise InputError("mixed: scales or offsets do not fit fp16 (values beyond 65504 in the centred table)")
         q = _codes(xg, s, o, top)
-        err = (q * s + o - xg).pow_(2).sum(-1, keepdim=True)
+        err = q.mul_(s).add_(o).sub_(xg).pow_(2).sum(-1, keepdim=True)
         if best is None:
-            best = (q, s, o, err)
+            best = (s, o, err)
             continue
-        better = err < best[3]
-        best = tuple(torch.where(better, new, old) for new, old in zip((q, s, o, err), best, strict=True))  # type: ignore[assignment]
+        better = err < best[2]
+        best = tuple(torch.where(better, new, old) for new, old in zip((s, o, err), best, strict=True))  # type: ignore[assignment]
     assert best is not None
-    q, s, o, err = best
+    s, o, err = best
+    q = _codes(xg, s, o, top) if codes else None
     return q, s.squeeze(-1).half(), o.squeeze(-1).half(), err.squeeze(-1)
 
 
@@ -190,6 +195,7 @@ def quantize_class(x: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Te
     """Centred rows x [n, C] -> (packed codes U8 [n, C*bits/8], scales F16 [n, C/g], offsets F16 [n, C/g])."""
     n, C = x.shape
     q, s, o, _ = fit_group_codes(x.reshape(n, C // group, group), bits)
+    assert q is not None
     return pack_bits(q.reshape(n, C).to(torch.uint8), bits), s, o
 
 
@@ -208,7 +214,7 @@ def _class_errors(source: RowSource, mean: Tensor, menu: list[tuple[int, int]]) 
             if bits == 0:
                 e = x.double().pow(2).sum(1)
             else:
-                e = fit_group_codes(x.reshape(n, C // group, group), bits)[3].double().sum(1)
+                e = fit_group_codes(x.reshape(n, C // group, group), bits, codes=False)[3].double().sum(1)
             err[s : s + n, k] = e
     return err
 

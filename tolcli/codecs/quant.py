@@ -303,8 +303,12 @@ def _nearest(y: Tensor, levels: Tensor) -> Tensor:
 
 
 def _scaled(xg: Tensor, s: Tensor, o: Tensor | None) -> Tensor:
+    """``(xg - o) / s`` per group, 0 where ``s`` is 0."""
+    zero = s == 0
+    if not bool(zero.any()):  # the usual case: no select over the whole block
+        return xg / s if o is None else (xg - o).div_(s)
     y = xg if o is None else xg - o
-    return torch.where(s != 0, y / torch.where(s != 0, s, 1.0), 0.0)
+    return torch.where(zero, 0.0, y / torch.where(zero, 1.0, s))
 
 
 def _codes_for(xg: Tensor, levels: Tensor, s: Tensor, o: Tensor | None) -> Tensor:
@@ -321,13 +325,17 @@ def _values_for(xg: Tensor, levels: Tensor, s: Tensor, o: Tensor | None) -> Tens
     return _nearest_uniform(_scaled(xg, s, o), lo, levels.numel()).add_(lo)
 
 
-def _least_squares(xg: Tensor, v: Tensor, s: Tensor, o: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The scale (and offset) minimising ``sum (x - v * s - o)^2`` per group for fixed levels ``v``; a group whose
-    levels do not determine them keeps ``s`` (and gets the best offset for it)."""
+def _least_squares(
+    xg: Tensor, v: Tensor, s: Tensor, o: Tensor | None, mx: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The scale (and offset) minimising ``sum (x - v * s - o)^2`` per group for fixed levels ``v`` (``mx``: the
+    groups' means of ``xg``, needed with an offset); a group whose levels do not determine them keeps ``s`` (and
+    gets the best offset for it)."""
     if o is None:
         den = (v * v).sum(-1, keepdim=True)
         return torch.where(den > 0, (xg * v).sum(-1, keepdim=True) / den.clamp_min(1e-30), s), None
-    mv, mx = v.mean(-1, keepdim=True), xg.mean(-1, keepdim=True)
+    assert mx is not None
+    mv = v.mean(-1, keepdim=True)
     var = (v * v).mean(-1, keepdim=True) - mv * mv
     cov = (v * xg).mean(-1, keepdim=True) - mv * mx
     s = torch.where(var > 1e-6, cov / var.clamp_min(1e-6), s)
@@ -341,8 +349,8 @@ def _stored(s: Tensor, o: Tensor | None) -> tuple[Tensor, Tensor | None]:
 
 def _group_error(xg: Tensor, v: Tensor, s: Tensor, o: Tensor | None) -> Tensor:
     """Squared error per group of decoding the level values ``v`` as ``v * s (+ o)``."""
-    rec = v * s if o is None else v * s + o
-    return (rec - xg).pow(2).sum(-1, keepdim=True)
+    rec = v * s if o is None else (v * s).add_(o)
+    return rec.sub_(xg).pow_(2).sum(-1, keepdim=True)
 
 
 def fit_mse(
@@ -373,26 +381,27 @@ def fit_mse(
 def _fit_mse_block(
     xg: Tensor, levels: Tensor, scale0: Tensor, offset0: Tensor | None, what: str
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`fit_mse` on one block of rows."""
+    """:func:`fit_mse` on one block of rows. The candidates keep only their scales, offsets and errors; the
+    winners' level values are recomputed once from the winning scales and offsets (the same values, by
+    construction)."""
     s0 = scale0.float().unsqueeze(-1)
     o0 = None if offset0 is None else offset0.float().unsqueeze(-1)
+    mx = None if o0 is None else xg.mean(-1, keepdim=True)
     best_s, best_o = s0, o0
-    best_v = _values_for(xg, levels, s0, o0)
-    best_err = _group_error(xg, best_v, s0, o0)
+    best_err = _group_error(xg, _values_for(xg, levels, s0, o0), s0, o0)
     centre = None if o0 is None else o0 + s0 * (levels[0] + levels[-1]) / 2
     for c in CLIP_RATIOS:
         s = s0 * c
         o = None if centre is None else centre - s * (levels[0] + levels[-1]) / 2
         for _ in range(LS_ROUNDS):
-            s, o = _least_squares(xg, _values_for(xg, levels, s, o), s, o)
+            s, o = _least_squares(xg, _values_for(xg, levels, s, o), s, o, mx)
         s, o = _stored(s, o)
-        v = _values_for(xg, levels, s, o)
-        err = _group_error(xg, v, s, o)
+        err = _group_error(xg, _values_for(xg, levels, s, o), s, o)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_v = torch.where(better, v, best_v)
         best_s = torch.where(better, s, best_s)
         best_o = None if o is None else torch.where(better, o, best_o)
+    best_v = _values_for(xg, levels, best_s, best_o)
     scale = _finite(best_s.squeeze(-1).half(), f"{what} scales")
     offset = None if best_o is None else _finite(best_o.squeeze(-1).half(), f"{what} offsets")
     lo = _uniform_low(levels)
