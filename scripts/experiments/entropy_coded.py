@@ -21,7 +21,7 @@ Prints, against the shipped bundle (``mixed`` rows throughout):
     python scripts/demo_corpus.py --calibration calib.txt
     python scripts/experiments/entropy_coded.py --calibration calib.txt --work /tmp/ecsq
 
-About 4 minutes on 2 cores.
+About 2 minutes on 2 cores.
 """
 
 from __future__ import annotations
