@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts" / "experiments"))
 
-from vq_residual import HELDOUT, write_dense  # noqa: E402
+from vq_residual import print_eval, write_dense  # noqa: E402
 
-from tolcli import CompressOptions, compress, demo_checkpoint_path, eval_ppl, open_bundle, precompute  # noqa: E402
+from tolcli import CompressOptions, compress, demo_checkpoint_path, open_bundle, precompute  # noqa: E402
 from tolcli.choices import cross_svd_spec  # noqa: E402
 from tolcli.codecs.base import TableRows  # noqa: E402
 from tolcli.codecs.mixed import (  # noqa: E402
@@ -209,12 +209,7 @@ def main() -> int:
             tables.append(f + entropy_coded(t - f, wl, bud + extra, 4.0, False))
         print(f"3. A at {share:.2f} of its bytes, both entropy-coded: {ref / weighted(tables):.3f}x lower error")
         tols.append(write_dense(dense, a.work / f"entropy-coded-a{share:.2f}.safetensors", tables))
-    for text in (HELDOUT, Path(a.calibration)):
-        report = eval_ppl(demo_checkpoint_path(), [text], tols=tols, ctx=128, stride=64)
-        print(f"{text.name}:")
-        for v in report.variants:
-            change = "" if v["ppl_change_pct"] is None else f"{v['ppl_change_pct']:+.2f}%"
-            print(f"  {v['name']:48s} ppl {v['ppl']:8.3f} {change:>8}  KL {v['mean_kl']:.3e}")
+    print_eval(tols, Path(a.calibration), width=48)
     return 0
 
 

@@ -93,6 +93,17 @@ def write_dense(template: Path, path: Path, tables: list[torch.Tensor]) -> Path:
     return write_bundle(path, entries, manifest)
 
 
+def print_eval(tols: list[Path], calibration: Path, width: int = 40) -> None:
+    """Each bundle's perplexity change and mean KL against the demo's own FFNs, on the held-out text and on
+    ``calibration`` (``--ctx 128 --stride 64``)."""
+    for text in (HELDOUT, calibration):
+        report = eval_ppl(demo_checkpoint_path(), [text], tols=tols, ctx=128, stride=64)
+        print(f"{text.name}:")
+        for v in report.variants:
+            change = "" if v["ppl_change_pct"] is None else f"{v['ppl_change_pct']:+.2f}%"
+            print(f"  {v['name']:{width}s} ppl {v['ppl']:8.3f} {change:>8}  KL {v['mean_kl']:.3e}")
+
+
 def recode(shipped: Path, dense: Path, weights: dict[int, torch.Tensor]) -> dict[bool, list[torch.Tensor]]:
     """Every layer decoded: ``A B_l`` as shipped plus the residual re-coded with the VQ classes in the menu, by
     whether the compact index's side information is charged instead of ``mixed``'s (the errors of every class,
@@ -161,21 +172,18 @@ def main() -> int:
     torch.manual_seed(0)
     a.work.mkdir(parents=True, exist_ok=True)
     dense, shipped = a.work / "dense.safetensors", a.work / "cross-svd.safetensors"
-    precompute(demo_checkpoint_path(), dense, dtype="fp32")
+    if not dense.exists():
+        precompute(demo_checkpoint_path(), dense, dtype="fp32")
     opts = CompressOptions(codec=cross_svd_spec(a.bits), sensitivity="demo", calibration=a.calibration)
-    compress(dense, shipped, opts)
+    if not shipped.exists():
+        compress(dense, shipped, opts)
     with open_bundle(dense) as b:
         weights, _ = load_weights(opts.weighting(), b, NullProgress())
     assert weights is not None
     tols = [shipped]
     for compact, tables in recode(shipped, dense, weights).items():
         tols.append(write_dense(dense, a.work / f"vq{'-compact-index' if compact else ''}.safetensors", tables))
-    for text in (HELDOUT, Path(a.calibration)):
-        report = eval_ppl(demo_checkpoint_path(), [text], tols=tols, ctx=128, stride=64)
-        print(f"{text.name}:")
-        for v in report.variants:
-            change = "" if v["ppl_change_pct"] is None else f"{v['ppl_change_pct']:+.2f}%"
-            print(f"  {v['name']:40s} ppl {v['ppl']:8.3f} {change:>8}  KL {v['mean_kl']:.3e}")
+    print_eval(tols, Path(a.calibration))
     return 0
 
 
