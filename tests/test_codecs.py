@@ -572,3 +572,23 @@ def test_zero_and_constant_groups_get_the_level_nearest_zero_and_decode_exactly(
     if "offsets" in enc:  # asymmetric: the constant row too has scale 0, code 0, its value in the offset
         assert (enc["scales"][1] == 0).all() and (enc["codes"][1] == 0).all()
         assert (enc["offsets"][1].float() == 0.375).all() and (dec[1] == 0.375).all()
+
+
+def test_scale_searches_do_not_depend_on_the_inputs_memory_layout() -> None:
+    """The same values column-major (a transposed view's layout) must give the same bits as row-major: the group
+    sums must not add in the layout's order (they did when a search kept its input's strides)."""
+    from tolcli.codecs.mixed import fit_group_codes, quantize_class
+    from tolcli.codecs.quant import quantize_int4, quantize_nf4
+
+    x = table(48, 128, seed=3) + 1000.0  # a large offset: the sums' rounding decides between clipping candidates
+    xt = x.t().contiguous().t()
+    assert torch.equal(x, xt) and xt.stride() != x.stride()
+    fits = {
+        "mixed 1 bit": lambda t: fit_group_codes(t.reshape(48, 4, 32), 1),
+        "mixed class 8 bits": lambda t: quantize_class(t, 8, 32),
+        "int4": lambda t: quantize_int4(t, 32, False, "mse"),
+        "nf4": lambda t: quantize_nf4(t, 64, "mse"),
+    }
+    for name, fit in fits.items():
+        for a, b in zip(fit(x), fit(xt), strict=True):
+            assert torch.equal(_bitwise(a), _bitwise(b)), name

@@ -416,6 +416,7 @@ def test_the_fit_beats_min_max_and_zero_bits_decode_to_the_mean() -> None:
         s, o = ((hi - lo) / top).half().float(), lo.half().float()
         mm = (torch.round((x - o) / s).clamp(0, top) * s + o - x).pow(2).sum()
         q, scale, offset, err = fit_group_codes(x, bits)
+        assert q is not None
         rec = q * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
         assert torch.allclose(err, (rec - x).pow(2).sum(-1), rtol=1e-4)
         assert float(err.sum()) < float(mm)

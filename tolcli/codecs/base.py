@@ -290,7 +290,7 @@ def fit_chunks(rows: int, width: int) -> Iterator[slice]:
     """Slices covering ``range(rows)`` in blocks of about :data:`FIT_CHUNK_VALUES` values of a [rows, width] table.
 
     The clipping searches (:func:`tolcli.codecs.quant.fit_mse`, :func:`tolcli.codecs.mixed.fit_group_codes`) make
-    dozens of passes over their input; on blocks that fit in L2 they run about 8x faster at h = 2,048 than on a
+    dozens of passes over their input; on blocks that fit in L2 they run 4-5x faster at h = 2,048 than on a
     whole 4,096-row batch (``benchmarks/fit_chunks.py``), with identical results: every group is fitted alone.
     No rows give one empty slice, so a caller always has a block to take its result's shape from."""
     if rows == 0:

@@ -165,7 +165,9 @@ def fit_group_codes(xg: Tensor, bits: int, *, codes: bool = True) -> tuple[Tenso
 
 def _fit_block(xg: Tensor, bits: int, codes: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """:func:`fit_group_codes` on one block of rows. The candidates keep only their scales, offsets and errors; the
-    winners' codes are recomputed once from the winning scales and offsets (the same codes, by construction)."""
+    winners' codes are recomputed once from the winning scales and offsets (the same codes, by construction).
+    The block is made contiguous first: the group sums then add in the same order whatever the caller's layout."""
+    xg = xg.contiguous()
     top = (1 << bits) - 1
     lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
     centre, width, mx = (lo + hi) / 2, hi - lo, xg.mean(-1, keepdim=True)

@@ -383,7 +383,9 @@ def _fit_mse_block(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`fit_mse` on one block of rows. The candidates keep only their scales, offsets and errors; the
     winners' level values are recomputed once from the winning scales and offsets (the same values, by
-    construction)."""
+    construction). The block is made contiguous first: the group sums then add in the same order whatever the
+    caller's layout."""
+    xg = xg.contiguous()
     s0 = scale0.float().unsqueeze(-1)
     o0 = None if offset0 is None else offset0.float().unsqueeze(-1)
     mx = None if o0 is None else xg.mean(-1, keepdim=True)
