@@ -38,10 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts" / "experiments"))
 
-from vq_residual import print_eval, write_dense  # noqa: E402
+from vq_residual import demo_bundles, print_eval, write_dense  # noqa: E402
 
-from tolcli import CompressOptions, compress, demo_checkpoint_path, open_bundle, precompute  # noqa: E402
-from tolcli.choices import cross_svd_spec  # noqa: E402
+from tolcli import open_bundle  # noqa: E402
 from tolcli.codecs.base import TableRows  # noqa: E402
 from tolcli.codecs.mixed import (  # noqa: E402
     DEFAULT_FLOOR,
@@ -54,8 +53,6 @@ from tolcli.codecs.mixed import (  # noqa: E402
     row_bytes,
     row_weights,
 )
-from tolcli.compress import load_weights  # noqa: E402
-from tolcli.progress import NullProgress  # noqa: E402
 
 STEPS = [0.04 * 2 ** (j / 4) for j in range(30)]  # grid step / row RMS
 KMAX = 40  # codes -40 .. 40 (81 symbols; larger values clamp)
@@ -152,16 +149,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="scratch directory for the bundles")
     a = ap.parse_args()
     torch.manual_seed(0)
-    a.work.mkdir(parents=True, exist_ok=True)
-    dense, shipped = a.work / "dense.safetensors", a.work / "cross-svd.safetensors"
-    if not dense.exists():
-        precompute(demo_checkpoint_path(), dense, dtype="fp32")
-    opts = CompressOptions(codec=cross_svd_spec(2.5), sensitivity="demo", calibration=a.calibration)
-    if not shipped.exists():
-        compress(dense, shipped, opts)
-    with open_bundle(dense) as b:
-        weights, _ = load_weights(opts.weighting(), b, NullProgress())
-    assert weights is not None
+    dense, shipped, weights = demo_bundles(a.work, a.calibration, 2.5)
     with open_bundle(shipped) as b, open_bundle(dense) as d:
         layers, V, h = sorted(b.layers), b.vocab_size, b.hidden_size
         T = [d.read_rows(i, 0, V).float() for i in layers]

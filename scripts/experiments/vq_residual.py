@@ -93,6 +93,22 @@ def write_dense(template: Path, path: Path, tables: list[torch.Tensor]) -> Path:
     return write_bundle(path, entries, manifest)
 
 
+def demo_bundles(work: Path, calibration: str, bits: float) -> tuple[Path, Path, dict[int, torch.Tensor]]:
+    """``work``'s dense fp32 bundle of the demo and the sweep's cross-layer SVD of it at ``bits`` (each made unless
+    there already), and the per-layer token weights that SVD was allocated with."""
+    work.mkdir(parents=True, exist_ok=True)
+    dense, shipped = work / "dense.safetensors", work / "cross-svd.safetensors"
+    if not dense.exists():
+        precompute(demo_checkpoint_path(), dense, dtype="fp32")
+    opts = CompressOptions(codec=cross_svd_spec(bits), sensitivity="demo", calibration=calibration)
+    if not shipped.exists():
+        compress(dense, shipped, opts)
+    with open_bundle(dense) as b:
+        weights, _ = load_weights(opts.weighting(), b, NullProgress())
+    assert weights is not None
+    return dense, shipped, weights
+
+
 def print_eval(tols: list[Path], calibration: Path, width: int = 40) -> None:
     """Each bundle's perplexity change and mean KL against the demo's own FFNs, on the held-out text and on
     ``calibration`` (``--ctx 128 --stride 64``)."""
@@ -170,16 +186,7 @@ def main() -> int:
     ap.add_argument("--bits", type=float, default=2.5, help="bits per value of the cross-layer SVD (2.5)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    a.work.mkdir(parents=True, exist_ok=True)
-    dense, shipped = a.work / "dense.safetensors", a.work / "cross-svd.safetensors"
-    if not dense.exists():
-        precompute(demo_checkpoint_path(), dense, dtype="fp32")
-    opts = CompressOptions(codec=cross_svd_spec(a.bits), sensitivity="demo", calibration=a.calibration)
-    if not shipped.exists():
-        compress(dense, shipped, opts)
-    with open_bundle(dense) as b:
-        weights, _ = load_weights(opts.weighting(), b, NullProgress())
-    assert weights is not None
+    dense, shipped, weights = demo_bundles(a.work, a.calibration, a.bits)
     tols = [shipped]
     for compact, tables in recode(shipped, dense, weights).items():
         tols.append(write_dense(dense, a.work / f"vq{'-compact-index' if compact else ''}.safetensors", tables))
