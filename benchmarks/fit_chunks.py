@@ -42,7 +42,8 @@ def _same(a: tuple, b: tuple) -> bool:
 def run() -> Iterator[str]:
     torch.manual_seed(0)
     yield f"  blocks of {base.FIT_CHUNK_VALUES:,} values; {torch.get_num_threads()} torch threads"
-    fit_group_codes(torch.randn(64, 2, 64), 3), quantize_int4(torch.randn(64, 128), 64, False, "mse")  # warm-up
+    fit_group_codes(torch.randn(64, 2, 64), 3)  # warm-up
+    quantize_int4(torch.randn(64, 128), 64, False, "mse")
     for R, h in SHAPES:
         x = torch.randn(R, h) * torch.rand(R, 1)
         cases = {

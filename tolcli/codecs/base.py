@@ -301,6 +301,16 @@ def fit_chunks(rows: int, width: int) -> Iterator[slice]:
         yield slice(s, min(s + step, rows))
 
 
+def fit_in_blocks(fit: Callable[..., tuple[Any, ...]], xg: Tensor, *aligned: Tensor | None) -> tuple[Any, ...]:
+    """``fit(block of xg, matching blocks of aligned)`` over :func:`fit_chunks` of ``xg``'s rows, the results joined
+    along the rows (a None result, or a None ``aligned``, stays None): what the scale searches run in."""
+    width = xg[0].numel() if xg.shape[0] else 1
+    parts = [fit(xg[c], *(None if a is None else a[c] for a in aligned)) for c in fit_chunks(xg.shape[0], width)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))
+
+
 def array_view(access: TensorAccess, role: str) -> np.ndarray | None:
     """A role's whole stored tensor as a read-only-by-contract numpy array without a copy (a bundle's memory map,
     an in-memory tensor), or None where the access has none: what compiled decoders read rows from."""

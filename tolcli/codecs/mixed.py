@@ -37,7 +37,7 @@ from tolcli.codecs.base import (
     TableRows,
     TensorAccess,
     array_view,
-    fit_chunks,
+    fit_in_blocks,
     full_f32,
 )
 from tolcli.codecs.quant import dequantize_lowbit, pack_bits
@@ -156,11 +156,8 @@ def fit_group_codes(xg: Tensor, bits: int, *, codes: bool = True) -> tuple[Tenso
     clipping ratio of :func:`clip_ratios`, :data:`LS_ROUNDS` rounds of nearest codes and least squares, the scale
     and offset rounded to fp16 and the codes recomputed for them; per group the candidate with the smallest squared
     error is kept. Returns (codes fp32 [n, G, g], or None unless ``codes``; scales fp16 [n, G], offsets fp16
-    [n, G], squared error fp32 [n, G]). Rows are fitted in blocks (:func:`fit_chunks`)."""
-    parts = [_fit_block(xg[c], bits, codes) for c in fit_chunks(xg.shape[0], xg.shape[1] * xg.shape[2])]
-    if len(parts) == 1:
-        return parts[0]
-    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+    [n, G], squared error fp32 [n, G]). Rows are fitted in blocks (:func:`fit_in_blocks`)."""
+    return fit_in_blocks(lambda block: _fit_block(block, bits, codes), xg)  # type: ignore[return-value]
 
 
 def _fit_block(xg: Tensor, bits: int, codes: bool) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:

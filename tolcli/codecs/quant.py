@@ -31,7 +31,7 @@ from tolcli.codecs.base import (
     RowSource,
     TableRows,
     TensorAccess,
-    fit_chunks,
+    fit_in_blocks,
     full_f32,
     row_blocks,
 )
@@ -367,15 +367,10 @@ def fit_mse(
     (level indices uint8 [R, G, g], scales F16 [R, G], offsets F16 [R, G] | None).
 
     The search carries level values, not indices (for uniform codes ``value = lowest level + index``), and turns
-    the winners into indices once at the end. Rows are fitted in blocks (:func:`fit_chunks`)."""
-    parts = [
-        _fit_mse_block(xg[c], levels, scale0[c], None if offset0 is None else offset0[c], what)
-        for c in fit_chunks(xg.shape[0], xg.shape[1] * xg.shape[2])
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    offsets = None if offset0 is None else torch.cat([p[2] for p in parts])  # type: ignore[misc]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), offsets
+    the winners into indices once at the end. Rows are fitted in blocks (:func:`fit_in_blocks`)."""
+    return fit_in_blocks(  # type: ignore[return-value]
+        lambda block, s0, o0: _fit_mse_block(block, levels, s0, o0, what), xg, scale0, offset0
+    )
 
 
 def _fit_mse_block(
