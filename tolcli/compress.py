@@ -28,6 +28,7 @@ compressed (``V * h * 2`` per layer): ``--ratio 0.25`` means a quarter of what f
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -66,6 +67,7 @@ from tolcli.data import read_data
 from tolcli.demo import resolve_checkpoint_arg
 from tolcli.dtypes import DTYPES, tensor_to_numpy
 from tolcli.errors import InputError, UsageError
+from tolcli.feedback import CarriedRows, Carry
 from tolcli.fsutil import check_output, parse_size
 from tolcli.model import load_model
 from tolcli.pairing import check_pairing
@@ -80,7 +82,7 @@ DEFAULT_A_GROUP = 32  # the A factor's group size in the svd+int4/nf4 schemes (r
 # The CompressOptions fields that weight tokens; the others besides scheme and codec are the scheme's options.
 _WEIGHTING_FIELDS = ("token_weights", "calibration", "sensitivity", "weight_floor")
 # The CompressOptions fields that are not scheme options (a `codec` spec refuses the others).
-_NOT_SCHEME_OPTIONS = ("scheme", "codec", *_WEIGHTING_FIELDS, "allow_source_mismatch")
+_NOT_SCHEME_OPTIONS = ("scheme", "codec", *_WEIGHTING_FIELDS, "allow_source_mismatch", "error_feedback")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Weighting:
     floor: float = 1.0
     allow_source_mismatch: bool = False
     device: str = "cpu"  # where the sensitivity passes run (auto, cpu, cuda, cuda:N)
+    feedback: bool = False  # sensitivity of errors coded with error feedback (tolcli.feedback)
 
 
 @dataclass
@@ -137,6 +140,7 @@ class CompressOptions:
     candidates: str | None = None  # scheme "auto": the codec specs to choose among, comma-separated
     validate: str | None = None  # scheme "auto": text to evaluate the top plans on (with the sensitivity model)
     validate_plans: int | None = None  # scheme "auto" with validate: how many plans (default VALIDATE_PLANS)
+    error_feedback: bool = False  # code each layer with the error the layers before it left (tolcli.feedback)
 
     def codec_spec(self) -> CodecSpec:
         """The codec spec these options choose, validated."""
@@ -160,7 +164,12 @@ class CompressOptions:
 
     def weighting(self) -> Weighting:
         return Weighting(
-            self.token_weights, self.calibration, self.sensitivity, self.weight_floor, self.allow_source_mismatch
+            self.token_weights,
+            self.calibration,
+            self.sensitivity,
+            self.weight_floor,
+            self.allow_source_mismatch,
+            feedback=self.error_feedback,
         )
 
     def record(self) -> dict[str, Any]:
@@ -175,6 +184,8 @@ class CompressOptions:
             rec = {"codec": str(self.codec_spec()), **self._set(_WEIGHTING_FIELDS)}
         if self.allow_source_mismatch:
             rec["allow_source_mismatch"] = True
+        if self.error_feedback:  # recorded only when set, so earlier outputs keep their bytes
+            rec["error_feedback"] = True
         return rec
 
     def _set(self, keys: Sequence[str]) -> dict[str, Any]:
@@ -196,6 +207,7 @@ _AUTO_FIELDS = (
     "validate_plans",
     *_WEIGHTING_FIELDS,
     "allow_source_mismatch",
+    "error_feedback",
 )
 
 
@@ -304,6 +316,7 @@ def weights_key(w: Weighting, b: Bundle) -> Any:
         w.floor,
         w.allow_source_mismatch,
         w.device,
+        w.feedback,
     )
 
 
@@ -372,7 +385,9 @@ def validate_auto(
                 path, {"command": "compress", "validate": k}, resume=False, options=write, note=lambda s: None
             )
             specs = {i: parse_spec(c.spec) for i, c in chosen.items()}
-            manifest = _stage_layers(b, specs, AUTO_SCHEME, weights, staging, progress, batch_rows, {}, None, {})
+            manifest = _stage_layers(
+                b, specs, AUTO_SCHEME, weights, staging, progress, batch_rows, {}, None, {}, o.error_feedback
+            )
             paths.append(staging.finish(manifest))
         report = eval_ppl(
             ckpt,
@@ -656,7 +671,8 @@ def _sensitivity_weights(
     data = read_data(w.calibration, vocab_size=b.vocab_size)
     tokens = tokens_of(data, tok, b.vocab_size)
     model = load_model(ckpt, device=resolve_device(w.device))
-    S, counts = token_sensitivity(model, tokens, progress=progress)
+    chain = sorted(b.layers) if w.feedback else None
+    S, counts = token_sensitivity(model, tokens, progress=progress, chain=chain)
     info = {
         "source": "sensitivity",
         "checkpoint": ckpt.path.name,
@@ -666,6 +682,8 @@ def _sensitivity_weights(
         "floor": w.floor,
         "layer_sensitivity": [float(x) for x in (S.sum(1) / counts.sum())],
     }
+    if w.feedback:  # of the errors error feedback leaves (tolcli.sensitivity.token_sensitivity's chain)
+        info["feedback"] = True
     weights = sensitivity_weights(S, counts, w.floor)
     return {i: weights[i] for i in b.layers}, info
 
@@ -733,14 +751,25 @@ def _entry(
     }
 
 
-def encode_layer(index: int, table: torch.Tensor, codec: Codec, weights: torch.Tensor | None = None) -> EncodedLayer:
+def encode_layer(
+    index: int,
+    table: torch.Tensor,
+    codec: Codec,
+    weights: torch.Tensor | None = None,
+    carried: CarriedRows | None = None,
+) -> EncodedLayer:
     """Encode layer ``index``'s [V, h] fp32 table; the entry records the codec, bytes and reconstruction error
-    (``weights``: per-token weights of the error, recorded as ``weighted_rel_error`` too)."""
+    (``weights``: per-token weights of the error, recorded as ``weighted_rel_error`` too). With ``carried``
+    (error feedback, :mod:`tolcli.feedback`) the table plus its carry is encoded, and the carry advanced."""
     V, h = table.shape
-    tensors = codec.encode(table)
+    target = table if carried is None else carried.target(0, table)
+    tensors = codec.encode(target)
     dtypes = {role: dtype for role, (_, dtype) in codec.tensor_specs(V, h).items()}
     stats = ErrorStats(V)
-    stats.add(0, table, codec.decode_rows(DictAccess(tensors), torch.arange(V)))
+    decoded = codec.decode_rows(DictAccess(tensors), torch.arange(V))
+    stats.add(0, table, decoded)
+    if carried is not None:
+        carried.advance(0, target, decoded)
     entry = _entry(index, codec, list(tensors), (V, h), stats, weights)
     return EncodedLayer({codec.tensor_name(index, r): (dtypes[r], t) for r, t in tensors.items()}, entry)
 
@@ -782,17 +811,29 @@ class LayerRows:
 
 
 def _encoded_batches(
-    source: RowSource, codec: Codec, enc: BatchEncoder, stats: ErrorStats
+    source: RowSource, codec: Codec, enc: BatchEncoder, stats: ErrorStats, carried: CarriedRows | None = None
 ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """Each row batch of ``source``, encoded (its per-row roles), its error recorded in ``stats``."""
+    """Each row batch of ``source``, encoded (its per-row roles), its error recorded in ``stats``. With
+    ``carried`` (error feedback over ``source``'s table) each batch is encoded with its carry, which then advances;
+    the error is still measured against ``source``'s rows."""
     for s, rows in source.batches():
-        roles = enc.encode_rows(rows)
-        stats.add(s, rows, codec.decode_rows(DictAccess({**roles, **enc.fixed}), torch.arange(rows.shape[0])))
+        target = rows if carried is None else carried.target(s, rows)
+        roles = enc.encode_rows(target)
+        decoded = codec.decode_rows(DictAccess({**roles, **enc.fixed}), torch.arange(rows.shape[0]))
+        stats.add(s, rows, decoded)
+        if carried is not None:
+            carried.advance(s, target, decoded)
         yield s, roles
 
 
 def stage_streamed(
-    index: int, source: RowSource, codec: Codec, enc: BatchEncoder, staging: Staging, weights: Any = None
+    index: int,
+    source: RowSource,
+    codec: Codec,
+    enc: BatchEncoder,
+    staging: Staging,
+    weights: Any = None,
+    carried: CarriedRows | None = None,
 ) -> dict[str, Any]:
     """Encode layer ``index`` batch by batch straight into ``staging``; returns its manifest entry.
 
@@ -801,7 +842,7 @@ def stage_streamed(
     then the fixed roles; the same order as ``codec.encode`` gives them."""
     specs = codec.tensor_specs(source.rows, source.width)
     stats = ErrorStats(source.rows)
-    batches = _encoded_batches(source, codec, enc, stats)
+    batches = _encoded_batches(source, codec, enc, stats, carried)
     roles = stage_rows(staging, batches, specs, lambda r: codec.tensor_name(index, r))
     for role, t in enc.fixed.items():
         staging.stage(codec.tensor_name(index, role), specs[role][1], specs[role][0], [tensor_to_numpy(t)])
@@ -856,23 +897,27 @@ def _encode_layers(
     staging: Staging,
     progress: Progress,
     batch_rows: int,
+    carry: Carry | None = None,
 ) -> None:
     """Encode and stage every layer the staging does not hold yet, each with its spec, in row batches of
-    ``batch_rows``."""
+    ``batch_rows``. With a ``carry`` (error feedback) every layer is encoded, in order, unless all are staged."""
     todo = [i for i in sorted(b.layers) if staging.layer_done(i) is None]
+    if carry is not None and todo:
+        todo = sorted(b.layers)
     progress.start(f"compress {len(todo)} layer(s) ({label})", len(todo))
     for i in todo:
         source = LayerRows(b, i, batch_rows)
+        carried = None if carry is None else CarriedRows(source, carry)
         w = None if weights is None else weights[i]
         codec = specs[i].build(b.hidden_size, weights=w)
-        enc = codec.encoder(source)
+        enc = codec.encoder(source if carried is None else carried)
         if enc is None:  # a codec that needs the whole table
-            layer = encode_layer(i, torch.cat([rows for _, rows in source.batches()]), codec, w)
+            layer = encode_layer(i, torch.cat([rows for _, rows in source.batches()]), codec, w, carried)
             for name, (dtype, t) in layer.tensors.items():
                 staging.stage(name, dtype, tuple(t.shape), [tensor_to_numpy(t)])
             entry = layer.entry
         else:
-            entry = stage_streamed(i, source, codec, enc, staging, w)
+            entry = stage_streamed(i, source, codec, enc, staging, w, carried)
         staging.commit_layer(i, entry)
         progress.advance(1)
     progress.finish()
@@ -922,18 +967,24 @@ def _stage_layers(
     record: dict[str, Any],
     weight_info: dict[str, Any] | None,
     ranks: dict[int, int],
+    feedback: bool = False,
 ) -> dict[str, Any]:
     """Encode every layer of ``b`` with its spec into ``staging``, with the tokenizer; returns the manifest. A
-    cross-layer SVD spec encodes all layers at once (:mod:`tolcli.crosslayer`)."""
+    cross-layer SVD spec encodes all layers at once (:mod:`tolcli.crosslayer`). ``feedback``: code each layer with
+    the error the layers before it left (:mod:`tolcli.feedback`)."""
     first = specs[min(specs)] if specs else None
-    if isinstance(first, SVD) and first.cross_layer:
-        if any(s != first for s in specs.values()):  # pragma: no cover - candidate_specs refuses cross-layer ones
-            raise UsageError("a cross-layer svd encodes every layer with one spec")
-        from tolcli.crosslayer import stage_stack  # it imports this module
+    with contextlib.ExitStack() as stack:
+        carry = None
+        if feedback:
+            carry = stack.enter_context(Carry(b.vocab_size, b.hidden_size, staging.dir.parent))
+        if isinstance(first, SVD) and first.cross_layer:
+            if any(s != first for s in specs.values()):  # pragma: no cover - candidate_specs refuses cross-layer
+                raise UsageError("a cross-layer svd encodes every layer with one spec")
+            from tolcli.crosslayer import stage_stack  # it imports this module
 
-        stage_stack(b, first, weights, staging, progress, batch_rows)
-    else:
-        _encode_layers(b, specs, label, weights, staging, progress, batch_rows)
+            stage_stack(b, first, weights, staging, progress, batch_rows, carry)
+        else:
+            _encode_layers(b, specs, label, weights, staging, progress, batch_rows, carry)
     tok = b.tokenizer_bytes()
     if tok is not None and TOKENIZER_TENSOR not in staging.state["tensors"]:
         staging.stage_extra(TOKENIZER_TENSOR, tok)
@@ -1038,6 +1089,12 @@ def compress(
 
             shared = stack_spec(spec, b.vocab_size, b.hidden_size, len(b.layers))
             check_stack(shared, b.vocab_size, b.hidden_size, len(b.layers), note)
+            if options.error_feedback and spec.residual is None:
+                raise UsageError(
+                    f"{spec}: error feedback codes each layer's residual with the carry; a cross-layer svd "
+                    "without a residual has nothing to carry it",
+                    hint="add a residual, e.g. residual=mixed(bits=1.5), or drop --error-feedback",
+                )
         weighting = replace(options.weighting(), device=device)
         wkey = None if memo is None else weights_key(weighting, b)
         weights, weight_info = memoized(memo, "weights", wkey, lambda: load_weights(weighting, b, progress, note))
@@ -1072,7 +1129,9 @@ def compress(
             job["plan"] = {str(i): str(s) for i, s in specs.items()}
         staging = Staging(out, job, resume=resume, options=write, note=note)
         label = AUTO_SCHEME if spec is None else str(spec)
-        manifest = _stage_layers(b, specs, label, weights, staging, progress, batch_rows, record, weight_info, ranks)
+        manifest = _stage_layers(
+            b, specs, label, weights, staging, progress, batch_rows, record, weight_info, ranks, options.error_feedback
+        )
     path = staging.finish(manifest)
     with open_bundle(path) as written:
         return CompressResult(path, written.manifest, time.monotonic() - t0, ranks, plan)

@@ -42,6 +42,7 @@ from tolcli.codecs.svd import (
 from tolcli.compress import ErrorStats, LayerRows, _entry, parse_budget, stage_rows
 from tolcli.dtypes import DTYPES, tensor_to_numpy
 from tolcli.errors import UsageError
+from tolcli.feedback import CarriedRows, Carry
 from tolcli.progress import Progress
 
 # The widest stack (layers x hidden size) whose Gram ``exact`` forms: 16,384^2 fp64 is 2 GiB (and eigh's workspace).
@@ -217,6 +218,7 @@ def stage_stack(
     staging: Staging,
     progress: Progress,
     batch_rows: int,
+    carry: Carry | None = None,
 ) -> int:
     """Fit and stage a cross-layer SVD of every present layer of ``b`` (``A`` as ``shared.0.A.*``, each layer's
     ``B``), committing each layer's manifest entry (``stored_bytes`` counts ``A`` in every layer until the
@@ -225,7 +227,8 @@ def stage_stack(
     ``A``'s codec is fitted to ``A = X P`` (its own passes over the layers, for a codec that fits the whole factor,
     such as ``mixed``, with the stack's row weights), then ``A`` is encoded in row batches while each layer's
     reconstruction error is measured. A run resumed with some layers done fits and stages everything again (the
-    staged bytes are the same)."""
+    staged bytes are the same). With a ``carry`` (error feedback, :mod:`tolcli.feedback`), each layer's residual
+    codes ``T_l + c_l - A B_l``, in layer order."""
     layers = sorted(b.layers)
     V, h = b.vocab_size, b.hidden_size
     rank = stack_rank(spec, V, h, len(layers))
@@ -278,7 +281,7 @@ def stage_stack(
         codec.a_codec = a_codec  # the one fitted A codec (its params: a mixed A's classes)
         r_roles: list[str] = []
         if residual:
-            stats[i], r_roles = stage_residual(b, i, codec, a_all, b_f32[i], staging, batch_rows)
+            stats[i], r_roles = stage_residual(b, i, codec, a_all, b_f32[i], staging, batch_rows, carry)
             progress.advance(1)
         b_specs = codec.tensor_specs(V, h)
         for r, t in b_enc[i].items():
@@ -290,25 +293,37 @@ def stage_stack(
 
 
 def stage_residual(
-    b: Bundle, layer: int, codec: SVDCodec, a_all: DictAccess, b_f32: Tensor, staging: Staging, batch_rows: int
+    b: Bundle,
+    layer: int,
+    codec: SVDCodec,
+    a_all: DictAccess,
+    b_f32: Tensor,
+    staging: Staging,
+    batch_rows: int,
+    carry: Carry | None = None,
 ) -> tuple[ErrorStats, list[str]]:
     """Fit ``codec``'s residual to layer ``layer``'s ``T - A B_l`` (``A`` decoded from its encoded rows ``a_all``)
-    and stage it; returns the layer's error with the residual, and the residual's roles in the order staged."""
+    and stage it; returns the layer's error with the residual, and the residual's roles in the order staged. With
+    a ``carry`` the residual codes ``T + c - A B_l``, and the carry advances (the error is still against ``T``)."""
     V, h = b.vocab_size, b.hidden_size
 
     def base(s: int, rows: Tensor) -> Tensor:
         return codec.a_codec.decode_rows(a_all, torch.arange(s, s + rows.shape[0])) @ b_f32
 
     source = LayerRows(b, layer, batch_rows)
-    encode, fixed = codec.encode_residual(ResidualRows(source, base))
+    carried = None if carry is None else CarriedRows(source, carry)
+    encode, fixed = codec.encode_residual(ResidualRows(source if carried is None else carried, base))
     stats = ErrorStats(V)
 
     def encoded() -> Iterator[tuple[int, dict[str, Tensor]]]:
         for s, rows in source.batches():
+            target = rows if carried is None else carried.target(s, rows)
             approx = base(s, rows)
-            roles = encode(rows - approx)
+            roles = encode(target - approx)
             codec.add_residual(DictAccess({**roles, **fixed}), torch.arange(rows.shape[0]), approx)  # as decoding does
             stats.add(s, rows, approx)
+            if carried is not None:
+                carried.advance(s, target, approx)
             yield s, roles
 
     specs = codec.tensor_specs(V, h)

@@ -10,6 +10,8 @@ spends bytes where the loss, not the raw reconstruction error, says they matter.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -52,9 +54,15 @@ def token_sensitivity(
     ctx: int = 256,
     batch_size: int = 8,
     progress: Progress | None = None,
+    chain: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(S, counts)``: ``S[l, t]`` (fp64 [layers, vocab]) sums ``||dLoss/dterm_l(p)||^2`` over the positions
     ``p`` holding token ``t``; ``counts[t]`` is how often ``t`` occurs as an input.
+
+    ``chain``: the layers a bundle coded with error feedback holds, in order (:mod:`tolcli.feedback`). A
+    coding error ``e`` of layer ``l`` is then added to ``term_l`` and taken from the next layer of the chain,
+    ``l'``, so it changes the loss by about ``(g_l - g_l') . e``: ``S[l]`` sums ``||g_l - g_l'||^2`` instead (the
+    last layer of the chain keeps ``||g_l||^2``). Rows of layers outside the chain are 0.
 
     ``Loss`` is the summed cross-entropy of every target, the text cut into disjoint windows of ``ctx``
     tokens (:func:`disjoint_windows`): each input position is in exactly one window, so each occurrence is
@@ -83,9 +91,8 @@ def token_sensitivity(
             logits = model(idx[:, :-1].to(device), src)  # (B, T, V)
             target = idx[:, 1:].flatten().to(device)
             F.cross_entropy(logits.flatten(0, 1).float(), target, reduction="sum").backward()
-            for layer, (term, ids) in src.terms.items():
-                g2 = term.grad.double().pow(2).sum(-1).flatten().cpu()  # type: ignore[union-attr]
-                S[layer].index_add_(0, ids.flatten().cpu(), g2)
+            for layer, g, ids in _layer_grads(src.terms, chain):
+                S[layer].index_add_(0, ids.flatten().cpu(), g.double().pow(2).sum(-1).flatten().cpu())
             counts.index_add_(0, idx[:, :-1].flatten(), torch.ones(idx[:, :-1].numel(), dtype=torch.float64))
             progress.advance(len(batch))
     finally:
@@ -93,6 +100,26 @@ def token_sensitivity(
             p.requires_grad_(r)
         progress.finish()
     return S, counts
+
+
+def _layer_grads(
+    terms: dict[int, tuple[Tensor, Tensor]], chain: Sequence[int] | None
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(layer, the gradient its coding error meets, token ids)``: ``dLoss/dterm_l``, or with error feedback along
+    ``chain`` that minus the next chained layer's."""
+    if chain is None:
+        for layer, (term, ids) in terms.items():
+            yield layer, term.grad, ids  # type: ignore[misc]
+        return
+    missing = [i for i in chain if i not in terms]
+    if missing:
+        raise InputError(f"the model has no context-free term at layer(s) {missing} of the bundle")
+    for k, layer in enumerate(chain):
+        term, ids = terms[layer]
+        g = term.grad
+        if k + 1 < len(chain):
+            g = g - terms[chain[k + 1]][0].grad  # type: ignore[operator]
+        yield layer, g, ids  # type: ignore[misc]
 
 
 def sensitivity_weights(S: Tensor, counts: Tensor, floor: float) -> Tensor:

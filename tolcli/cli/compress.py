@@ -201,6 +201,15 @@ def compress_cmd(
         float,
         typer.Option("--weight-floor", help="Added to every count, so unseen tokens still count.", rich_help_panel=_W),
     ] = 1.0,
+    error_feedback: Annotated[
+        bool,
+        typer.Option(
+            "--error-feedback",
+            help="Code each layer with the coding error the layers before it left, so that the residual stream "
+            "carries one layer's error instead of the sum of all (about 3x lower KL at the same bytes; each "
+            "layer's own table is then off by two errors: for running the model, not for reading one layer).",
+        ),
+    ] = False,
     fmt: FormatOpt = None,
     compression: CompressionOpt = None,
     max_shard_size: MaxShardOpt = None,
@@ -246,6 +255,8 @@ def compress_cmd(
         tolcli compress dense.h5 -o a.h5 -s auto --budget 0.2 --sensitivity demo --calibration c.txt --validate c.txt
 
         tolcli compress dense.h5 -o x.h5 --codec 'svd(budget=0.15625,cross_layer=true,residual=mixed(bits=1.5))'
+
+        tolcli compress dense.h5 -o m.h5 --codec 'mixed(bits=2.5)' --error-feedback --calibration c.txt
     """
     apply_threads(threads)
     out = Output(
@@ -285,6 +296,7 @@ def compress_cmd(
             allow_source_mismatch=allow_source_mismatch,
             candidates=candidates,
             validate=None if validate is None else str(validate),
+            error_feedback=error_feedback,
         )
         res = tolcli.compress(
             bundle,
