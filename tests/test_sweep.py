@@ -224,3 +224,36 @@ def test_the_cross_svd_family_is_one_cross_layer_bundle_per_bits_entry() -> None
     assert str(spec.residual) == "mixed(bits=0.5)"
     at_2_5 = grid[1][2].codec_spec()
     assert at_2_5.budget == "0.15625" and str(at_2_5.residual) == "mixed(bits=1.5)"
+
+
+def test_sweep_error_feedback_adds_a_twin_of_each_rate_bundle(tmp_path: Path, cli) -> None:
+    import random
+
+    from tolcli import open_bundle
+    from tolcli.sweep import _grid
+    from tolcli.testing import tiny_config, write_random_checkpoint, write_word_tokenizer
+
+    grid = _grid(SweepOptions(families=("mixed", "cross-svd"), bits=(2,), error_feedback=True), 64)
+    assert [(n, f, o.error_feedback) for n, f, o in grid] == [
+        ("mixed-2b", "mixed", False),
+        ("cross-svd-2b", "cross-svd", False),
+        ("mixed-2b-fb", "mixed + feedback", True),
+        ("cross-svd-2b-fb", "cross-svd + feedback", True),
+    ]
+    cfg = tiny_config("memoryllm", hidden_size=64, num_hidden_layers=3)
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", cfg, tokenizer=write_word_tokenizer(tmp_path / "tok.json"))
+    words = [f"w{i}" for i in range(100)]
+    (tmp_path / "calib.txt").write_text(" ".join(random.Random(0).choices(words, k=300)), encoding="utf-8")
+    (tmp_path / "eval.txt").write_text(" ".join(random.Random(1).choices(words, k=300)), encoding="utf-8")
+    r = cli(
+        "sweep", ckpt, "--data", tmp_path / "eval.txt", "-o", tmp_path / "sw", "--schemes", "mixed", "--bits", "3",
+        "--calibration", tmp_path / "calib.txt", "--ctx", "64", "--error-feedback", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    rows = {row["name"]: row for row in json.loads(r.out)["rows"]}
+    assert rows["mixed-3b-sensitivity-fb"]["family"] == "mixed (sensitivity) + feedback"
+    with open_bundle(tmp_path / "sw" / "bundles" / "mixed-3b-sensitivity-fb.safetensors") as b:
+        hist = b.manifest["history"][-1]
+        assert hist["error_feedback"] is True and hist["token_weights"]["feedback"] is True
+    with open_bundle(tmp_path / "sw" / "bundles" / "mixed-3b-sensitivity.safetensors") as b:
+        assert "error_feedback" not in b.manifest["history"][-1]

@@ -91,7 +91,8 @@ class SweepOptions:
     bundle; ``svd+Q``: one per rank; ``adaptive-svd+Q``: one per ``int4_budgets`` entry). The ``mixed``, ``auto``
     and ``cross-svd`` families build one bundle per ``bits`` entry (bits per value; the budget of auto and cross-svd
     is ``bits / 16`` of fp16; cross-svd: :func:`~tolcli.choices.cross_svd_spec`), weighted by ``--sensitivity`` on
-    the calibration text when ``calibration`` is given."""
+    the calibration text when ``calibration`` is given; with ``error_feedback`` each of them also with compress's
+    ``error_feedback`` (:mod:`tolcli.feedback`), named with ``-fb`` added."""
 
     families: Sequence[str] = FAMILIES
     ranks: Sequence[int] | None = None
@@ -109,6 +110,7 @@ class SweepOptions:
     device: str = "auto"
     codecs: Sequence[str] = ()
     bundles: Sequence[str | Path] = ()  # existing bundles, evaluated as they are (named by their file name)
+    error_feedback: bool = False  # the mixed, auto and cross-svd bundles also coded with error feedback
 
 
 @dataclass
@@ -189,6 +191,8 @@ def _rate_grid(opts: SweepOptions, stack_width: int = 1) -> list[tuple[str, str,
             if stack_width > MAX_EXACT_WIDTH:  # too wide for the exact Gram (every real model): the range finder
                 spec = replace(spec, method="randomized")
             grid.append((f"cross-svd-{b:g}b{suffix}", f"cross-svd{label}", CompressOptions(codec=spec)))
+    if opts.error_feedback:
+        grid += [(f"{n}-fb", f"{f} + feedback", replace(o, error_feedback=True)) for n, f, o in grid if o is not None]
     return grid
 
 
@@ -237,7 +241,7 @@ def _build(
     progress.start(f"sweep: build {len(grid)} bundle(s)", len(grid))
     for name, family, copts in grid:
         copts = copts or _at_uniform_bytes(name, built, opts, checkpoint)
-        if name.endswith("-sensitivity") and family.startswith(("mixed", "auto", "cross-svd")):
+        if name.removesuffix("-fb").endswith("-sensitivity") and family.startswith(("mixed", "auto", "cross-svd")):
             copts = replace(copts, calibration=opts.calibration, sensitivity=checkpoint)
         try:
             built[name] = compress(dense, dense.parent / f"{name}.safetensors", copts, force=True, memo=memo).path

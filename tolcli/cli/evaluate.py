@@ -296,6 +296,13 @@ def sweep_cmd(
             help="Add loss-weighted SVD variants; weight mixed, auto and cross-svd by loss sensitivity on this text.",
         ),
     ] = None,
+    error_feedback: Annotated[
+        bool,
+        typer.Option(
+            "--error-feedback",
+            help="Also build each mixed, auto and cross-svd bundle with compress --error-feedback (named ...-fb).",
+        ),
+    ] = False,
     protocol: ProtocolOpt = "tolcli",
     ctx: Annotated[
         int | None, typer.Option("--ctx", help="Tokens per window (default: min(512, max_position_embeddings)).")
@@ -326,6 +333,8 @@ def sweep_cmd(
         tolcli sweep ./my-memoryllm --data wiki.txt -o sweep/ --schemes svd,adaptive-svd --ranks 256,512
 
         tolcli sweep demo --data tolcli/demo/heldout.txt -o sweep/ --schemes 'int4,svd+nf4,mixed(bits=3),mine.h5'
+
+        tolcli sweep demo --data heldout.txt -o sweep/ --schemes mixed,cross-svd --calibration c.txt --error-feedback
     """
     apply_threads(threads)
     inputs = [checkpoint, *data, calibration]
@@ -343,6 +352,7 @@ def sweep_cmd(
         ranks=parse_ints(ranks, "--ranks") if ranks else None,
         bits=parse_floats(bits, "--bits") if bits else SWEEP_BITS,
         calibration=calibration,
+        error_feedback=error_feedback,
         protocol=protocol,
         ctx=ctx,
         stride=stride,
