@@ -153,13 +153,22 @@ def step_precompute_bound(s: Shape, d: Path, **_: Any) -> dict[str, Any]:
 
 
 def step_compress(
-    s: Shape, d: Path, *, label: str, scheme: str | None = None, rank: int | None = None, codec: str | None = None
+    s: Shape,
+    d: Path,
+    *,
+    label: str,
+    scheme: str | None = None,
+    rank: int | None = None,
+    codec: str | None = None,
+    feedback: bool = False,
 ) -> dict[str, Any]:
-    """``compress`` of the dense fp32 bundle with a ``scheme`` (and ``rank``) or a ``codec`` spec."""
+    """``compress`` of the dense fp32 bundle with a ``scheme`` (and ``rank``) or a ``codec`` spec (``feedback``:
+    with error feedback across layers)."""
     from tolcli import CompressOptions, compress
 
     out = d / f"{label}.safetensors"
     opts = CompressOptions(codec=codec) if codec is not None else CompressOptions(scheme, rank=rank)
+    opts.error_feedback = feedback
     t = _timed(lambda: compress(d / "dense.safetensors", out, opts))
     return {"seconds": t, "bytes": out.stat().st_size}
 
@@ -338,16 +347,21 @@ def _compress_lines(run: Runner) -> list[str]:
     return out
 
 
-# Issue 16's codecs at the bits per value of its goals: (label, spec). The cross-layer spec is the sweep's.
-CODECS = (("mixed-3b", "mixed(bits=3.0)"), ("cross-svd-2.5b", cross_svd_spec(2.5)))
+# Issue 16's codecs at the bits per value of its goals: (label, spec, error feedback). The cross-layer spec is the
+# sweep's. int4 with error feedback: what the carry (a table-sized file, read and written a batch at a time) costs.
+CODECS = (
+    ("mixed-3b", "mixed(bits=3.0)", False),
+    ("cross-svd-2.5b", cross_svd_spec(2.5), False),
+    ("int4-g64-fb", "int4(group=64)", True),
+)
 
 
 def _codec_lines(run: Runner) -> list[str]:
     """Issue 16's codecs: time, stored bytes, and memory (goal: bounded by row batches, not by the vocabulary)."""
     out = []
     dense16 = run.shape.layers * run.shape.table_bytes / 2
-    for label, spec in CODECS:
-        if res := run("compress", label=label, codec=spec):
+    for label, spec, feedback in CODECS:
+        if res := run("compress", label=label, codec=spec, feedback=feedback):
             goal = f"{res['bytes'] / dense16:.3f} of fp16 (file); {_mem(run, res)}"
             out.append(row(f"compress {label}", _secs(res["seconds"]), None, goal))
     return out

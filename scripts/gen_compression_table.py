@@ -3,9 +3,10 @@
 (``docs/examples/demo-sweep-results.json``, which ``tests/test_sweep_report.py`` renders again and compares) and
 the rate-distortion plot of the README (``docs/images/demo_rate_distortion.png``).
 
-The sweep (about 25 minutes on 2 cores; ``calib.txt`` from ``scripts/demo_corpus.py --calibration calib.txt``):
+The sweep (about 3 minutes on 2 cores; ``calib.txt`` from ``scripts/demo_corpus.py --calibration calib.txt``):
 
-    tolcli sweep demo --data tolcli/demo/heldout.txt --ctx 128 --stride 64 --calibration calib.txt -o sweep/
+    tolcli sweep demo --data tolcli/demo/heldout.txt --ctx 128 --stride 64 --calibration calib.txt \
+        --error-feedback -o sweep/
     python scripts/gen_compression_table.py sweep/
 """
 
