@@ -173,18 +173,26 @@ def test_sweep_grid_has_mixed_and_auto_at_each_bits() -> None:
             _grid(SweepOptions(families=("mixed",), bits=(bad,)), 64)
 
 
-def test_sweep_builds_mixed_and_auto_within_their_bits_weighted_by_sensitivity(tmp_path: Path, cli) -> None:
+def word_model(tmp_path: Path, words: int) -> Path:
+    """A random 3-layer memoryllm (h = 64) with a word tokenizer, and ``words`` random words of calibration text
+    (``calib.txt``) and of evaluation text (``eval.txt``) in ``tmp_path``."""
     import random
 
-    from tolcli import open_bundle
-    from tolcli.sweep_report import frontier
     from tolcli.testing import tiny_config, write_random_checkpoint, write_word_tokenizer
 
     cfg = tiny_config("memoryllm", hidden_size=64, num_hidden_layers=3)
     ckpt = write_random_checkpoint(tmp_path / "ckpt", cfg, tokenizer=write_word_tokenizer(tmp_path / "tok.json"))
-    words = [f"w{i}" for i in range(100)]
-    (tmp_path / "calib.txt").write_text(" ".join(random.Random(0).choices(words, k=500)), encoding="utf-8")
-    (tmp_path / "eval.txt").write_text(" ".join(random.Random(1).choices(words, k=500)), encoding="utf-8")
+    vocab = [f"w{i}" for i in range(100)]
+    for seed, name in enumerate(("calib.txt", "eval.txt")):
+        (tmp_path / name).write_text(" ".join(random.Random(seed).choices(vocab, k=words)), encoding="utf-8")
+    return ckpt
+
+
+def test_sweep_builds_mixed_and_auto_within_their_bits_weighted_by_sensitivity(tmp_path: Path, cli) -> None:
+    from tolcli import open_bundle
+    from tolcli.sweep_report import frontier
+
+    ckpt = word_model(tmp_path, words=500)
     r = cli(
         "sweep", ckpt, "--data", tmp_path / "eval.txt", "-o", tmp_path / "sw", "--schemes", "mixed,auto",
         "--bits", "2,4", "--calibration", tmp_path / "calib.txt", "--ctx", "64", "--json",
@@ -227,11 +235,8 @@ def test_the_cross_svd_family_is_one_cross_layer_bundle_per_bits_entry() -> None
 
 
 def test_sweep_error_feedback_adds_a_twin_of_each_rate_bundle(tmp_path: Path, cli) -> None:
-    import random
-
     from tolcli import open_bundle
     from tolcli.sweep import _grid
-    from tolcli.testing import tiny_config, write_random_checkpoint, write_word_tokenizer
 
     grid = _grid(SweepOptions(families=("mixed", "cross-svd"), bits=(2,), error_feedback=True), 64)
     assert [(n, f, o.error_feedback) for n, f, o in grid] == [
@@ -240,11 +245,7 @@ def test_sweep_error_feedback_adds_a_twin_of_each_rate_bundle(tmp_path: Path, cl
         ("mixed-2b-fb", "mixed + feedback", True),
         ("cross-svd-2b-fb", "cross-svd + feedback", True),
     ]
-    cfg = tiny_config("memoryllm", hidden_size=64, num_hidden_layers=3)
-    ckpt = write_random_checkpoint(tmp_path / "ckpt", cfg, tokenizer=write_word_tokenizer(tmp_path / "tok.json"))
-    words = [f"w{i}" for i in range(100)]
-    (tmp_path / "calib.txt").write_text(" ".join(random.Random(0).choices(words, k=300)), encoding="utf-8")
-    (tmp_path / "eval.txt").write_text(" ".join(random.Random(1).choices(words, k=300)), encoding="utf-8")
+    ckpt = word_model(tmp_path, words=300)
     r = cli(
         "sweep", ckpt, "--data", tmp_path / "eval.txt", "-o", tmp_path / "sw", "--schemes", "mixed", "--bits", "3",
         "--calibration", tmp_path / "calib.txt", "--ctx", "64", "--error-feedback", "--json",
