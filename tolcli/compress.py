@@ -176,7 +176,8 @@ class CompressOptions:
         """What the manifest's history records of these options (an open ``sensitivity`` checkpoint by its
         directory name; ``allow_source_mismatch`` and ``center`` only when set)."""
         if self.codec is None:  # every scheme option that is set, as tolcli always recorded them
-            keys = [f.name for f in fields(self) if f.name not in ("scheme", "allow_source_mismatch", "center")]
+            quiet = ("scheme", "allow_source_mismatch", "center", "error_feedback")  # newer ones: below, when set
+            keys = [f.name for f in fields(self) if f.name not in quiet]
             rec = {"scheme": self.scheme, **self._set(keys)}
             if self.center:  # newer than the others: recorded only when set, so earlier outputs keep their bytes
                 rec["center"] = True

@@ -31,18 +31,22 @@ from torch import Tensor
 from tolcli.codecs.base import RowSource
 from tolcli.errors import OutputError
 
+_SPACE_HINT = "the carry needs V x h x 4 bytes free beside the output (1.05 GB at 128,256 x 2,048), for the run only"
+
 
 class Carry:
     """The carry ``c``: fp32 [rows, width], all zeros at first, in an unnamed file in ``directory``."""
 
     def __init__(self, rows: int, width: int, directory: str | Path):
-        self.rows, self.width = rows, width
+        self.rows, self.width, self.directory = rows, width, directory
         self._row_bytes = 4 * width
         try:
             self._file = tempfile.TemporaryFile(prefix=".tolcli-carry-", dir=directory)  # noqa: SIM115
             self._file.truncate(rows * self._row_bytes)  # reads as zeros; sparse until written
         except OSError as e:
-            raise OutputError(f"cannot create the error-feedback carry file: {e.strerror}", path=directory) from None
+            raise OutputError(
+                f"cannot create the error-feedback carry file: {e.strerror}", path=directory, hint=_SPACE_HINT
+            ) from None
 
     def read(self, start: int, n: int) -> Tensor:
         """Rows ``start .. start + n - 1`` of the carry."""
@@ -54,13 +58,15 @@ class Carry:
 
     def write(self, start: int, rows: Tensor) -> None:
         """Replace rows ``start ..`` of the carry by ``rows`` (fp32)."""
-        data = np.ascontiguousarray(rows.detach().to(torch.float32).numpy()).tobytes()
+        data = memoryview(np.ascontiguousarray(rows.detach().to(torch.float32).numpy())).cast("B")
         offset = start * self._row_bytes
         while data:
             try:
                 n = os.pwrite(self._file.fileno(), data, offset)
             except OSError as e:
-                raise OutputError(f"cannot write the error-feedback carry file: {e.strerror}") from None
+                raise OutputError(
+                    f"cannot write the error-feedback carry file: {e.strerror}", path=self.directory, hint=_SPACE_HINT
+                ) from None
             data, offset = data[n:], offset + n
 
     def close(self) -> None:

@@ -112,7 +112,7 @@ def _layer_grads(
             yield layer, term.grad, ids  # type: ignore[misc]
         return
     missing = [i for i in chain if i not in terms]
-    if missing:
+    if missing:  # pragma: no cover - pairing refuses a model without the bundle's layers first
         raise InputError(f"the model has no context-free term at layer(s) {missing} of the bundle")
     for k, layer in enumerate(chain):
         term, ids = terms[layer]
