@@ -8,6 +8,7 @@ next; the demo model's KL falls, and the bytes do not depend on batches or inter
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -272,3 +273,16 @@ def test_sensitivity_weights_follow_the_feedback_chain(tmp_path: Path) -> None:
     assert tw[True]["feedback"] is True and "feedback" not in tw[False]
     assert fb[-1] == pytest.approx(plain[-1], rel=1e-9)
     assert plain[0] > plain[-1] and all(f < fb[-1] for f in fb[:-1])
+
+
+def test_inspect_says_how_the_tables_were_coded(src: Path, tmp_path: Path, cli) -> None:
+    """The latest compress decides: a plain re-compress of a feedback bundle is no longer coded with feedback."""
+    fb, plain, again = (tmp_path / f"{n}.safetensors" for n in ("fb", "plain", "again"))
+    compress(src, fb, CompressOptions(codec="int4", error_feedback=True))
+    compress(src, plain, CompressOptions(codec="int4"))
+    compress(fb, again, CompressOptions(codec="int8"))
+    for path, want in ((fb, True), (plain, False), (again, False)):
+        r = cli("inspect", str(path), "--json")
+        assert r.code == 0 and json.loads(r.out)["summary"]["error_feedback"] is want, r.err
+        r = cli("inspect", str(path))
+        assert ("with error feedback" in r.out) is want

@@ -30,4 +30,13 @@ def bundle_summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "stored_bytes": stored,
         "dense_fp16_bytes": dense16,
         "fraction_of_dense_fp16": stored / dense16 if dense16 else 0.0,
+        "error_feedback": coded_with_feedback(manifest),
     }
+
+
+def coded_with_feedback(manifest: dict[str, Any]) -> bool:
+    """Whether the tables were last coded with error feedback across layers (the latest ``compress`` of the history
+    recorded ``error_feedback``): each partial sum of the layers is then off by one layer's coding error, and a
+    layer's ``rel_error`` is its own table's (docs/compression.md, "Error feedback across layers")."""
+    runs = [h for h in manifest.get("history", []) if isinstance(h, dict) and h.get("command") == "compress"]
+    return bool(runs) and runs[-1].get("error_feedback") is True

@@ -120,6 +120,11 @@ def inspect_cmd(
         f"{fmt_bytes(summary['stored_bytes'])} = {100 * summary['fraction_of_dense_fp16']:.1f}% of dense fp16 "
         f"({fmt_bytes(summary['dense_fp16_bytes'])}); file {fmt_bytes(summary['file_bytes'])}",
     )
+    if summary["error_feedback"]:
+        head.add_row(
+            "coded",
+            "with error feedback (each partial sum off by one layer's error; rel. error: each table's own)",
+        )
     head.add_row("written by", f"tolcli {m['tolcli_version']}" + (f" at {m['created']}" if "created" in m else ""))
     out.print(head)
     t = Table(

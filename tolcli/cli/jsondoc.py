@@ -164,6 +164,7 @@ _BUNDLE_SUMMARY: Schema = {
         "stored_bytes",
         "dense_fp16_bytes",
         "fraction_of_dense_fp16",
+        "error_feedback",
     ],
     "properties": {
         "container": _STR,
@@ -173,6 +174,7 @@ _BUNDLE_SUMMARY: Schema = {
         "stored_bytes": _NAT,
         "dense_fp16_bytes": _NAT,
         "fraction_of_dense_fp16": _NUM,
+        "error_feedback": _BOOL,
     },
 }
 
