@@ -167,8 +167,7 @@ def step_compress(
     from tolcli import CompressOptions, compress
 
     out = d / f"{label}.safetensors"
-    opts = CompressOptions(codec=codec) if codec is not None else CompressOptions(scheme, rank=rank)
-    opts.error_feedback = feedback
+    opts = CompressOptions(scheme, rank=rank, codec=codec, error_feedback=feedback)
     t = _timed(lambda: compress(d / "dense.safetensors", out, opts))
     return {"seconds": t, "bytes": out.stat().st_size}
 

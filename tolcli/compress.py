@@ -974,10 +974,7 @@ def _stage_layers(
     cross-layer SVD spec encodes all layers at once (:mod:`tolcli.crosslayer`). ``feedback``: code each layer with
     the error the layers before it left (:mod:`tolcli.feedback`)."""
     first = specs[min(specs)] if specs else None
-    with contextlib.ExitStack() as stack:
-        carry = None
-        if feedback:
-            carry = stack.enter_context(Carry(b.vocab_size, b.hidden_size, staging.dir.parent))
+    with Carry(b.vocab_size, b.hidden_size, staging.dir.parent) if feedback else contextlib.nullcontext() as carry:
         if isinstance(first, SVD) and first.cross_layer:
             if any(s != first for s in specs.values()):  # pragma: no cover - candidate_specs refuses cross-layer
                 raise UsageError("a cross-layer svd encodes every layer with one spec")

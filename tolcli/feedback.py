@@ -38,7 +38,7 @@ class Carry:
     """The carry ``c``: fp32 [rows, width], all zeros at first, in an unnamed file in ``directory``."""
 
     def __init__(self, rows: int, width: int, directory: str | Path):
-        self.rows, self.width, self.directory = rows, width, directory
+        self.width, self.directory = width, directory
         self._row_bytes = 4 * width
         try:
             self._file = tempfile.TemporaryFile(prefix=".tolcli-carry-", dir=directory)  # noqa: SIM115
